@@ -1,0 +1,1 @@
+"""Prefect flows wiring the `pipeline` stages; nothing in `pipeline/` imports Prefect."""

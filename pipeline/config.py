@@ -1,0 +1,245 @@
+"""Typed run configuration: validated once at the edge (YAML + dotted overrides), then passed explicitly.
+
+One model per stage; the teacher backend is a discriminated union on `backend`. The generate stage's
+cache key (`generate_fingerprint`) covers only what changes the teacher's output, so a change to
+training settings reruns the student without touching the teacher.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A configuration problem, stated in one line for the user."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class HFTeacherConfig(_Strict):
+    """Teacher run in-process with transformers `generate` (CPU path and parity reference)."""
+
+    backend: Literal["hf"] = "hf"
+    model: str
+    """Local path or hub id, loaded with `from_pretrained`."""
+    revision: str | None = None
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    device: str = "auto"
+    """`auto` picks cuda when available, else cpu."""
+    batch_size: int = Field(64, ge=1)
+    """Prompts per `generate` call."""
+    trust_remote_code: bool = False
+
+
+TeacherConfig = Annotated[Union[HFTeacherConfig], Field(discriminator="backend")]
+
+
+class PromptsConfig(_Strict):
+    """Where prompts come from and how they become token ids."""
+
+    path: str
+    """A .jsonl file, a .parquet file, or a directory saved by `datasets.save_to_disk`."""
+    field: str = "prompt"
+    """Column/key holding the prompt: a string, or a list of chat messages."""
+    chat_template: bool = False
+    """Apply the tokenizer's chat template (instruct teachers)."""
+    limit: int | None = Field(None, ge=1)
+    """Use only the first N prompts."""
+    heldout_fraction: float = Field(0.0, ge=0.0, lt=1.0)
+    """Fraction of prompts (split by prompt id) kept out of training and used by eval."""
+    max_prompt_tokens: int | None = Field(None, ge=1)
+    """Prompts longer than this are skipped and counted in the manifest (None: no limit)."""
+
+
+class GenerateConfig(_Strict):
+    """Sampling settings of the teacher; together with teacher+prompts they key the dataset cache."""
+
+    k: int = Field(20, ge=1, le=1000)
+    """Top-k token ids and logprobs stored per generated token."""
+    n: int = Field(1, ge=1)
+    """Completions sampled per prompt."""
+    temperature: float = Field(1.0, ge=0.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    max_new_tokens: int = Field(64, ge=1)
+    seed: int = 0
+    shard_size: int = Field(1024, ge=1)
+    """Prompts per Parquet shard; a shard is the unit of resume."""
+    logprobs_dtype: Literal["float16", "float32"] = "float32"
+
+
+class ShrinkConfig(_Strict):
+    """Student built from the teacher's config with these fields replaced (randomly initialised)."""
+
+    hidden_size: int | None = Field(None, ge=8)
+    intermediate_size: int | None = Field(None, ge=8)
+    num_hidden_layers: int | None = Field(None, ge=1)
+    num_attention_heads: int | None = Field(None, ge=1)
+    num_key_value_heads: int | None = Field(None, ge=1)
+    head_dim: int | None = Field(None, ge=8)
+
+
+class StudentConfig(_Strict):
+    """Where the student starts: a pretrained path/id, or a shrunk copy of the teacher's config."""
+
+    model: str | None = None
+    """Pretrained student (path or hub id). Mutually exclusive with `shrink`."""
+    shrink: ShrinkConfig | None = None
+    revision: str | None = None
+    trust_remote_code: bool = False
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "StudentConfig":
+        if (self.model is None) == (self.shrink is None):
+            raise ValueError("set exactly one of student.model (pretrained) or student.shrink (from teacher config)")
+        return self
+
+
+class TrainConfig(_Strict):
+    """Student training: loss = alpha*CE + (1-alpha)*T^2*D(teacher top-k || student)."""
+
+    alpha: float = Field(0.0, ge=0.0, le=1.0)
+    """Weight of the cross-entropy on sampled tokens; 1 - alpha goes to the divergence."""
+    temperature: float = Field(1.0, gt=0.0)
+    kind: Literal["forward_kl", "reverse_kl", "jsd"] = "forward_kl"
+    beta: float = Field(0.5, ge=0.0, le=1.0)
+    """JSD mixture weight (0: forward KL, 1: reverse KL)."""
+    tail_bucket: bool = False
+    max_steps: int = Field(500, ge=1)
+    batch_size: int = Field(32, ge=1)
+    """Sequences per micro-batch."""
+    grad_accum: int = Field(1, ge=1)
+    lr: float = Field(3e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    warmup_steps: int = Field(20, ge=0)
+    max_grad_norm: float = Field(1.0, gt=0)
+    loss_chunk_size: int = Field(1024, ge=1)
+    """Positions per chunk through the LM head, bounding loss memory."""
+    seed: int = 0
+    device: str = "auto"
+    log_every: int = Field(25, ge=1)
+
+
+class EvalConfig(_Strict):
+    """Held-out evaluation of teacher vs student."""
+
+    task: Literal["demo", "none"] = "none"
+    """`demo` scores completions with the demo task's exact checker; `none` skips accuracy."""
+    max_prompts: int = Field(2000, ge=1)
+    batch_size: int = Field(256, ge=1)
+    seed: int = 0
+
+
+class RunConfig(_Strict):
+    """A whole distillation run."""
+
+    name: str = "run"
+    output_dir: str = "data/runs/run"
+    """Dataset, student and metrics go under this directory."""
+    teacher: TeacherConfig
+    prompts: PromptsConfig
+    generate: GenerateConfig = GenerateConfig()
+    student: StudentConfig
+    train: TrainConfig = TrainConfig()
+    eval: EvalConfig = EvalConfig()
+
+    @property
+    def dataset_dir(self) -> Path:
+        return Path(self.output_dir) / "dataset"
+
+    @property
+    def student_dir(self) -> Path:
+        return Path(self.output_dir) / "student"
+
+    @property
+    def metrics_path(self) -> Path:
+        return Path(self.output_dir) / "metrics.json"
+
+    def generate_fingerprint(self) -> str:
+        """Hash of everything that changes the teacher's output (teacher, prompts, sampling)."""
+        return _hash({"teacher": self.teacher.model_dump(), "prompts": self.prompts.model_dump(),
+                      "generate": self.generate.model_dump()})
+
+    def config_hash(self) -> str:
+        return _hash(self.model_dump())
+
+
+def _hash(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    node = tree
+    *parents, leaf = dotted.split(".")
+    for key in parents:
+        node = node.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"cannot set {dotted!r}: {key!r} is not a section")
+    node[leaf] = value
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """`train.lr=1e-3` -> ("train.lr", 0.001); the value is parsed as YAML so types come out right."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} must look like key.path=value")
+    key, raw = item.split("=", 1)
+    return key.strip(), yaml.safe_load(raw) if raw.strip() else ""
+
+
+def _all_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
+    keys = []
+    for name, field in model.model_fields.items():
+        keys.append(prefix + name)
+        ann = field.annotation
+        for sub in getattr(ann, "__args__", (ann,)) + getattr(getattr(ann, "__origin__", None), "__args__", ()):
+            if isinstance(sub, type) and issubclass(sub, BaseModel):
+                keys.extend(_all_keys(sub, prefix + name + "."))
+    return keys
+
+
+def _explain(err: ValidationError) -> str:
+    e = err.errors()[0]
+    loc = ".".join(str(p) for p in e["loc"] if not str(p) in ("hf",))
+    if e["type"] == "extra_forbidden":
+        close = difflib.get_close_matches(loc, _all_keys(RunConfig), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        return f"unknown config key {loc!r}{hint}"
+    if e["type"] == "missing":
+        return f"missing required config key {loc!r}"
+    msg = e["msg"].removeprefix("Value error, ")
+    return f"config key {loc!r}: {msg}" if loc else f"config: {msg}"
+
+
+def build_config(raw: dict, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """Validate a raw dict (+ dotted overrides) into a RunConfig, or raise ConfigError in one line."""
+    tree = json.loads(json.dumps(raw))
+    for item in overrides:
+        _set_dotted(tree, *parse_override(item))
+    try:
+        return RunConfig.model_validate(tree)
+    except ValidationError as err:
+        raise ConfigError(_explain(err)) from None
+
+
+def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """Read a YAML config file, apply `key.path=value` overrides, validate."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} not found")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path}: YAML syntax error{where}: {getattr(err, 'problem', err)}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of config sections")
+    return build_config(raw, overrides)

@@ -1,0 +1,83 @@
+"""Crash-safe shard writing: temp file -> fsync -> rename, then an atomic manifest update.
+
+A shard counts only once the manifest lists it, so a kill at any point leaves either the old state or
+the new one; a rerun rewrites any shard the manifest does not list (generation is seeded per shard).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from pipeline.dataset.schema import MANIFEST, SHARDS_DIR, Manifest, ShardInfo, now, sha256_file, shard_name
+
+ROW_GROUP_SIZE = 256
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write `data` to `path` so that readers see the old file or the new one, never a half."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def write_manifest(dataset_dir: Path, manifest: Manifest) -> None:
+    manifest.updated_at = now()
+    atomic_write_bytes(Path(dataset_dir) / MANIFEST, (manifest.model_dump_json(indent=2) + "\n").encode())
+
+
+def write_shard(dataset_dir: Path, index: int, table: pa.Table, *, prompts: int) -> ShardInfo:
+    """Write shard `index` atomically (zstd Parquet) and return its record (not yet committed)."""
+    shards = Path(dataset_dir) / SHARDS_DIR
+    shards.mkdir(parents=True, exist_ok=True)
+    final = shards / shard_name(index)
+    tmp = shards / f".{final.name}.tmp-{os.getpid()}"
+    pq.write_table(table, tmp, compression="zstd", row_group_size=ROW_GROUP_SIZE)
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, final)
+    _fsync_dir(shards)
+    tokens = int(pc.sum(pc.list_value_length(table["completion_token_ids"])).as_py() or 0)
+    return ShardInfo(index=index, file=f"{SHARDS_DIR}/{final.name}", rows=table.num_rows, prompts=prompts,
+                     tokens=tokens, bytes=final.stat().st_size, sha256=sha256_file(final))
+
+
+def commit_shard(dataset_dir: Path, manifest: Manifest, info: ShardInfo) -> Manifest:
+    """List the shard in the manifest (replacing a stale entry of the same index) and persist it."""
+    manifest.shards = sorted([s for s in manifest.shards if s.index != info.index] + [info], key=lambda s: s.index)
+    manifest.total_samples = sum(s.rows for s in manifest.shards)
+    manifest.total_tokens = sum(s.tokens for s in manifest.shards)
+    manifest.complete = len(manifest.shards) == manifest.num_shards
+    write_manifest(dataset_dir, manifest)
+    return manifest
+
+
+def remove_stray_files(dataset_dir: Path, manifest: Manifest) -> list[str]:
+    """Delete temp files and shards the manifest does not list (leftovers of a killed run)."""
+    shards = Path(dataset_dir) / SHARDS_DIR
+    listed = {Path(s.file).name for s in manifest.shards}
+    removed = []
+    for path in shards.glob("*") if shards.is_dir() else []:
+        if path.name not in listed:
+            path.unlink()
+            removed.append(path.name)
+    for path in Path(dataset_dir).glob(f".{MANIFEST}.tmp-*"):
+        path.unlink()
+        removed.append(path.name)
+    return removed

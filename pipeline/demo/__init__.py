@@ -1,0 +1,1 @@
+"""Procedurally generated demo task and the tiny teacher trained on it."""

@@ -1,0 +1,72 @@
+"""Loading models and tokenizers with the real `from_pretrained` (path or hub id), and their fingerprints."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+
+
+class ModelLoadError(ValueError):
+    """A model or tokenizer that cannot be loaded, stated in one line."""
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def _check_local(name: str, what: str) -> None:
+    # A path-looking name that does not exist would otherwise become a confusing hub lookup error.
+    looks_local = name.startswith((".", "/", "~")) or Path(name).parts[:1] == ("data",)
+    if looks_local and not Path(name).expanduser().exists():
+        raise ModelLoadError(f"{what} path {name!r} does not exist; check the config (or run `make demo` to build the demo teacher)")
+
+
+def load_tokenizer(name: str, *, revision: str | None = None, trust_remote_code: bool = False):
+    """AutoTokenizer with left padding (decoder-only batching) and a pad token guaranteed."""
+    from transformers import AutoTokenizer
+
+    _check_local(name, "tokenizer")
+    try:
+        tok = AutoTokenizer.from_pretrained(name, revision=revision, trust_remote_code=trust_remote_code)
+    except OSError as err:
+        raise ModelLoadError(f"cannot load tokenizer {name!r}: {str(err).splitlines()[0]}") from None
+    tok.padding_side = "left"
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_causal_lm(name: str, *, revision: str | None = None, dtype: str = "float32", device: str = "auto",
+                   trust_remote_code: bool = False):
+    """AutoModelForCausalLM from safetensors, in eval mode on the resolved device."""
+    from transformers import AutoModelForCausalLM
+
+    _check_local(name, "model")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(name, revision=revision, dtype=getattr(torch, dtype),
+                                                     trust_remote_code=trust_remote_code, use_safetensors=True)
+    except OSError as err:
+        raise ModelLoadError(f"cannot load model {name!r}: {str(err).splitlines()[0]}") from None
+    return model.to(resolve_device(device)).eval()
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """Hash of the vocabulary and special tokens: equal fingerprints mean token ids mean the same."""
+    vocab = sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])
+    specials = {"eos": tokenizer.eos_token_id, "bos": tokenizer.bos_token_id}
+    payload = json.dumps({"vocab": vocab, "specials": specials}, ensure_ascii=False)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def eos_ids(tokenizer, model_config=None) -> list[int]:
+    """All token ids that end a completion (tokenizer EOS plus any the generation config adds)."""
+    ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+    gen_eos = getattr(getattr(model_config, "generation_config", None), "eos_token_id", None)
+    if gen_eos is not None:
+        ids.update(gen_eos if isinstance(gen_eos, list) else [gen_eos])
+    return sorted(ids)

@@ -1,0 +1,24 @@
+"""Rich progress bars for the stages (quiet when not attached to a terminal, e.g. in CI logs)."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+console = Console(stderr=True)
+
+
+@contextlib.contextmanager
+def progress_bar(description: str, total: int, *, enabled: bool = True) -> Iterator[Callable[..., None]]:
+    """Yield `advance(n=1, **fields)`; the `info` field is shown after the bar (e.g. the current loss)."""
+    if not enabled:
+        yield lambda n=1, **fields: None
+        return
+    columns = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+               TextColumn("eta"), TimeRemainingColumn(), TextColumn("{task.fields[info]}")]
+    with Progress(*columns, console=console, transient=False, disable=not console.is_terminal) as bar:
+        task = bar.add_task(description, total=total, info="")
+        yield lambda n=1, **fields: bar.update(task, advance=n, **fields)

@@ -1,0 +1,362 @@
+"""Tests for pipeline/losses.py: relations to dense references and hand-worked numbers."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pipeline.losses import (
+    LossSums,
+    chunked_distill_loss_sums,
+    combine,
+    distill_loss_sums,
+    topk_divergence,
+)
+
+KINDS = ("forward_kl", "reverse_kl", "jsd")
+F64 = torch.float64
+
+
+def _teacher(n: int, v: int, k: int, seed: int, dtype=F64) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Full teacher logprobs [n, v] and its sorted top-k (ids [n, k], logprobs [n, k])."""
+    g = torch.Generator().manual_seed(seed)
+    full = F.log_softmax(torch.randn(n, v, generator=g, dtype=F64) * 2.0, dim=-1).to(dtype)
+    lps, ids = full.topk(k, dim=-1)
+    return full, ids, lps
+
+
+def _logits(n: int, v: int, seed: int, dtype=F64, scale: float = 2.0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(n, v, generator=g, dtype=F64) * scale).to(dtype)
+
+
+def _on_support(z: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Student logits [N, V] with everything outside ids set to -inf (so q is renormalized on ids)."""
+    return torch.full_like(z, float("-inf")).scatter(-1, ids, z.gather(-1, ids))
+
+
+def _kl_rows(log_a: torch.Tensor, log_b: torch.Tensor) -> torch.Tensor:
+    """Dense KL(a ‖ b) per row through F.kl_div (input = log b, target = log a)."""
+    return F.kl_div(log_b, log_a, reduction="none", log_target=True).sum(-1)
+
+
+def _trl_jsd(log_q: torch.Tensor, log_p: torch.Tensor, beta: float) -> torch.Tensor:
+    """TRL generalized_jsd_loss (reduction none, summed over the vocab), written out by hand."""
+    if beta == 0:
+        return _kl_rows(log_p, log_q)
+    if beta == 1:
+        return _kl_rows(log_q, log_p)
+    log_m = torch.logsumexp(torch.stack([log_q + math.log(1 - beta), log_p + math.log(beta)]), dim=0)
+    return beta * _kl_rows(log_p, log_m) + (1 - beta) * _kl_rows(log_q, log_m)
+
+
+@pytest.mark.parametrize("tail", [False, True])
+@pytest.mark.parametrize("temperature", [1.0, 2.0, 0.5])
+@pytest.mark.parametrize("kind", KINDS)
+def test_identical_distributions_give_zero(kind: str, temperature: float, tail: bool) -> None:
+    z = _logits(6, 11, seed=0)
+    lps, ids = F.log_softmax(z, dim=-1).sort(dim=-1, descending=True)  # k = V, teacher == student
+    d = topk_divergence(z, ids, lps, kind=kind, temperature=temperature, tail_bucket=tail)
+    assert d.shape == (6,) and d.dtype == F64
+    torch.testing.assert_close(d, torch.zeros_like(d), atol=1e-9, rtol=0)
+    d32 = topk_divergence(z.float(), ids, lps.float(), kind=kind, temperature=temperature, tail_bucket=tail)
+    assert d32.dtype == torch.float32
+    torch.testing.assert_close(d32, torch.zeros_like(d32), atol=1e-5, rtol=0)
+
+
+def test_identical_below_full_k() -> None:
+    """k < V, teacher == student: forward (q not renormalized) = -log sum_topk q; the others are 0."""
+    z = _logits(5, 16, seed=1)
+    lps, ids = F.log_softmax(z, dim=-1).topk(6, dim=-1)
+    fwd = topk_divergence(z, ids, lps, kind="forward_kl")
+    torch.testing.assert_close(fwd, -torch.logsumexp(lps, dim=-1))
+    assert (fwd > 0).all()
+    for kind in ("reverse_kl", "jsd"):
+        torch.testing.assert_close(topk_divergence(z, ids, lps, kind=kind), torch.zeros(5, dtype=F64))
+    for kind in KINDS:  # at T = 1 the tail buckets match exactly too
+        d = topk_divergence(z, ids, lps, kind=kind, tail_bucket=True)
+        torch.testing.assert_close(d, torch.zeros(5, dtype=F64))
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_full_k_equals_dense_kl(temperature: float) -> None:
+    full, ids, lps = _teacher(7, 13, 13, seed=2)
+    z = _logits(7, 13, seed=3)
+    log_q = F.log_softmax(z / temperature, dim=-1)
+    log_p = F.log_softmax(full / temperature, dim=-1)
+    perm = torch.randperm(13, generator=torch.Generator().manual_seed(0))  # order of the k is free
+    for i, l in ((ids, lps), (ids[:, perm], lps[:, perm])):
+        fwd = topk_divergence(z, i, l, kind="forward_kl", temperature=temperature)
+        rev = topk_divergence(z, i, l, kind="reverse_kl", temperature=temperature)
+        torch.testing.assert_close(fwd, _kl_rows(log_p, log_q))
+        torch.testing.assert_close(rev, _kl_rows(log_q, log_p))
+        for beta in (0.0, 0.1, 0.5, 0.9, 1.0):
+            jsd = topk_divergence(z, i, l, kind="jsd", beta=beta, temperature=temperature)
+            torch.testing.assert_close(jsd, _trl_jsd(log_q, log_p, beta))
+
+
+def test_jsd_ends_and_middle_on_support() -> None:
+    _, ids, lps = _teacher(8, 20, 5, seed=4)
+    z = _logits(8, 20, seed=5)
+    zs = _on_support(z, ids)
+    fwd_support = topk_divergence(zs, ids, lps, kind="forward_kl")
+    torch.testing.assert_close(topk_divergence(z, ids, lps, kind="jsd", beta=0.0), fwd_support)
+    rev = topk_divergence(z, ids, lps, kind="reverse_kl")
+    torch.testing.assert_close(topk_divergence(z, ids, lps, kind="jsd", beta=1.0), rev)
+    torch.testing.assert_close(topk_divergence(zs, ids, lps, kind="reverse_kl"), rev)
+    log_q = F.log_softmax(z.gather(-1, ids), dim=-1)  # renormalized student on the top-k
+    log_p = F.log_softmax(lps, dim=-1)
+    for beta in (0.5, 0.25):
+        d = topk_divergence(z, ids, lps, kind="jsd", beta=beta)
+        torch.testing.assert_close(d, _trl_jsd(log_q, log_p, beta))
+    # symmetric at beta = 0.5 and bounded by log 2
+    d = topk_divergence(z, ids, lps, kind="jsd", beta=0.5)
+    assert (d >= 0).all() and (d <= math.log(2)).all()
+
+
+def test_hand_computed_v4_k2() -> None:
+    """q = (.4, .3, .2, .1); teacher top-2 ids (1, 0) with probs (.5, .3), so teacher tail .2."""
+    z = torch.tensor([[0.4, 0.3, 0.2, 0.1]], dtype=F64).log()
+    ids = torch.tensor([[1, 0]])
+    lps = torch.tensor([[0.5, 0.3]], dtype=F64).log()
+    ln = math.log
+    # top-k only: p = (.5, .3) / .8 = (.625, .375); student at ids = (.3, .4), renormalized (3/7, 4/7)
+    fwd = 0.625 * ln(0.625 / 0.3) + 0.375 * ln(0.375 / 0.4)
+    rev = 3 / 7 * ln((3 / 7) / 0.625) + 4 / 7 * ln((4 / 7) / 0.375)
+    m = (0.5 * (0.625 + 3 / 7), 0.5 * (0.375 + 4 / 7))
+    jsd = 0.5 * (0.625 * ln(0.625 / m[0]) + 0.375 * ln(0.375 / m[1])) + 0.5 * (
+        3 / 7 * ln((3 / 7) / m[0]) + 4 / 7 * ln((4 / 7) / m[1])
+    )
+    # tail bucket at T = 1: p = (.5, .3, .2), q = (.3, .4, .3)
+    p3, q3 = (0.5, 0.3, 0.2), (0.3, 0.4, 0.3)
+    fwd_t = sum(a * ln(a / b) for a, b in zip(p3, q3))
+    rev_t = sum(b * ln(b / a) for a, b in zip(p3, q3))
+    # tail at T = 2: the teacher's .2 taken as .1 + .1, every weight square-rooted, then normalized
+    wp = (0.5**0.5, 0.3**0.5, 2 * 0.1**0.5)
+    wq = (0.3**0.5, 0.4**0.5, 0.2**0.5 + 0.1**0.5)
+    p2 = [w / sum(wp) for w in wp]
+    q2 = [w / sum(wq) for w in wq]
+    fwd_t2 = sum(a * ln(a / b) for a, b in zip(p2, q2))
+    cases = [
+        (dict(kind="forward_kl"), fwd),
+        (dict(kind="reverse_kl"), rev),
+        (dict(kind="jsd", beta=0.5), jsd),
+        (dict(kind="forward_kl", tail_bucket=True), fwd_t),
+        (dict(kind="reverse_kl", tail_bucket=True), rev_t),
+        (dict(kind="forward_kl", tail_bucket=True, temperature=2.0), fwd_t2),
+    ]
+    for kwargs, want in cases:
+        got = topk_divergence(z, ids, lps, **kwargs)
+        assert got.item() == pytest.approx(want, rel=1e-12), kwargs
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_temperature_is_scaling_then_renormalizing(kind: str) -> None:
+    _, ids, lps = _teacher(6, 30, 8, seed=6)
+    z = _logits(6, 30, seed=7)
+    t = 2.0
+    got = topk_divergence(z, ids, lps, kind=kind, temperature=t, beta=0.3)
+    want = topk_divergence(z / t, ids, F.log_softmax(lps / t, dim=-1), kind=kind, temperature=1.0, beta=0.3)
+    torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0, 0.7])
+@pytest.mark.parametrize("kind", KINDS)
+def test_tail_bucket_equals_grouped_dense(kind: str, temperature: float) -> None:
+    """V = 10, k = 7; the teacher's 3 other tokens share their mass equally, so the tail-at-T
+    assumption is exact and the buckets equal the dense tempered distributions grouped by hand."""
+    v, k = 10, 7
+    g = torch.Generator().manual_seed(8)
+    top = torch.rand(4, k, generator=g, dtype=F64) * 5 + 0.5  # above the others' 0
+    full = F.log_softmax(torch.cat([top, torch.zeros(4, v - k, dtype=F64)], dim=-1), dim=-1)
+    perm = torch.randperm(v, generator=g)
+    full = full[:, perm]  # scatter the top-k over the vocabulary
+    lps, ids = full.topk(k, dim=-1)
+    z = _logits(4, v, seed=9)
+
+    def grouped(log_full: torch.Tensor) -> torch.Tensor:  # [4, V] -> [4, k + 1] log buckets
+        probs = F.softmax(log_full / temperature, dim=-1)
+        inside = probs.gather(-1, ids)
+        return torch.cat([inside, 1 - inside.sum(-1, keepdim=True)], dim=-1).log()
+
+    log_p, log_q = grouped(full), grouped(z)
+    want = {"forward_kl": _kl_rows(log_p, log_q), "reverse_kl": _kl_rows(log_q, log_p)}
+    want["jsd"] = _trl_jsd(log_q, log_p, 0.4)
+    got = topk_divergence(z, ids, lps, kind=kind, temperature=temperature, beta=0.4, tail_bucket=True)
+    torch.testing.assert_close(got, want[kind])
+
+
+@pytest.mark.parametrize("tail", [False, True])
+@pytest.mark.parametrize("kind", KINDS)
+def test_missing_entries_are_dropped(kind: str, tail: bool) -> None:
+    """-inf teacher entries (fewer than k returned) = those entries absent; all-missing row = 0."""
+    _, ids, lps = _teacher(5, 25, 6, seed=10)
+    z = _logits(5, 25, seed=11).requires_grad_()
+    padded_ids, padded_lps = ids.clone(), lps.clone()
+    padded_ids[:, 4:] = 0  # junk (valid) ids under the -inf entries, duplicates included
+    padded_lps[:, 4:] = float("-inf")
+    padded_lps[4] = float("-inf")  # row 4: the teacher returned nothing
+    for t in (1.0, 2.0):
+        kw = dict(kind=kind, temperature=t, tail_bucket=tail)
+        got = topk_divergence(z, padded_ids, padded_lps, **kw)
+        want = topk_divergence(z, ids[:, :4], lps[:, :4], **kw)
+        assert torch.isfinite(got).all()
+        torch.testing.assert_close(got[:4], want[:4])
+        assert got[4].item() == 0.0
+        (grad,) = torch.autograd.grad(got.sum(), z)
+        assert torch.isfinite(grad).all() and (grad[4] == 0).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_logits_give_finite_grads(dtype: torch.dtype) -> None:
+    _, ids, lps = _teacher(16, 64, 8, seed=12, dtype=dtype)
+    lps[:3, 6:] = float("-inf")
+    for scale in (2.0, 40.0):  # 40: near one-hot students, far from the teacher
+        z = _logits(16, 64, seed=13, dtype=dtype, scale=scale).requires_grad_()
+        for kind in KINDS:
+            for tail in (False, True):
+                for t in (1.0, 2.0):
+                    d = topk_divergence(z, ids, lps, kind=kind, temperature=t, tail_bucket=tail)
+                    assert d.dtype == torch.float32 and torch.isfinite(d).all()
+                    (grad,) = torch.autograd.grad(d.sum(), z)
+                    assert grad.dtype == dtype and torch.isfinite(grad).all(), (kind, tail, t, scale)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 3.0])
+def test_forward_kl_gradient_closed_form(temperature: float) -> None:
+    """d/dz sum_i p_i (log p_i - log q_i) = (softmax(z / T) - p scattered on ids) / T."""
+    _, ids, lps = _teacher(4, 12, 5, seed=14)
+    z = _logits(4, 12, seed=15).requires_grad_()
+    d = topk_divergence(z, ids, lps, kind="forward_kl", temperature=temperature)
+    (grad,) = torch.autograd.grad(d.sum(), z)
+    p = torch.zeros(4, 12, dtype=F64).scatter(-1, ids, F.softmax(lps / temperature, dim=-1))
+    torch.testing.assert_close(grad, (F.softmax(z.detach() / temperature, dim=-1) - p) / temperature)
+
+
+def test_gradcheck_all_kinds() -> None:
+    _, ids, lps = _teacher(3, 7, 3, seed=16)
+    lps[0, 2] = float("-inf")
+    z = _logits(3, 7, seed=17).requires_grad_()
+    for kind in KINDS:
+        for tail in (False, True):
+            kw = dict(kind=kind, temperature=1.5, beta=0.3, tail_bucket=tail)
+            assert torch.autograd.gradcheck(lambda x: topk_divergence(x, ids, lps, **kw), (z,))
+
+
+def _batch(n: int, v: int = 17, k: int = 4, seed: int = 20):
+    _, ids, lps = _teacher(n, v, k, seed=seed)
+    z = _logits(n, v, seed=seed + 1).requires_grad_()
+    labels = torch.randint(0, v, (n,), generator=torch.Generator().manual_seed(seed + 2))
+    return z, labels, ids, lps
+
+
+def test_alpha_one_is_cross_entropy_and_alpha_zero_is_scaled_kd() -> None:
+    z, labels, ids, lps = _batch(9)
+    s = distill_loss_sums(z, labels, ids, lps, alpha=1.0, temperature=2.0)
+    assert s.n_tokens == 9 and s.kd_sum.item() == 0.0  # KD skipped
+    loss, ce_mean, kd_mean = combine(s, alpha=1.0, temperature=2.0, n_tokens_global=9)
+    torch.testing.assert_close(loss, F.cross_entropy(z, labels))
+    torch.testing.assert_close(ce_mean, F.cross_entropy(z, labels).detach())
+    assert not ce_mean.requires_grad and kd_mean.item() == 0.0
+    s = distill_loss_sums(z, labels, ids, lps, alpha=0.0, temperature=2.0, kind="reverse_kl")
+    assert s.ce_sum.item() == 0.0  # CE skipped
+    loss, _, kd_mean = combine(s, alpha=0.0, temperature=2.0, n_tokens_global=9)
+    d = topk_divergence(z, ids, lps, kind="reverse_kl", temperature=2.0)
+    torch.testing.assert_close(loss, 4.0 * d.mean())
+    torch.testing.assert_close(kd_mean, d.mean().detach())
+
+
+def test_mixed_alpha_and_accumulation_matches_one_big_batch() -> None:
+    z, labels, ids, lps = _batch(10)
+    kw = dict(alpha=0.3, temperature=2.0, kind="jsd", beta=0.5, tail_bucket=True)
+    s = distill_loss_sums(z, labels, ids, lps, **kw)
+    loss, _, _ = combine(s, alpha=0.3, temperature=2.0, n_tokens_global=10)
+    want = 0.3 * F.cross_entropy(z, labels) + 0.7 * 4.0 * topk_divergence(
+        z, ids, lps, kind="jsd", temperature=2.0, tail_bucket=True
+    ).mean()
+    torch.testing.assert_close(loss, want)
+    (g_big,) = torch.autograd.grad(loss, z)
+    g_acc = torch.zeros_like(z)
+    for sl in (slice(0, 4), slice(4, 10)):  # two micro-batches, one global count
+        part = distill_loss_sums(z[sl], labels[sl], ids[sl], lps[sl], **kw)
+        (g,) = torch.autograd.grad(combine(part, alpha=0.3, temperature=2.0, n_tokens_global=10)[0], z)
+        g_acc += g
+    torch.testing.assert_close(g_acc, g_big)
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.5, 1.0])
+def test_empty_batch_gives_zero_and_backprops(alpha: float) -> None:
+    z = torch.zeros(0, 17, dtype=F64, requires_grad=True)
+    ids, lps = torch.zeros(0, 4, dtype=torch.long), torch.zeros(0, 4, dtype=F64)
+    labels = torch.zeros(0, dtype=torch.long)
+    s = distill_loss_sums(z, labels, ids, lps, alpha=alpha, temperature=2.0, tail_bucket=True)
+    loss, ce_mean, kd_mean = combine(s, alpha=alpha, temperature=2.0, n_tokens_global=0)
+    assert s.n_tokens == 0 and loss.item() == 0.0 and ce_mean.item() == 0.0 and kd_mean.item() == 0.0
+    loss.backward()
+    assert z.grad is not None and z.grad.shape == (0, 17)
+    head = torch.nn.Linear(8, 17, dtype=F64)
+    h = torch.zeros(0, 8, dtype=F64, requires_grad=True)
+    s = chunked_distill_loss_sums(h, head, labels, ids, lps, alpha=alpha, temperature=2.0, chunk_size=4)
+    loss, _, _ = combine(s, alpha=alpha, temperature=2.0, n_tokens_global=0)
+    assert loss.item() == 0.0
+    loss.backward()
+    assert torch.equal(head.weight.grad, torch.zeros_like(head.weight))
+
+
+def test_loss_sums_add() -> None:
+    a = LossSums(torch.tensor(1.0), torch.tensor(2.0), 3)
+    b = a + LossSums(torch.tensor(0.5), torch.tensor(0.25), 2)
+    assert (b.ce_sum.item(), b.kd_sum.item(), b.n_tokens) == (1.5, 2.25, 5)
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(alpha=0.5, temperature=2.0, kind="forward_kl", beta=0.5, tail_bucket=False),
+        dict(alpha=0.2, temperature=1.0, kind="jsd", beta=0.3, tail_bucket=True),
+        dict(alpha=0.0, temperature=0.8, kind="reverse_kl", beta=0.5, tail_bucket=True),
+        dict(alpha=1.0, temperature=1.0, kind="forward_kl", beta=0.5, tail_bucket=False),
+    ],
+)
+def test_chunked_equals_unchunked(kw: dict) -> None:
+    n, d, v = 23, 8, 40
+    torch.manual_seed(30)
+    head = torch.nn.Linear(d, v, dtype=F64)
+    hidden = torch.randn(n, d, dtype=F64, requires_grad=True)
+    _, ids, lps = _teacher(n, v, 6, seed=31)
+    lps[::5, 4:] = float("-inf")
+    labels = torch.randint(0, v, (n,))
+    params = (hidden, head.weight, head.bias)
+
+    def record(saved: list[int]):  # numel of each tensor autograd keeps for backward, outside checkpoints
+        return torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t)
+
+    ref_saved: list[int] = []
+    with record(ref_saved):
+        ref = distill_loss_sums(head(hidden), labels, ids, lps, **kw)
+    ref_loss = combine(ref, alpha=kw["alpha"], temperature=kw["temperature"], n_tokens_global=n)[0]
+    ref_grads = torch.autograd.grad(ref_loss, params)
+    saved: list[int] = []
+    with record(saved):
+        got = chunked_distill_loss_sums(hidden, head, labels, ids, lps, chunk_size=5, **kw)
+    got_loss = combine(got, alpha=kw["alpha"], temperature=kw["temperature"], n_tokens_global=n)[0]
+    # unchunked keeps [N, V] tensors; chunked keeps less than one [N, V] in all (logits are recomputed)
+    assert max(ref_saved) >= n * v and sum(saved) < n * v
+    assert got.n_tokens == n
+    torch.testing.assert_close(got.ce_sum, ref.ce_sum)
+    torch.testing.assert_close(got.kd_sum, ref.kd_sum)
+    for g, r in zip(torch.autograd.grad(got_loss, params), ref_grads):
+        torch.testing.assert_close(g, r)
+
+
+def test_bad_arguments_raise() -> None:
+    z, labels, ids, lps = _batch(3)
+    with pytest.raises(ValueError):
+        topk_divergence(z, ids, lps, kind="kl")  # type: ignore[arg-type]
+    with pytest.raises(ValueError):
+        topk_divergence(z, ids, lps, kind="jsd", beta=1.5)
+    with pytest.raises(ValueError):
+        distill_loss_sums(z, labels, ids, lps, alpha=-0.1)
