@@ -31,7 +31,18 @@ def _dataset_complete(cfg: RunConfig) -> bool:
     return manifest.complete and manifest.generate_fingerprint == generate_key(cfg)
 
 
-@task(name="generate", persist_result=True, retries=1, retry_delay_seconds=10,
+def _retry_on_infrastructure(task, task_run, state) -> bool:
+    """Retry crashes and connection trouble, not user errors (bad input fails the same way again)."""
+    try:
+        state.result()
+    except ValueError:
+        return False
+    except Exception:
+        return True
+    return False
+
+
+@task(name="generate", persist_result=True, retries=2, retry_delay_seconds=10, retry_condition_fn=_retry_on_infrastructure,
       cache_key_fn=lambda ctx, params: f"distill-generate-{params['key']}")
 def generate_task(cfg: RunConfig, key: str) -> dict:
     """Teacher completes the prompts; writes the sharded Parquet dataset (resumes an interrupted one)."""

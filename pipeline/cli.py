@@ -59,6 +59,9 @@ def _config(path: Path, overrides: list[str] | None):
 def main(debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks.")] = False,
          verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log at INFO level.")] = False) -> None:
     _state["debug"] = debug
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # per-file weight loading bars drown the stage progress
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
 
@@ -73,7 +76,11 @@ def run(config: ConfigArg, stages: Annotated[str, typer.Option(help="Comma-separ
     bad = [s for s in wanted if s not in STAGES]
     if bad:
         _fail(f"unknown stage {bad[0]!r}; choose from {', '.join(STAGES)}")
+    from pipeline.preflight import preflight
+
+    _run(preflight, cfg, wanted)
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     from flows.distill import distill_flow
 
     out = _run(distill_flow, cfg, stages=wanted)
@@ -119,8 +126,11 @@ def print_metrics(metrics: dict) -> None:
 def generate(config: ConfigArg, set_: SetOpt = None) -> None:
     """Generate stage only: teacher -> Parquet dataset (resumes an interrupted run)."""
     from pipeline.generate import generate_dataset
+    from pipeline.preflight import preflight
 
-    res = _run(generate_dataset, _config(config, set_))
+    cfg = _config(config, set_)
+    _run(preflight, cfg, ["generate"])
+    res = _run(generate_dataset, cfg)
     state = "teacher ran" if res.teacher_loaded else "already complete, teacher not started"
     console.print(f"dataset {res.dataset_dir}: {res.samples} samples, {res.tokens} tokens ({state}, {res.seconds:.1f}s)")
 
@@ -129,9 +139,13 @@ def generate(config: ConfigArg, set_: SetOpt = None) -> None:
 def train(config: ConfigArg, dataset: Annotated[Optional[Path], typer.Option(help="Dataset dir (default: output_dir/dataset).")] = None,
           set_: SetOpt = None) -> None:
     """Train stage only: student on an existing dataset (the teacher is never loaded)."""
+    from pipeline.preflight import preflight
     from pipeline.train import train_student
 
-    res = _run(train_student, _config(config, set_), dataset_dir=dataset)
+    cfg = _config(config, set_)
+    if dataset is None:
+        _run(preflight, cfg, ["train"])
+    res = _run(train_student, cfg, dataset_dir=dataset)
     console.print(f"student {res.student_dir}: {res.steps} steps, final loss {res.final_loss:.4f} "
                   f"(ce {res.final_ce:.4f}, kd {res.final_kd:.4f}), {res.tokens_per_s:.0f} tok/s, {res.seconds:.1f}s")
 

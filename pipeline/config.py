@@ -151,6 +151,13 @@ class RunConfig(_Strict):
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
 
+    @model_validator(mode="before")
+    @classmethod
+    def _default_backend(cls, data: Any) -> Any:
+        if isinstance(data, dict) and isinstance(data.get("teacher"), dict) and "backend" not in data["teacher"]:
+            data = {**data, "teacher": {**data["teacher"], "backend": "hf"}}
+        return data
+
     @property
     def dataset_dir(self) -> Path:
         return Path(self.output_dir) / "dataset"
@@ -191,7 +198,13 @@ def parse_override(item: str) -> tuple[str, Any]:
     if "=" not in item:
         raise ConfigError(f"override {item!r} must look like key.path=value")
     key, raw = item.split("=", 1)
-    return key.strip(), yaml.safe_load(raw) if raw.strip() else ""
+    value = yaml.safe_load(raw) if raw.strip() else ""
+    if isinstance(value, str):  # YAML 1.1 reads "1e-3" as a string
+        try:
+            value = float(value)
+        except ValueError:
+            pass
+    return key.strip(), value
 
 
 def _all_keys(model: type[BaseModel], prefix: str = "") -> list[str]:

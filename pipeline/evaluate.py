@@ -51,7 +51,7 @@ def teacher_forced(model, samples, pad_id: int, batch_size: int, device) -> dict
             ent.append(-(p * torch.log(p.clamp_min(1e-30))).sum(-1).cpu())
     kl_, agree_, ce_, ent_ = (torch.cat(x).double() for x in (kl, agree, ce, ent))
     unc = ent_ > UNCERTAIN_NATS
-    mean = lambda x, m: float(x[m].mean()) if m.any() else float("nan")  # noqa: E731
+    mean = lambda x, m: float(x[m].mean()) if m.any() else None  # noqa: E731  (None: no such positions)
     return {"kl": float(kl_.mean()), "kl_uncertain": mean(kl_, unc), "kl_deterministic": mean(kl_, ~unc),
             "top1_agreement": float(agree_.mean()), "ce": float(ce_.mean()), "perplexity": float(torch.exp(ce_.mean())),
             "positions": int(len(kl_)), "uncertain_positions": int(unc.sum())}

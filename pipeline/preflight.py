@@ -1,0 +1,35 @@
+"""Checks run before any stage starts, so bad input fails in one line before anything is written."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pipeline.config import ConfigError, RunConfig
+from pipeline.dataset.schema import MANIFEST, read_manifest
+from pipeline.models import load_tokenizer, tokenizer_fingerprint
+from pipeline.prompts import read_prompts
+from pipeline.train import TokenizerMismatchError
+
+
+def _local_missing(name: str) -> bool:
+    return name.startswith((".", "/", "~", "data/")) and not Path(name).expanduser().exists()
+
+
+def preflight(cfg: RunConfig, stages: list[str] | tuple[str, ...]) -> None:
+    """Raise a one-line error for missing paths, unreadable prompts or a tokenizer mismatch."""
+    if _local_missing(cfg.teacher.model):
+        raise ConfigError(f"teacher.model path {cfg.teacher.model!r} does not exist (run `make demo` to build the demo teacher, or fix the path)")
+    if cfg.student.model and _local_missing(cfg.student.model):
+        raise ConfigError(f"student.model path {cfg.student.model!r} does not exist")
+    if "generate" in stages:
+        read_prompts(cfg.prompts)  # empty / malformed / non-UTF-8 prompts fail here, not mid-flow
+    elif not (cfg.dataset_dir / MANIFEST).is_file():
+        raise ConfigError(f"no dataset at {cfg.dataset_dir}; run the generate stage first (distill run CONFIG --stages generate)")
+    if "train" in stages and cfg.student.model:
+        teacher_fp = (read_manifest(cfg.dataset_dir).tokenizer_fingerprint if (cfg.dataset_dir / MANIFEST).is_file()
+                      else tokenizer_fingerprint(load_tokenizer(cfg.teacher.model, revision=cfg.teacher.revision)))
+        student_fp = tokenizer_fingerprint(load_tokenizer(cfg.student.model, revision=cfg.student.revision))
+        if student_fp != teacher_fp:
+            raise TokenizerMismatchError(
+                f"student {cfg.student.model!r} has a different tokenizer than the teacher {cfg.teacher.model!r}; "
+                "distillation on top-k ids needs the same tokenizer: pick a student of the teacher's family")

@@ -1,0 +1,96 @@
+"""Bad input through the CLI: one clear line, exit code 1, no traceback, nothing already written lost."""
+
+import json
+import shutil
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from pipeline.cli import app
+from tests.conftest import raw_config
+
+runner = CliRunner()
+
+
+def _write(tmp_path, raw, name="cfg.yaml"):
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def _one_line_error(result, fragment):
+    assert result.exit_code == 1, result.output
+    assert "Traceback" not in result.output
+    lines = [line for line in result.output.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:"), result.output
+    assert fragment in result.output, result.output
+
+
+@pytest.fixture
+def raw(tiny_teacher, prompts_file, tmp_path):
+    return raw_config(tiny_teacher, prompts_file, tmp_path / "run")
+
+
+def test_unknown_key(raw, tmp_path):
+    raw["generate"]["topk"] = 5
+    _one_line_error(runner.invoke(app, ["generate", str(_write(tmp_path, raw))]), "unknown config key 'generate.topk'")
+
+
+def test_wrong_type_via_override(raw, tmp_path):
+    _one_line_error(runner.invoke(app, ["generate", str(_write(tmp_path, raw)), "--set", "generate.n=two"]), "'generate.n'")
+
+
+def test_missing_model_path(raw, tmp_path):
+    raw["teacher"]["model"] = str(tmp_path / "no-such-model")
+    _one_line_error(runner.invoke(app, ["generate", str(_write(tmp_path, raw))]), "does not exist")
+
+
+def test_missing_config_file(tmp_path):
+    _one_line_error(runner.invoke(app, ["run", str(tmp_path / "nope.yaml")]), "not found")
+
+
+def test_empty_prompts_file(raw, tmp_path):
+    (tmp_path / "empty.jsonl").write_text("")
+    raw["prompts"]["path"] = str(tmp_path / "empty.jsonl")
+    _one_line_error(runner.invoke(app, ["generate", str(_write(tmp_path, raw))]), "the prompts file is empty")
+
+
+def test_malformed_jsonl_names_the_line(raw, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "pick: a b c d e f ="}\n{"prompt": oops}\n')
+    raw["prompts"]["path"] = str(bad)
+    _one_line_error(runner.invoke(app, ["generate", str(_write(tmp_path, raw))]), "bad.jsonl:2: malformed JSON")
+
+
+def test_tokenizer_mismatch_before_anything_runs(raw, tmp_path, generated):
+    from transformers import PreTrainedTokenizerFast
+    from tokenizers import Tokenizer, models
+
+    other = tmp_path / "other-student"
+    PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"a": 0, "<e>": 1}, unk_token="a")),
+                            eos_token="<e>").save_pretrained(other)
+    raw["student"] = {"model": str(other)}
+    shutil.copytree(generated.dataset_dir, tmp_path / "run/dataset")
+    before = sorted(p.name for p in (tmp_path / "run/dataset/shards").iterdir())
+    _one_line_error(runner.invoke(app, ["train", str(_write(tmp_path, raw))]), "different tokenizer")
+    assert sorted(p.name for p in (tmp_path / "run/dataset/shards").iterdir()) == before
+    assert not (tmp_path / "run/student").exists()
+
+
+def test_validate_ok_and_damaged(generated, tmp_path):
+    ok = runner.invoke(app, ["validate", str(generated.dataset_dir)])
+    assert ok.exit_code == 0 and "ok" in ok.output and "96 samples" in ok.output
+    ds = tmp_path / "ds"
+    shutil.copytree(generated.dataset_dir, ds)
+    manifest = json.loads((ds / "manifest.json").read_text())
+    manifest["shards"][0]["rows"] += 1
+    (ds / "manifest.json").write_text(json.dumps(manifest))
+    _one_line_error(runner.invoke(app, ["validate", str(ds)]), "rows but the manifest says")
+
+
+def test_generate_command_reuses_a_complete_dataset(raw, tmp_path, generated):
+    shutil.copytree(generated.dataset_dir, tmp_path / "run/dataset")
+    result = runner.invoke(app, ["generate", str(_write(tmp_path, raw))])
+    assert result.exit_code == 0, result.output
+    assert "already complete, teacher not started" in result.output

@@ -1,0 +1,156 @@
+"""Parquet contract: round trip, invariants of generated data, validation of damaged datasets."""
+
+import json
+import shutil
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline.dataset.reader import collate, load_samples
+from pipeline.dataset.schema import Manifest, SamplingRecord, TeacherRecord, arrow_schema, build_table, read_manifest
+from pipeline.dataset.validate import DatasetInvalid, validate_dataset
+from pipeline.dataset.writer import commit_shard, write_manifest, write_shard
+from pipeline.teachers.base import Generation
+
+
+def _fake_generation(rng, length, k, vocab):
+    logits = rng.normal(size=(length, vocab))
+    logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    ids = np.argsort(-logp, axis=1)[:, :k].astype(np.int32)
+    sampled = rng.integers(0, vocab, size=length).astype(np.int32)
+    return Generation(sampled, np.take_along_axis(logp, sampled[:, None], 1)[:, 0].astype(np.float32), ids,
+                      np.take_along_axis(logp, ids, 1).astype(np.float32), "length")
+
+
+def _manifest(num_shards=1, k=4, vocab=50):
+    return Manifest(teacher=TeacherRecord(model="m", backend="hf", vocab_size=vocab), tokenizer_fingerprint="t", k=k,
+                    sampling=SamplingRecord(temperature=1, top_p=1, max_new_tokens=8, n=2, seed=0), prompts_source="p",
+                    prompts_fingerprint="p", generate_fingerprint="g", config_hash="c", num_prompts=3, shard_size=3,
+                    num_shards=num_shards)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_round_trip_is_exact(tmp_path, dtype):
+    rng = np.random.default_rng(0)
+    gens = [[_fake_generation(rng, length, 4, 50) for length in (3, 5)] for _ in range(3)]
+    table = build_table(prompt_ids=["a", "b", "c"], prompts=["pa", "pb", "pc"], prompt_token_ids=[[1, 2], [3], [4, 5, 6]],
+                        generations=gens, completions=[["x", "y"]] * 3, seed=0, logprobs_dtype=dtype)
+    assert table.schema.equals(arrow_schema(dtype), check_metadata=False)
+    manifest = _manifest()
+    manifest.logprobs_dtype = dtype
+    write_manifest(tmp_path, manifest)
+    commit_shard(tmp_path, manifest, write_shard(tmp_path, 0, table, prompts=3))
+    samples = load_samples(tmp_path)
+    flat = [g for per in gens for g in per]
+    assert len(samples) == 6 and samples.prompt_ids == ["a", "a", "b", "b", "c", "c"]
+    tol = 1e-3 if dtype == "float16" else 0
+    for got_ids, got_lp, got_tok, g in zip(samples.topk_ids, samples.topk_logprobs, samples.completion_tokens, flat):
+        np.testing.assert_array_equal(got_ids, g.topk_token_ids)
+        np.testing.assert_array_equal(got_tok, g.completion_token_ids)
+        np.testing.assert_allclose(got_lp, g.topk_logprobs, atol=tol, rtol=tol)
+    assert validate_dataset(tmp_path).samples == 6
+    sample_ids = pq.read_table(tmp_path / "shards/part-00000.parquet")["sample_id"].to_pylist()
+    assert len(set(sample_ids)) == 6
+
+
+def test_generated_dataset_invariants(generated):
+    manifest = read_manifest(generated.dataset_dir)
+    assert manifest.complete and manifest.k == 8 and manifest.logprobs_mode == "raw"
+    assert manifest.total_samples == manifest.num_prompts == 96 and len(manifest.shards) == 3
+    s = load_samples(generated.dataset_dir)
+    for ids, lp, tok, tlp in zip(s.topk_ids, s.topk_logprobs, s.completion_tokens, s.token_logprobs):
+        assert ids.shape == lp.shape == (len(tok), 8) and len(tlp) == len(tok)
+        assert (np.diff(lp, axis=1) <= 1e-6).all()  # sorted descending
+        assert (np.logaddexp.reduce(lp.astype(np.float64), axis=1) <= 1e-5).all()
+        assert ids.max() < manifest.teacher.vocab_size and ids.min() >= 0
+        in_topk = ids == tok[:, None]  # where the sampled token is in the top-k, its logprob is that entry
+        rows = in_topk.any(1)
+        np.testing.assert_allclose(tlp[rows], lp[in_topk], atol=1e-5)
+        assert (tlp <= lp[:, :1].ravel() + 1e-5).all()
+    assert validate_dataset(generated.dataset_dir).samples == 96
+
+
+def test_hf_datasets_loads_the_shards(generated):
+    import datasets
+
+    ds = datasets.load_dataset("parquet", data_files=str(generated.dataset_dir / "shards/*.parquet"), split="train")
+    assert ds.num_rows == 96
+    row = ds[0]
+    assert len(row["topk_token_ids"]) == len(row["completion_token_ids"]) and len(row["topk_token_ids"][0]) == 8
+
+
+def test_collate_aligns_positions_with_labels(generated):
+    s = load_samples(generated.dataset_dir)
+    batch = collate(s, [0, 1, 2], pad_id=0)
+    assert int(batch.loss_mask.sum()) == batch.n_tokens == sum(len(s.completion_tokens[i]) for i in range(3))
+    # position t predicts token t+1: the token after each masked position is the label
+    nxt = batch.input_ids[:, 1:][batch.loss_mask[:, :-1]]
+    assert nxt.tolist() == batch.labels.tolist()
+
+
+def _copy(generated, tmp_path):
+    dst = tmp_path / "ds"
+    shutil.copytree(generated.dataset_dir, dst)
+    return dst
+
+
+def test_validate_detects_truncated_shard(generated, tmp_path):
+    ds = _copy(generated, tmp_path)
+    shard = ds / "shards/part-00001.parquet"
+    shard.write_bytes(shard.read_bytes()[:-100])
+    with pytest.raises(DatasetInvalid, match="part-00001.parquet does not match its manifest checksum"):
+        validate_dataset(ds)
+
+
+def test_validate_detects_flipped_byte(generated, tmp_path):
+    ds = _copy(generated, tmp_path)
+    shard = ds / "shards/part-00000.parquet"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    with pytest.raises(DatasetInvalid, match="checksum"):
+        validate_dataset(ds)
+
+
+def test_validate_detects_missing_shard(generated, tmp_path):
+    ds = _copy(generated, tmp_path)
+    (ds / "shards/part-00002.parquet").unlink()
+    with pytest.raises(DatasetInvalid, match="part-00002.parquet is listed in the manifest but missing"):
+        validate_dataset(ds)
+
+
+def test_validate_detects_manifest_mismatch(generated, tmp_path):
+    ds = _copy(generated, tmp_path)
+    raw = json.loads((ds / "manifest.json").read_text())
+    raw["total_samples"] += 1
+    (ds / "manifest.json").write_text(json.dumps(raw))
+    with pytest.raises(DatasetInvalid, match="total_samples"):
+        validate_dataset(ds)
+
+
+def test_validate_refuses_newer_schema(generated, tmp_path):
+    ds = _copy(generated, tmp_path)
+    raw = json.loads((ds / "manifest.json").read_text())
+    raw["schema_version"] = 99
+    (ds / "manifest.json").write_text(json.dumps(raw))
+    with pytest.raises(DatasetInvalid, match="schema_version 99 is newer"):
+        validate_dataset(ds)
+
+
+@pytest.mark.parametrize("damage,message", [("unsorted", "not sorted descending"), ("mass", "sum to"), ("vocab", "outside the teacher vocabulary")])
+def test_validate_checks_invariants(tmp_path, damage, message):
+    rng = np.random.default_rng(1)
+    g = _fake_generation(rng, 4, 4, 50)
+    if damage == "unsorted":
+        g.topk_logprobs[1] = g.topk_logprobs[1][::-1].copy()
+    elif damage == "mass":
+        g.topk_logprobs[2] = np.log(np.full(4, 0.3, np.float32))
+    else:
+        g.topk_token_ids[0, 0] = 50
+    table = build_table(prompt_ids=["a"], prompts=["p"], prompt_token_ids=[[1]], generations=[[g]], completions=[["c"]], seed=0)
+    manifest = _manifest()
+    write_manifest(tmp_path, manifest)
+    commit_shard(tmp_path, manifest, write_shard(tmp_path, 0, table, prompts=1))
+    with pytest.raises(DatasetInvalid, match=message):
+        validate_dataset(tmp_path)

@@ -1,0 +1,57 @@
+"""The Prefect flow end to end on tiny models (Prefect's local ephemeral API), and student-only reruns."""
+
+import json
+
+import pytest
+from prefect.testing.utilities import prefect_test_harness
+
+from flows.distill import distill_flow
+
+
+@pytest.fixture(scope="module", autouse=True)
+def prefect_api(tmp_path_factory):
+    import os
+
+    os.environ["PREFECT_HOME"] = str(tmp_path_factory.mktemp("prefect-home"))
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+def _no_teacher(monkeypatch):
+    from pipeline.teachers.hf import HFTeacher
+
+    def refuse(self, cfg):
+        raise AssertionError("the teacher was started")
+
+    monkeypatch.setattr(HFTeacher, "__init__", refuse)
+
+
+def test_flow_end_to_end_then_student_only_reruns(make_config, tmp_path, monkeypatch):
+    cfg = make_config(out=tmp_path / "run")
+    out = distill_flow(cfg)
+    assert out["generate"]["samples"] == 96 and not out["generate"]["cached"]
+    assert out["train"]["steps"] == 6
+    metrics = json.loads(cfg.metrics_path.read_text())
+    assert metrics["student"]["kl"] > 0 and "accuracy" in metrics["teacher"]
+    assert (cfg.student_dir / "model.safetensors").is_file() and (cfg.dataset_dir / "manifest.json").is_file()
+
+    _no_teacher(monkeypatch)  # from here on, starting the teacher fails the test
+    first_weights = (cfg.student_dir / "model.safetensors").read_bytes()
+    out = distill_flow(cfg, stages=["train", "eval"])
+    assert "generate" not in out and out["train"]["steps"] == 6
+
+    changed = make_config(out=tmp_path / "run", train={"max_steps": 4, "lr": 1e-3})
+    out = distill_flow(changed)
+    assert out["generate"]["cached"], "a training-only change must be a cache hit for the generate task"
+    assert out["train"]["steps"] == 4
+    assert (cfg.student_dir / "model.safetensors").read_bytes() != first_weights
+
+
+def test_deleted_dataset_is_regenerated_not_served_from_cache(make_config, tmp_path):
+    import shutil
+
+    cfg = make_config(out=tmp_path / "again")
+    distill_flow(cfg, stages=["generate"])
+    shutil.rmtree(cfg.dataset_dir)
+    out = distill_flow(cfg, stages=["generate"])
+    assert not out["generate"]["cached"] and (cfg.dataset_dir / "manifest.json").is_file()

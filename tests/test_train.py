@@ -1,0 +1,65 @@
+"""The train stage: loss falls, alpha=1 is plain CE, tokenizer mismatch stops before any step, eval writes metrics."""
+
+import json
+
+import pytest
+import torch
+
+from pipeline.dataset.reader import collate, load_samples
+from pipeline.evaluate import evaluate
+from pipeline.models import load_causal_lm
+from pipeline.train import TokenizerMismatchError, loss_sums, train_student
+
+
+def test_a_few_steps_lower_the_loss(generated, tmp_path):
+    cfg = generated.model_copy(update={"train": generated.train.model_copy(update={"max_steps": 30, "lr": 3e-3})})
+    res = train_student(cfg, student_dir=tmp_path / "student", progress=False)
+    log = json.loads((tmp_path / "student/train_log.json").read_text())["history"]
+    first, last = log[0]["loss"], log[-1]["loss"]
+    assert last < 0.8 * first, (first, last)
+    assert res.train_samples == len(load_samples(generated.dataset_dir, split="train")) < 96
+    assert (tmp_path / "student/model.safetensors").is_file() and (tmp_path / "student/tokenizer.json").is_file()
+    assert (tmp_path / "student/loss_curves.png").stat().st_size > 1000
+    load_causal_lm(str(tmp_path / "student"))  # a normal HF model directory
+
+
+def test_alpha_one_is_plain_cross_entropy(generated):
+    from pipeline.train import build_student
+
+    model = build_student(generated.student, generated.teacher.model, seed=0)
+    s = load_samples(generated.dataset_dir)
+    batch = collate(s, [0, 1, 2, 3], pad_id=0)
+    t = generated.train.model_copy(update={"alpha": 1.0})
+    sums = loss_sums(model, batch, t)
+    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[batch.loss_mask]
+    ref = torch.nn.functional.cross_entropy(logits, batch.labels, reduction="sum")
+    torch.testing.assert_close(sums.ce_sum, ref, rtol=1e-5, atol=1e-4)
+    assert float(sums.kd_sum.detach()) == 0.0
+
+
+def test_tokenizer_mismatch_stops_before_training(generated, tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    other = tmp_path / "other"
+    tk = Tokenizer(models.WordLevel({"a": 0, "b": 1, "<e>": 2}, unk_token="a"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<e>", pad_token="<e>").save_pretrained(other)
+    LlamaForCausalLM(LlamaConfig(vocab_size=3, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                 num_attention_heads=2)).save_pretrained(other)
+    cfg = generated.model_copy(update={"student": generated.student.model_copy(update={"model": str(other), "shrink": None})})
+    with pytest.raises(TokenizerMismatchError, match="differs from the dataset's teacher tokenizer"):
+        train_student(cfg, student_dir=tmp_path / "s", progress=False)
+    assert not (tmp_path / "s").exists()
+
+
+def test_eval_reports_teacher_and_student(generated, tmp_path):
+    train_student(generated, student_dir=tmp_path / "student", progress=False)
+    m = evaluate(generated, student_dir=tmp_path / "student", metrics_path=tmp_path / "metrics.json")
+    assert m["split"] == "heldout" and 0 < m["heldout_prompts"] <= 16
+    assert m["student"]["kl"] > 0 and 0 <= m["student"]["top1_agreement"] <= 1
+    assert 0 <= m["student"]["accuracy"] <= 1 and 0 <= m["teacher"]["accuracy"] <= 1
+    assert m["teacher"]["ce"] > 0 and m["student"]["positions"] > 0
+    on_disk = json.loads((tmp_path / "metrics.json").read_text())
+    assert on_disk["student"]["kl"] == pytest.approx(m["student"]["kl"])
+    assert (tmp_path / "student/metrics.json").is_file()
