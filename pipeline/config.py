@@ -40,7 +40,44 @@ class HFTeacherConfig(_Strict):
     trust_remote_code: bool = False
 
 
-TeacherConfig = Annotated[Union[HFTeacherConfig], Field(discriminator="backend")]
+class VLLMServerTeacherConfig(_Strict):
+    """Teacher behind vLLM's OpenAI-compatible server: one we start from the teacher env, or `url` to attach."""
+
+    backend: Literal["vllm_server"] = "vllm_server"
+    model: str
+    """Path or hub id the server loads; its tokenizer is loaded locally to tokenize prompts."""
+    revision: str | None = None
+    url: str | None = None
+    """Attach to a server already running at this base URL (e.g. http://10.0.0.5:8000); none is started."""
+    served_model_name: str | None = None
+    """Model name the attached server expects (default: `model`)."""
+    api_key_env: str | None = None
+    """Name of the environment variable holding the server's API key (the key never enters configs or logs)."""
+    python: str = ".venv-teacher/bin/python"
+    """Interpreter of the teacher environment that has vLLM (managed server only)."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    max_model_len: int | None = Field(None, ge=16)
+    tensor_parallel_size: int = Field(1, ge=1)
+    gpu_memory_utilization: float = Field(0.9, gt=0, le=1)
+    """Fraction of accelerator memory for vLLM (on CPU builds keep it low, ~0.3)."""
+    cpu_kvcache_space_gb: int | None = Field(None, ge=1)
+    """VLLM_CPU_KVCACHE_SPACE for CPU builds of vLLM (GiB of KV cache)."""
+    startup_timeout_s: float = Field(600, gt=0)
+    concurrency: int = Field(64, ge=1)
+    """Requests in flight at once, so the server's continuous batcher stays full."""
+    request_timeout_s: float = Field(600, gt=0)
+    max_retries: int = Field(5, ge=0)
+    """Retries (exponential backoff) on connection errors and HTTP 5xx."""
+    extra_args: list[str] = []
+    """More `vllm serve` flags for a managed server, e.g. ["--enforce-eager"]."""
+    trust_remote_code: bool = False
+
+    def identity(self) -> dict:
+        """Fields that change the outputs (the URL, key, concurrency and retries do not: seeds are per request)."""
+        return self.model_dump(include={"backend", "model", "revision", "dtype", "max_model_len", "tensor_parallel_size"})
+
+
+TeacherConfig = Annotated[Union[HFTeacherConfig, VLLMServerTeacherConfig], Field(discriminator="backend")]
 
 
 class PromptsConfig(_Strict):
@@ -172,7 +209,7 @@ class RunConfig(_Strict):
 
     def generate_fingerprint(self) -> str:
         """Hash of everything that changes the teacher's output (teacher, prompts, sampling)."""
-        return _hash({"teacher": self.teacher.model_dump(), "prompts": self.prompts.model_dump(),
+        return _hash({"teacher": self.teacher.identity(), "prompts": self.prompts.model_dump(),
                       "generate": self.generate.model_dump()})
 
     def config_hash(self) -> str:
@@ -220,7 +257,7 @@ def _all_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
 
 def _explain(err: ValidationError) -> str:
     e = err.errors()[0]
-    loc = ".".join(str(p) for p in e["loc"] if not str(p) in ("hf",))
+    loc = ".".join(str(p) for p in e["loc"] if str(p) not in ("hf", "vllm_server"))
     if e["type"] == "extra_forbidden":
         close = difflib.get_close_matches(loc, _all_keys(RunConfig), n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""

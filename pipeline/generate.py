@@ -100,7 +100,7 @@ def generate_dataset(cfg: RunConfig, *, dataset_dir: Path | None = None, progres
     spec = SamplingSpec(n=g.n, temperature=g.temperature, top_p=g.top_p, max_new_tokens=g.max_new_tokens, k=g.k, seed=g.seed)
     num_shards = -(-len(prompts) // g.shard_size)
 
-    teacher = teacher_factory(t)
+    teacher = teacher_factory(t, workdir=dataset_dir.parent, k=g.k)
     try:
         if manifest is None:
             dataset_dir.mkdir(parents=True, exist_ok=True)

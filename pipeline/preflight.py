@@ -19,6 +19,10 @@ def preflight(cfg: RunConfig, stages: list[str] | tuple[str, ...]) -> None:
     """Raise a one-line error for missing paths, unreadable prompts or a tokenizer mismatch."""
     if _local_missing(cfg.teacher.model):
         raise ConfigError(f"teacher.model path {cfg.teacher.model!r} does not exist (run `make demo` to build the demo teacher, or fix the path)")
+    t = cfg.teacher
+    if "generate" in stages and t.backend == "vllm_server" and not t.url and not Path(t.python).exists():
+        raise ConfigError(f"teacher.python {t.python!r} not found: create the vLLM teacher environment with "
+                          "`make teacher-env`, point teacher.python at a Python that has vllm, or set teacher.url")
     if cfg.student.model and _local_missing(cfg.student.model):
         raise ConfigError(f"student.model path {cfg.student.model!r} does not exist")
     if "generate" in stages:

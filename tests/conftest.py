@@ -54,7 +54,8 @@ def raw_config(tiny_teacher: Path, prompts_file: Path, out: Path, **sections) ->
         "eval": {"task": "demo", "max_prompts": 16, "batch_size": 64},
     }
     for section, values in sections.items():
-        cfg[section] = {**cfg.get(section, {}), **values} if isinstance(values, dict) else values
+        merge = isinstance(values, dict) and section != "teacher"  # a teacher section replaces: backends differ
+        cfg[section] = {**cfg.get(section, {}), **values} if merge else values
     return cfg
 
 

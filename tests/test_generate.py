@@ -46,7 +46,7 @@ def test_stops_on_eos_and_records_finish_reason(generated):
 
 
 def test_complete_dataset_does_not_load_the_teacher(generated):
-    def no_teacher(_cfg):
+    def no_teacher(_cfg, **_kw):
         raise AssertionError("the teacher must not be loaded for a complete dataset")
 
     res = generate_dataset(generated, progress=False, teacher_factory=no_teacher)

@@ -1,0 +1,273 @@
+"""vLLM-served teacher: a managed `vllm` OpenAI server in its own environment (or one already running).
+
+vLLM and Prefect pin incompatible fastapi versions, so the teacher never shares our Python: we start
+`python -m vllm.entrypoints.openai.api_server` from the teacher environment on 127.0.0.1 and talk HTTP.
+Prompts go as token ids, so the dataset's prompt ids are exactly what the teacher saw; logprobs come
+back keyed `token_id:N` (`return_tokens_as_token_ids`) and are raw (`--logprobs-mode raw_logprobs`).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import socket
+import subprocess
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import numpy as np
+
+from pipeline.teachers.base import Generation, SamplingSpec, TeacherInfo
+
+
+class TeacherServerError(RuntimeError):
+    """The teacher server could not start, died, or kept failing; one line with where to look."""
+
+
+class TeacherRequestError(ValueError):
+    """The server refused a request (HTTP 4xx): a setting is wrong, retrying will not help."""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ManagedServer:
+    """A vLLM OpenAI-compatible server process we start, health-check and always stop."""
+
+    def __init__(self, cfg, *, max_logprobs: int, log_path: Path):
+        self.cfg, self.max_logprobs, self.log_path = cfg, max_logprobs, Path(log_path)
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen | None = None
+
+    def command(self) -> list[str]:
+        c = self.cfg
+        cmd = [c.python, "-m", "vllm.entrypoints.openai.api_server", "--model", c.model, "--host", "127.0.0.1",
+               "--port", str(self.port), "--dtype", c.dtype, "--max-logprobs", str(self.max_logprobs),
+               "--logprobs-mode", "raw_logprobs", "--tensor-parallel-size", str(c.tensor_parallel_size),
+               "--gpu-memory-utilization", str(c.gpu_memory_utilization), "--seed", "0",
+               "--served-model-name", self.model_name, "--disable-uvicorn-access-log"]
+        if c.max_model_len:
+            cmd += ["--max-model-len", str(c.max_model_len)]
+        if c.revision:
+            cmd += ["--revision", c.revision]
+        if c.trust_remote_code:
+            cmd.append("--trust-remote-code")
+        return cmd + list(c.extra_args)
+
+    @property
+    def model_name(self) -> str:
+        return self.cfg.served_model_name or "teacher"
+
+    def start(self) -> None:
+        if not Path(self.cfg.python).exists():
+            raise TeacherServerError(f"teacher python {self.cfg.python!r} not found; create the teacher environment "
+                                     "(`make teacher-env`) or set teacher.python / teacher.url")
+        env = {**os.environ, "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1"}
+        if self.cfg.cpu_kvcache_space_gb is not None:  # read only by CPU builds of vLLM
+            env["VLLM_CPU_KVCACHE_SPACE"] = str(self.cfg.cpu_kvcache_space_gb)
+        env.pop("PYTHONPATH", None)  # our packages must not shadow the teacher environment's
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                     env=env, start_new_session=True)  # own process group: we stop all its children
+        log.close()
+        deadline = time.monotonic() + self.cfg.startup_timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise TeacherServerError(f"teacher server exited with code {self.proc.returncode} during start-up: "
+                                         f"{self.log_tail()} (log: {self.log_path})")
+            try:
+                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(1)
+        self.stop()
+        raise TeacherServerError(f"teacher server not healthy after {self.cfg.startup_timeout_s:.0f}s (log: {self.log_path})")
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def log_tail(self) -> str:
+        try:
+            lines = [ln for ln in self.log_path.read_text(errors="replace").splitlines() if ln.strip()]
+        except OSError:
+            return ""
+        errors = [ln for ln in lines if "Error" in ln or "error" in ln]
+        return (errors or lines or [""])[-1].strip()[:300]
+
+    def stop(self) -> None:
+        """SIGTERM the server's process group, then SIGKILL whatever is left (engine workers included)."""
+        if self.proc is None:
+            return
+        pgid = self.proc.pid
+        if group_members(pgid):
+            _signal_group(pgid, signal.SIGTERM)
+            deadline = time.monotonic() + 20
+            while group_members(pgid) and time.monotonic() < deadline:
+                self.proc.poll()
+                time.sleep(0.2)
+            if group_members(pgid):
+                _signal_group(pgid, signal.SIGKILL)
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            pass
+
+
+def _signal_group(pgid: int, sig: int) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def group_members(pgid: int) -> list[int]:
+    """Live (non-zombie) processes in a process group, read from /proc."""
+    members = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            members.append(int(stat.parent.name))
+    return members
+
+
+def parse_choice(choice: dict, k: int) -> Generation:
+    """One OpenAI completions choice -> Generation (top-k sorted descending, sampled token kept)."""
+    lp = choice.get("logprobs") or {}
+    ids = np.array(choice.get("token_ids") or [int(t.split(":", 1)[1]) for t in lp.get("tokens", [])], np.int32)
+    top_ids = np.zeros((len(ids), k), np.int32)
+    top_lp = np.full((len(ids), k), -np.inf, np.float32)
+    for t, entries in enumerate(lp.get("top_logprobs") or []):
+        # up to k+1 entries: the sampled token is added when it is outside the top-k
+        best = sorted(((v, int(key.split(":", 1)[1])) for key, v in (entries or {}).items()), key=lambda e: -e[0])[:k]
+        for j, (value, tok) in enumerate(best):
+            top_ids[t, j], top_lp[t, j] = tok, value
+    tok_lp = np.array([v if v is not None else -np.inf for v in lp.get("token_logprobs", [])], np.float32)
+    if len(tok_lp) != len(ids) or len(lp.get("top_logprobs") or []) != len(ids):
+        raise TeacherServerError(f"server returned {len(ids)} tokens but {len(tok_lp)} logprobs; is logprobs={k} supported?")
+    return Generation(ids, tok_lp, top_ids, top_lp, "stop" if choice.get("finish_reason") == "stop" else "length")
+
+
+class VLLMServerTeacher:
+    """Teacher protocol over the OpenAI completions API of a vLLM server (managed or attached)."""
+
+    def __init__(self, cfg, *, workdir: Path | None = None, k: int = 20):
+        from transformers import AutoConfig
+
+        from pipeline.models import eos_ids, load_tokenizer
+
+        self.cfg = cfg
+        self.server: ManagedServer | None = None
+        tok = load_tokenizer(cfg.model, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+        try:
+            vocab = AutoConfig.from_pretrained(cfg.model, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code).vocab_size
+        except OSError:
+            vocab = len(tok)
+        headers = {}
+        if cfg.api_key_env:
+            key = os.environ.get(cfg.api_key_env)
+            if not key:
+                raise TeacherServerError(f"teacher.api_key_env={cfg.api_key_env!r} is set but that environment variable is empty")
+            headers["Authorization"] = f"Bearer {key}"
+        if cfg.url:
+            self.url, self.model_name = cfg.url.rstrip("/"), cfg.served_model_name or cfg.model
+        else:
+            log_path = Path(workdir or ".") / "teacher_server.log"
+            self.server = ManagedServer(cfg, max_logprobs=max(k, 20), log_path=log_path)
+            self._install_sigterm()
+            try:
+                self.server.start()
+            except BaseException:
+                self.server.stop()
+                self._restore_sigterm()
+                raise
+            self.url, self.model_name = self.server.url, self.server.model_name
+        self.client = httpx.Client(base_url=self.url, headers=headers, timeout=cfg.request_timeout_s,
+                                   limits=httpx.Limits(max_connections=cfg.concurrency))
+        self.info = TeacherInfo(model=cfg.model, backend="vllm_server", revision=cfg.revision,
+                                versions={"vllm": self._server_version()}, vocab_size=int(vocab),
+                                eos_token_ids=tuple(eos_ids(tok)))
+
+    def _install_sigterm(self) -> None:
+        # A plain SIGTERM would end us without `finally`, orphaning the server; turn it into SystemExit.
+        try:
+            self._old_sigterm = signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(SystemExit(143)))
+        except ValueError:  # not the main thread (e.g. a Prefect task thread): the caller's handler stays
+            self._old_sigterm = None
+
+    def _restore_sigterm(self) -> None:
+        if getattr(self, "_old_sigterm", None) is not None:
+            signal.signal(signal.SIGTERM, self._old_sigterm)
+            self._old_sigterm = None
+
+    def _server_version(self) -> str:
+        try:
+            return str(self.client.get("/version", timeout=10).json().get("version", "unknown"))
+        except (httpx.HTTPError, ValueError):
+            return "unknown"
+
+    def _post(self, body: dict) -> dict:
+        c = self.cfg
+        for attempt in range(c.max_retries + 1):
+            if self.server is not None and not self.server.alive():
+                raise TeacherServerError(f"teacher server died (exit code {self.server.proc.returncode}): "
+                                         f"{self.server.log_tail()} (log: {self.server.log_path})")
+            try:
+                resp = self.client.post("/v1/completions", json=body)
+            except httpx.TransportError as err:
+                problem = f"cannot reach the teacher server at {self.url} ({type(err).__name__})"
+            else:
+                if resp.status_code < 400:
+                    return resp.json()
+                detail = _error_message(resp)
+                if resp.status_code < 500:
+                    if "logprobs" in detail and "max" in detail:
+                        raise TeacherRequestError(f"k={body['logprobs']} exceeds the server's --max-logprobs ({detail}); lower generate.k or raise --max-logprobs")
+                    raise TeacherRequestError(f"teacher server refused the request (HTTP {resp.status_code}): {detail}")
+                problem = f"teacher server error HTTP {resp.status_code}: {detail}"
+            if attempt < c.max_retries:
+                time.sleep(min(30.0, 0.5 * 2 ** attempt) * (1 + random.random() * 0.25))
+        raise TeacherServerError(f"{problem}; gave up after {c.max_retries} retries")
+
+    def _request(self, prompt: list[int], spec: SamplingSpec, seed: int) -> list[Generation]:
+        body = {"model": self.model_name, "prompt": prompt, "n": spec.n, "max_tokens": spec.max_new_tokens,
+                "temperature": spec.temperature, "top_p": spec.top_p, "top_k": -1, "min_p": 0.0,
+                "repetition_penalty": 1.0, "seed": seed, "logprobs": spec.k, "return_tokens_as_token_ids": True,
+                "return_token_ids": True, "skip_special_tokens": True}
+        choices = sorted(self._post(body)["choices"], key=lambda c: c["index"])
+        return [parse_choice(c, spec.k) for c in choices]
+
+    def generate(self, prompts: list[list[int]], spec: SamplingSpec, seed: int) -> list[list[Generation]]:
+        # One request per prompt with its own seed: results do not depend on concurrency or batching.
+        pool = ThreadPoolExecutor(max_workers=self.cfg.concurrency)
+        try:
+            futures = [pool.submit(self._request, p, spec, (seed * 1_000_003 + i) % (2**63)) for i, p in enumerate(prompts)]
+            return [f.result() for f in futures]
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)  # on error: drop queued requests, finish in-flight ones
+
+    def close(self) -> None:
+        self.client.close()
+        if self.server is not None:
+            self.server.stop()
+            self._restore_sigterm()
+
+
+def _error_message(resp: httpx.Response) -> str:
+    try:
+        body = resp.json()
+        msg = body.get("error", {}).get("message") if isinstance(body.get("error"), dict) else body.get("message")
+        return str(msg or body)[:300]
+    except ValueError:
+        return resp.text[:300]
