@@ -39,6 +39,10 @@ class HFTeacherConfig(_Strict):
     """Prompts per `generate` call."""
     trust_remote_code: bool = False
 
+    def identity(self) -> dict:
+        """Fields that change the outputs (batch size does: sampling draws from one RNG per batch)."""
+        return self.model_dump(include={"backend", "model", "revision", "dtype", "batch_size"})
+
 
 class VLLMServerTeacherConfig(_Strict):
     """Teacher behind vLLM's OpenAI-compatible server: one we start from the teacher env, or `url` to attach."""

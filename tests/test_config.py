@@ -64,3 +64,11 @@ def test_generate_fingerprint_ignores_training_settings():
     assert build_config(raw, ["train.lr=0.1", "train.alpha=1", "eval.max_prompts=5"]).generate_fingerprint() == base.generate_fingerprint()
     assert build_config(raw, ["generate.k=5"]).generate_fingerprint() != base.generate_fingerprint()
     assert build_config(raw, ["teacher.model=y"]).generate_fingerprint() != base.generate_fingerprint()
+
+
+def test_operational_teacher_settings_do_not_change_the_dataset_key():
+    raw = {"teacher": {"backend": "vllm_server", "model": "x"}, "prompts": {"path": "p"}, "student": {"model": "s"}}
+    base = build_config(raw).generate_fingerprint()
+    same = build_config(raw, ["teacher.url=http://127.0.0.1:9000", "teacher.concurrency=8", "teacher.max_retries=0"])
+    assert same.generate_fingerprint() == base
+    assert build_config(raw, ["teacher.dtype=bfloat16"]).generate_fingerprint() != base
