@@ -46,7 +46,7 @@ def _retry_on_infrastructure(task, task_run, state) -> bool:
       cache_key_fn=lambda ctx, params: f"distill-generate-{params['key']}")
 def generate_task(cfg: RunConfig, key: str) -> dict:
     """Teacher completes the prompts; writes the sharded Parquet dataset (resumes an interrupted one)."""
-    result = generate_dataset(cfg, progress=False)
+    result = generate_dataset(cfg)
     manifest = read_manifest(Path(result.dataset_dir))
     create_table_artifact(key="dataset-summary", description=f"dataset {result.dataset_dir}", table=[
         {"samples": manifest.total_samples, "tokens": manifest.total_tokens, "shards": len(manifest.shards),
@@ -58,7 +58,7 @@ def generate_task(cfg: RunConfig, key: str) -> dict:
 @task(name="train")
 def train_task(cfg: RunConfig, dataset_dir: str) -> dict:
     """Student trains on the dataset's training split."""
-    result = train_student(cfg, dataset_dir=Path(dataset_dir), progress=False)
+    result = train_student(cfg, dataset_dir=Path(dataset_dir))
     create_table_artifact(key="training-metrics", description=f"student {result.student_dir}",
                           table=[{k: (round(v, 5) if isinstance(v, float) else v) for k, v in asdict(result).items()}])
     return asdict(result)

@@ -82,6 +82,8 @@ def run(config: ConfigArg, stages: Annotated[str, typer.Option(help="Comma-separ
     _run(preflight, cfg, wanted)
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "pipeline")  # stage logs appear in the Prefect run
+    logging.getLogger("pipeline").setLevel(logging.INFO)
     from flows.distill import distill_flow
 
     out = _run(distill_flow, cfg, stages=wanted)

@@ -135,6 +135,7 @@ def generate_dataset(cfg: RunConfig, *, dataset_dir: Path | None = None, progres
                 manifest = commit_shard(dataset_dir, manifest, info)
                 written += 1
                 advance(hi - lo, info=f"shard {index + 1}/{num_shards}")
+                log.info("committed shard %d/%d (%d samples)", index + 1, num_shards, info.rows)
     finally:
         teacher.close()
     return GenerateResult(str(dataset_dir), fingerprint, written, manifest.total_samples, manifest.total_tokens,

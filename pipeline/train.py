@@ -153,6 +153,8 @@ def train_student(cfg: RunConfig, *, dataset_dir: Path | None = None, student_di
                 elapsed = time.perf_counter() - start
                 history.append({"step": step + 1, "loss": loss_tot, "ce": ce_tot, "kd": kd_tot, "lr": lr_at(step, t),
                                 "grad_norm": grad_norm, "tokens_per_s": tokens_seen / elapsed})
+                log.info("step %d/%d loss %.4f ce %.4f kd %.4f %.0f tok/s", step + 1, t.max_steps, loss_tot, ce_tot,
+                         kd_tot, tokens_seen / elapsed)
             advance(1, info=f"loss {loss_tot:.4f} (ce {ce_tot:.3f} kd {kd_tot:.4f})")
     seconds = time.perf_counter() - start
     model.eval()
