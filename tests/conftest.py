@@ -79,3 +79,13 @@ def generated(tiny_teacher, prompts_file, tmp_path_factory):
     cfg = build_config(raw_config(tiny_teacher, prompts_file, tmp_path_factory.mktemp("gen") / "run"))
     generate_dataset(cfg, progress=False)
     return cfg
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `gpu` need CUDA; on CPU-only machines they are skipped with the reason shown."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU; none on this machine (CPU CI runs everything else)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
