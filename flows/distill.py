@@ -89,7 +89,8 @@ def distill_flow(cfg: RunConfig, stages: list[str] = list(STAGES)) -> dict:
         state = generate_task.with_options(refresh_cache=refresh)(cfg, generate_key(cfg), return_state=True)
         out["generate"] = {**state.result(), "cached": state.is_completed() and state.name == "Cached"}
         out["seconds"]["generate"] = time.perf_counter() - t0
-        dataset_dir = out["generate"]["dataset_dir"]
+        # a cache hit may come from another run with the same key but another output_dir: use ours
+        out["generate"]["dataset_dir"] = dataset_dir
     if "train" in stages:
         t0 = time.perf_counter()
         out["train"] = train_task(cfg, dataset_dir)

@@ -39,7 +39,7 @@ def _run(fn, *args, **kwargs):
     from pipeline.train import TokenizerMismatchError
 
     user_errors = (ConfigError, PromptsError, ModelLoadError, DatasetInvalid, DatasetMismatchError,
-                   TokenizerMismatchError, FileNotFoundError, TeacherServerError, TeacherRequestError)
+                   TokenizerMismatchError, FileNotFoundError, TeacherServerError, TeacherRequestError, ValueError)
     try:
         return fn(*args, **kwargs)
     except user_errors as err:

@@ -78,7 +78,8 @@ class VLLMServerTeacherConfig(_Strict):
 
     def identity(self) -> dict:
         """Fields that change the outputs (the URL, key, concurrency and retries do not: seeds are per request)."""
-        return self.model_dump(include={"backend", "model", "revision", "dtype", "max_model_len", "tensor_parallel_size"})
+        return self.model_dump(include={"backend", "model", "revision", "dtype", "max_model_len", "tensor_parallel_size",
+                                        "extra_args"})
 
 
 TeacherConfig = Annotated[Union[HFTeacherConfig, VLLMServerTeacherConfig], Field(discriminator="backend")]
@@ -239,13 +240,7 @@ def parse_override(item: str) -> tuple[str, Any]:
     if "=" not in item:
         raise ConfigError(f"override {item!r} must look like key.path=value")
     key, raw = item.split("=", 1)
-    value = yaml.safe_load(raw) if raw.strip() else ""
-    if isinstance(value, str):  # YAML 1.1 reads "1e-3" as a string
-        try:
-            value = float(value)
-        except ValueError:
-            pass
-    return key.strip(), value
+    return key.strip(), yaml.safe_load(raw) if raw.strip() else ""
 
 
 def _all_keys(model: type[BaseModel], prefix: str = "") -> list[str]:

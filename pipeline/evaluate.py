@@ -66,7 +66,8 @@ def sample_accuracy(model, tokenizer, prompts: list[str], prompt_tokens, check, 
     torch.manual_seed(seed)
     sample = temperature > 0
     gen_cfg = GenerationConfig(do_sample=sample, temperature=temperature if sample else None, top_k=0 if sample else None,
-                               top_p=None, max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id,
+                               top_p=1.0 if sample else None, max_new_tokens=max_new_tokens,
+                               eos_token_id=model.generation_config.eos_token_id or tokenizer.eos_token_id,
                                pad_token_id=tokenizer.pad_token_id)
     correct = 0
     for lo in range(0, len(prompts), batch_size):
@@ -87,7 +88,10 @@ def evaluate(cfg: RunConfig, *, dataset_dir: Path | None = None, student_dir: Pa
     dataset_dir = Path(dataset_dir or cfg.dataset_dir)
     student_dir = Path(student_dir or cfg.student_dir)
     manifest = read_manifest(dataset_dir)
-    split = "heldout" if manifest.heldout_fraction > 0 else "all"
+    if manifest.heldout_fraction <= 0:
+        raise ValueError(f"{dataset_dir} has no held-out prompts (prompts.heldout_fraction was 0); evaluation on "
+                         "training prompts would not be honest: regenerate with heldout_fraction > 0")
+    split = "heldout"
     samples = load_samples(dataset_dir, split=split, limit_prompts=cfg.eval.max_prompts)
     if len(samples) == 0:
         raise ValueError(f"{dataset_dir}: no held-out samples to evaluate on; set prompts.heldout_fraction > 0")
@@ -96,7 +100,9 @@ def evaluate(cfg: RunConfig, *, dataset_dir: Path | None = None, student_dir: Pa
     model = load_causal_lm(str(student_dir), device=str(device))
     student = teacher_forced(model, samples, tokenizer.pad_token_id, cfg.eval.batch_size, device)
     teacher_ce = float(-np.concatenate(samples.token_logprobs).astype(np.float64).mean())
-    teacher = {"ce": teacher_ce, "perplexity": float(np.exp(teacher_ce)), "kl": 0.0, "top1_agreement": 1.0}
+    lp = np.concatenate(samples.topk_logprobs).astype(np.float64)
+    kl_floor = float(-np.logaddexp.reduce(lp, axis=1).mean())  # the teacher itself scores -log(top-k mass)
+    teacher = {"ce": teacher_ce, "perplexity": float(np.exp(teacher_ce)), "kl": kl_floor, "top1_agreement": 1.0}
     check = _checker(cfg.eval.task)
     if check is not None:
         first = {}

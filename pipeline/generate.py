@@ -17,7 +17,7 @@ from pathlib import Path
 
 from pipeline.config import RunConfig
 from pipeline.dataset.schema import (MANIFEST, Manifest, SamplingRecord, TeacherRecord, build_table, read_manifest,
-                                     stable_id)
+                                     sha256_file, stable_id)
 from pipeline.dataset.writer import commit_shard, remove_stray_files, write_manifest, write_shard
 from pipeline.models import load_tokenizer, tokenizer_fingerprint
 from pipeline.progress import progress_bar
@@ -71,6 +71,7 @@ def shard_seed(seed: int, index: int) -> int:
 
 
 def _existing(dataset_dir: Path, fingerprint: str) -> Manifest | None:
+    """The dataset's manifest, with shards that are missing or fail their checksum dropped (to be redone)."""
     if not (dataset_dir / MANIFEST).is_file():
         return None
     manifest = read_manifest(dataset_dir)
@@ -78,6 +79,16 @@ def _existing(dataset_dir: Path, fingerprint: str) -> Manifest | None:
         raise DatasetMismatchError(
             f"{dataset_dir} holds a dataset made with other teacher/prompts/sampling settings "
             f"({manifest.generate_fingerprint} != {fingerprint}); set output_dir elsewhere or delete it")
+    bad = [s for s in manifest.shards if not (dataset_dir / s.file).is_file()
+           or (dataset_dir / s.file).stat().st_size != s.bytes or sha256_file(dataset_dir / s.file) != s.sha256]
+    if bad:
+        log.warning("%d committed shard(s) missing or corrupted (%s); they will be generated again",
+                    len(bad), ", ".join(s.file for s in bad))
+        manifest.shards = [s for s in manifest.shards if s not in bad]
+        manifest.complete = False
+        manifest.total_samples = sum(s.rows for s in manifest.shards)
+        manifest.total_tokens = sum(s.tokens for s in manifest.shards)
+        write_manifest(dataset_dir, manifest)
     return manifest
 
 
@@ -99,6 +110,9 @@ def generate_dataset(cfg: RunConfig, *, dataset_dir: Path | None = None, progres
     g = cfg.generate
     spec = SamplingSpec(n=g.n, temperature=g.temperature, top_p=g.top_p, max_new_tokens=g.max_new_tokens, k=g.k, seed=g.seed)
     num_shards = -(-len(prompts) // g.shard_size)
+    if manifest is not None and (manifest.prompts_fingerprint, manifest.num_prompts) != (prompts.fingerprint, len(prompts)):
+        raise DatasetMismatchError(f"{dataset_dir} was generated from another prompt list ({manifest.num_prompts} prompts, "
+                                   f"{manifest.prompts_fingerprint}); resuming would mix shards: set output_dir elsewhere")
 
     teacher = teacher_factory(t, workdir=dataset_dir.parent, k=g.k)
     try:

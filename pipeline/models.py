@@ -52,6 +52,13 @@ def load_causal_lm(name: str, *, revision: str | None = None, dtype: str = "floa
                                                      trust_remote_code=trust_remote_code, use_safetensors=True)
     except OSError as err:
         raise ModelLoadError(f"cannot load model {name!r}: {str(err).splitlines()[0]}") from None
+    # Sampling must follow our config only: transformers fills unset fields from the model's own
+    # generation_config (e.g. repetition_penalty=1.05, top_p=0.8 on instruct models).
+    from transformers import GenerationConfig
+
+    own = model.generation_config
+    model.generation_config = GenerationConfig(eos_token_id=own.eos_token_id, pad_token_id=own.pad_token_id,
+                                               bos_token_id=own.bos_token_id)
     return model.to(resolve_device(device)).eval()
 
 

@@ -19,6 +19,9 @@ def preflight(cfg: RunConfig, stages: list[str] | tuple[str, ...]) -> None:
     """Raise a one-line error for missing paths, unreadable prompts or a tokenizer mismatch."""
     if _local_missing(cfg.teacher.model):
         raise ConfigError(f"teacher.model path {cfg.teacher.model!r} does not exist (run `make demo` to build the demo teacher, or fix the path)")
+    if "eval" in stages and "generate" in stages and cfg.prompts.heldout_fraction <= 0:
+        raise ConfigError("the eval stage needs held-out prompts: set prompts.heldout_fraction > 0 (e.g. 0.05) "
+                          "or run --stages generate,train")
     t = cfg.teacher
     if "generate" in stages and t.backend == "vllm_server" and not t.url and not Path(t.python).exists():
         raise ConfigError(f"teacher.python {t.python!r} not found: create the vLLM teacher environment with "

@@ -57,7 +57,8 @@ def build_student(cfg: StudentConfig, teacher_model: str, *, seed: int):
     if cfg.model is not None:
         from pipeline.models import load_causal_lm
 
-        return load_causal_lm(cfg.model, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code, device="cpu").train()
+        return load_causal_lm(cfg.model, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code, device="cpu",
+                              dtype="float32").train()
     try:
         config = AutoConfig.from_pretrained(teacher_model, trust_remote_code=cfg.trust_remote_code)
     except OSError as err:
@@ -69,7 +70,8 @@ def build_student(cfg: StudentConfig, teacher_model: str, *, seed: int):
     if cfg.shrink.num_attention_heads and cfg.shrink.num_key_value_heads is None:
         config.num_key_value_heads = config.num_attention_heads
     torch.manual_seed(seed)
-    return AutoModelForCausalLM.from_config(config, trust_remote_code=cfg.trust_remote_code)
+    # float32 master weights even when the teacher's config says bf16 (autocast handles speed on GPU)
+    return AutoModelForCausalLM.from_config(config, dtype=torch.float32, trust_remote_code=cfg.trust_remote_code)
 
 
 def student_tokenizer(cfg: RunConfig, manifest_fingerprint: str):

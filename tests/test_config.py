@@ -44,7 +44,9 @@ def test_student_needs_exactly_one_source():
 
 
 def test_overrides_are_typed():
-    assert parse_override("train.lr=1e-3") == ("train.lr", 0.001)
+    raw = {"teacher": {"model": "x"}, "prompts": {"path": "p"}, "student": {"model": "s"}}
+    cfg = build_config(raw, ["train.lr=1e-3", "teacher.revision=123e4567"])
+    assert cfg.train.lr == 0.001 and cfg.teacher.revision == "123e4567"
     assert parse_override("generate.k=5") == ("generate.k", 5)
     assert parse_override("prompts.chat_template=true") == ("prompts.chat_template", True)
     with pytest.raises(ConfigError):
@@ -72,3 +74,9 @@ def test_operational_teacher_settings_do_not_change_the_dataset_key():
     same = build_config(raw, ["teacher.url=http://127.0.0.1:9000", "teacher.concurrency=8", "teacher.max_retries=0"])
     assert same.generate_fingerprint() == base
     assert build_config(raw, ["teacher.dtype=bfloat16"]).generate_fingerprint() != base
+
+
+def test_extra_server_flags_change_the_dataset_key():
+    raw = {"teacher": {"backend": "vllm_server", "model": "x"}, "prompts": {"path": "p"}, "student": {"model": "s"}}
+    assert (build_config(raw, ["teacher.extra_args=[--quantization, fp8]"]).generate_fingerprint()
+            != build_config(raw).generate_fingerprint())

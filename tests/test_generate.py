@@ -87,3 +87,18 @@ def test_manifest_records_how_it_was_made(generated):
     assert m.sampling.temperature == 1.0 and m.sampling.n == 1 and m.k == 8
     assert m.heldout_fraction == 0.25 and len(m.tokenizer_fingerprint) == 16
     assert all(len(s.sha256) == 64 for s in m.shards)
+
+
+def test_corrupted_or_missing_committed_shards_are_regenerated(generated, make_config, tmp_path):
+    import shutil
+
+    cfg = make_config(out=tmp_path / "repair")
+    shutil.copytree(generated.dataset_dir, cfg.dataset_dir)
+    good = {p.name: sha256_file(p) for p in (cfg.dataset_dir / "shards").iterdir()}
+    shard = cfg.dataset_dir / "shards/part-00001.parquet"
+    shard.write_bytes(shard.read_bytes()[:-50])
+    (cfg.dataset_dir / "shards/part-00002.parquet").unlink()
+    res = generate_dataset(cfg, progress=False)
+    assert res.shards_written == 2 and res.teacher_loaded
+    assert {p.name: sha256_file(p) for p in (cfg.dataset_dir / "shards").iterdir()} == good
+    assert validate_dataset(cfg.dataset_dir).complete

@@ -63,3 +63,15 @@ def test_eval_reports_teacher_and_student(generated, tmp_path):
     on_disk = json.loads((tmp_path / "metrics.json").read_text())
     assert on_disk["student"]["kl"] == pytest.approx(m["student"]["kl"])
     assert (tmp_path / "student/metrics.json").is_file()
+
+
+def test_shrunk_student_has_float32_weights_even_from_a_bf16_teacher(generated, tmp_path):
+    from transformers import AutoConfig
+
+    from pipeline.train import build_student
+
+    cfg = AutoConfig.from_pretrained(generated.teacher.model)
+    cfg.dtype = "bfloat16"
+    cfg.save_pretrained(tmp_path)
+    model = build_student(generated.student, str(tmp_path), seed=0)
+    assert {p.dtype for p in model.parameters()} == {torch.float32}

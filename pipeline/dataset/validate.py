@@ -69,9 +69,9 @@ def validate_dataset(dataset_dir: Path) -> ValidationReport:
     for shard in manifest.shards:
         path = dataset_dir / shard.file
         if not path.is_file():
-            raise DatasetInvalid(f"shard {shard.file} is listed in the manifest but missing; rerun generation to rewrite it")
+            raise DatasetInvalid(f"shard {shard.file} is listed in the manifest but missing; rerun `distill generate` with the same config to rewrite it")
         if path.stat().st_size != shard.bytes or sha256_file(path) != shard.sha256:
-            raise DatasetInvalid(f"shard {shard.file} does not match its manifest checksum (corrupted or modified); delete it and rerun generation")
+            raise DatasetInvalid(f"shard {shard.file} does not match its manifest checksum (corrupted or modified); rerun `distill generate` with the same config to rewrite it")
         try:
             table = pq.read_table(path)
         except (pa.ArrowInvalid, OSError) as err:

@@ -50,7 +50,7 @@ class HFTeacher:
         input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in batch], device=device)
         attention = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch], device=device)
         sample = spec.temperature > 0
-        gen_cfg = GenerationConfig(  # a clean config: the model's own sampling defaults must not leak in
+        gen_cfg = GenerationConfig(  # explicit values; load_causal_lm already blanked the model's own defaults
             do_sample=sample, temperature=spec.temperature if sample else None, top_p=spec.top_p if sample else None,
             top_k=0 if sample else None, max_new_tokens=spec.max_new_tokens, eos_token_id=self.eos,
             pad_token_id=pad, output_logits=True, return_dict_in_generate=True)

@@ -20,6 +20,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 
+from pipeline.dataset.schema import stable_id
 from pipeline.teachers.base import Generation, SamplingSpec, TeacherInfo
 
 
@@ -229,9 +230,12 @@ class VLLMServerTeacher:
                 problem = f"cannot reach the teacher server at {self.url} ({type(err).__name__})"
             else:
                 if resp.status_code < 400:
-                    return resp.json()
+                    try:
+                        return resp.json()
+                    except ValueError:
+                        raise TeacherServerError(f"teacher server at {self.url} answered with non-JSON: {resp.text[:200]!r}") from None
                 detail = _error_message(resp)
-                if resp.status_code < 500:
+                if resp.status_code < 500 and resp.status_code not in (408, 429):  # those two are worth a retry
                     if "logprobs" in detail and "max" in detail:
                         raise TeacherRequestError(f"k={body['logprobs']} exceeds the server's --max-logprobs ({detail}); lower generate.k or raise --max-logprobs")
                     raise TeacherRequestError(f"teacher server refused the request (HTTP {resp.status_code}): {detail}")
@@ -250,12 +254,18 @@ class VLLMServerTeacher:
 
     def generate(self, prompts: list[list[int]], spec: SamplingSpec, seed: int) -> list[list[Generation]]:
         # One request per prompt with its own seed: results do not depend on concurrency or batching.
+        # vLLM seeds sample j of a request with seed + j, so prompts get hashed, far-apart seeds.
+        seeds = [int(stable_id("request", seed, i)[:15], 16) for i in range(len(prompts))]
         pool = ThreadPoolExecutor(max_workers=self.cfg.concurrency)
+        ok = False
         try:
-            futures = [pool.submit(self._request, p, spec, (seed * 1_000_003 + i) % (2**63)) for i, p in enumerate(prompts)]
-            return [f.result() for f in futures]
+            futures = [pool.submit(self._request, p, spec, s) for p, s in zip(prompts, seeds)]
+            results = [f.result() for f in futures]
+            ok = True
+            return results
         finally:
-            pool.shutdown(wait=True, cancel_futures=True)  # on error: drop queued requests, finish in-flight ones
+            # On error or Ctrl-C, do not wait for in-flight requests: the caller stops the server next.
+            pool.shutdown(wait=ok, cancel_futures=True)
 
     def close(self) -> None:
         self.client.close()
