@@ -159,7 +159,8 @@ def draw_kl(model: LlamaForCausalLM, tok: PreTrainedTokenizerFast, prompts: list
 
 
 def build_teacher(out_dir: Path, *, seed: int = 0, max_steps: int | None = None,
-                  max_seconds: float = 180.0, log: Callable[[str], None] | None = None) -> dict:
+                  max_seconds: float = 180.0, eval_prompts: int = 1_000,
+                  log: Callable[[str], None] | None = None) -> dict:
     """Train tokenizer and teacher, evaluate, and move the finished directory into out_dir."""
     log = log or (lambda _msg: None)
     out_dir = Path(out_dir)
@@ -177,11 +178,11 @@ def build_teacher(out_dir: Path, *, seed: int = 0, max_steps: int | None = None,
         model.generation_config = GenerationConfig(
             bos_token_id=ids[0], eos_token_id=ids[1], pad_token_id=ids[2], max_new_tokens=32)
         model.save_pretrained(tmp)
-        held_out = task.make_prompts(1_000, seed + EVAL_SEED_OFFSET)
+        held_out = task.make_prompts(eval_prompts, seed + EVAL_SEED_OFFSET)
         marker = {"version": task.TASK_VERSION, "seed": seed, **stats,
                   "greedy_accuracy": accuracy(model, tok, held_out, do_sample=False),
                   "sampled_accuracy": accuracy(model, tok, held_out, do_sample=True, seed=seed),
-                  "draw_kl": [round(k, 4) for k in draw_kl(model, tok, held_out[:500], seed=seed)],
+                  "draw_kl": [round(k, 4) for k in draw_kl(model, tok, held_out[:min(500, eval_prompts)], seed=seed)],
                   "params": params, "vocab_size": len(tok)}
         log(f"demo teacher: {json.dumps(marker)}")
         (tmp / MARKER).write_text(json.dumps(marker, indent=2) + "\n")
