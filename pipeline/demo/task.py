@@ -49,15 +49,15 @@ def prompt_symbols(prompt: str) -> list[str]:
 
 
 def draw_distribution(prompt: str) -> dict[str, float]:
-    """Return the true distribution of every drawn word: symbol.upper() with p = count / total."""
+    """Return the true distribution of every draw: each symbol with probability count / total."""
     counts = Counter(prompt_symbols(prompt))
-    return {s.upper(): c / N_SYMBOLS for s, c in sorted(counts.items())}
+    return {s: c / N_SYMBOLS for s, c in sorted(counts.items())}
 
 
 def render(symbols: list[str], draws: list[str]) -> str:
     """Format the canonical completion (with its leading space) for the given draws."""
     counts = Counter(symbols)
-    parts = [f" {d.upper()} {counts[d]}" for d in draws]
+    parts = [f" {d} {counts[d]}" for d in draws]
     return DRAW_SEP.join(parts) + SORT_SEP + "".join(f" {s}" for s in sorted(symbols))
 
 
@@ -72,7 +72,7 @@ def check(prompt: str, completion: str) -> bool:
     symbols = prompt_symbols(prompt)
     text = " " + completion.strip()
     draws = text.split(SORT_SEP)[0].split(DRAW_SEP)
-    draws = [d.split(" ")[1].lower() if d.count(" ") == 2 else "" for d in draws]
+    draws = [d.split(" ")[1] if d.count(" ") == 2 else "" for d in draws]
     if len(draws) != N_DRAWS or any(d not in symbols for d in draws):
         return False
     return text == render(symbols, draws)
