@@ -212,12 +212,15 @@ def read_marker(out_dir: Path) -> dict | None:
     return marker if marker.get("version") == task.TASK_VERSION else None
 
 
-def ensure_demo_teacher(out_dir: Path, *, seed: int = 0, max_seconds: float = 180.0,
+def ensure_demo_teacher(out_dir: Path, *, seed: int = 0, max_steps: int | None = 750, max_seconds: float = 1800.0,
                         log: Callable[[str], None] | None = None) -> Path:
-    """Return out_dir, building the demo teacher there first unless a current one is present."""
+    """Return out_dir, building the demo teacher there first unless a current one is present.
+
+    A step budget (not a time budget) keeps the teacher the same on a slow or busy machine.
+    """
     out_dir = Path(out_dir)
     if read_marker(out_dir) is None:
-        build_teacher(out_dir, seed=seed, max_seconds=max_seconds, log=log)
+        build_teacher(out_dir, seed=seed, max_steps=max_steps, max_seconds=max_seconds, log=log)
     elif log:
         log(f"demo teacher: using {out_dir}")
     return out_dir
