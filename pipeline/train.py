@@ -1,12 +1,15 @@
 """The train stage: fit the student on the cached teacher top-k with alpha*CE + (1-alpha)*T^2*D.
 
 An explicit loop (nanoGPT-style): AdamW, warmup + cosine, gradient accumulation with a global token
-denominator, clipping. The LM head runs only on completion positions, in chunks (see losses.py), so
-no B x T x V logits tensor exists.
+denominator, clipping, optional gradient checkpointing, and resumable checkpoints. The LM head runs
+only on completion positions, in chunks (see losses.py), so no B x T x V logits tensor exists. The same
+function runs single-process or under `accelerate launch` / `torchrun` (DDP: each rank takes every
+world-th micro-batch of one seeded stream, so N ranks equal one rank with N-times the accumulation).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -18,10 +21,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.config import RunConfig, StudentConfig
+from pipeline.checkpoint import (CheckpointMismatchError, checkpoint_root, clear, latest_checkpoint, restore,
+                                 save_checkpoint)
+from pipeline.config import RunConfig, StudentConfig, TrainConfig
 from pipeline.dataset.reader import Batch, Samples, collate, load_samples
-from pipeline.dataset.schema import read_manifest
-from pipeline.losses import chunked_distill_loss_sums, combine
+from pipeline.dataset.schema import read_manifest, stable_id
+from pipeline.losses import LossSums, chunked_distill_loss_sums, combine
 from pipeline.models import ModelLoadError, load_tokenizer, resolve_device, tokenizer_fingerprint
 from pipeline.progress import progress_bar
 
@@ -42,6 +47,7 @@ class TrainResult:
     tokens_per_s: float
     seconds: float
     train_samples: int
+    resumed_from_step: int = 0
 
 
 def seed_everything(seed: int) -> None:
@@ -87,20 +93,44 @@ def student_tokenizer(cfg: RunConfig, manifest_fingerprint: str):
 
 
 def lr_at(step: int, cfg) -> float:
-    """Linear warmup then cosine decay to 10% of the peak."""
+    """Linear warmup then cosine decay to 10% of the peak (a pure function of the step: nothing to checkpoint)."""
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
     progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
     return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
-def batches(samples: Samples, batch_size: int, pad_id: int, seed: int):
-    """Endless seeded shuffled micro-batches (a new permutation every epoch)."""
-    rng = np.random.default_rng(seed)
-    while True:
-        order = rng.permutation(len(samples))
-        for lo in range(0, len(order) - batch_size + 1 if len(order) >= batch_size else 1, batch_size):
-            yield collate(samples, order[lo:lo + batch_size], pad_id)
+class MemoryStream:
+    """Endless seeded micro-batches over in-memory samples with a resumable position {epoch, batch}.
+
+    Epoch e's order is a permutation drawn from (seed, e) alone, so resuming at a position needs no replay.
+    """
+
+    def __init__(self, samples: Samples, batch_size: int, pad_id: int, seed: int):
+        self.samples, self.batch_size, self.pad_id, self.seed = samples, min(batch_size, len(samples)), pad_id, seed
+        self.position = {"epoch": 0, "batch": 0}
+
+    def batches(self, start: dict | None = None):
+        epoch, first = (start["epoch"], start["batch"]) if start else (0, 0)
+        per_epoch = len(self.samples) // self.batch_size
+        while True:
+            order = np.random.default_rng([self.seed, epoch]).permutation(len(self.samples))
+            for b in range(first, per_epoch):
+                self.position = {"epoch": epoch, "batch": b + 1}
+                yield collate(self.samples, order[b * self.batch_size:(b + 1) * self.batch_size], self.pad_id)
+            epoch, first = epoch + 1, 0
+
+
+class DistillObjective(torch.nn.Module):
+    """Student + loss in one forward, so DDP/FSDP wrappers see (and synchronise) the whole step."""
+
+    def __init__(self, student: torch.nn.Module, t: TrainConfig):
+        super().__init__()
+        self.student, self.t = student, t
+
+    def forward(self, input_ids, attention_mask, loss_mask, labels, topk_ids, topk_logprobs):
+        sums = loss_sums(self.student, Batch(input_ids, attention_mask, loss_mask, labels, topk_ids, topk_logprobs), self.t)
+        return sums.ce_sum, sums.kd_sum
 
 
 def loss_sums(model, batch: Batch, t):
@@ -113,9 +143,39 @@ def loss_sums(model, batch: Batch, t):
         chunk_size=t.loss_chunk_size)
 
 
+def make_optimizer(model: torch.nn.Module, t: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices only."""
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": t.weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}],
+                             lr=t.lr, betas=(0.9, 0.95), fused=device.type == "cuda")
+
+
+def _resume_point(root: Path, fingerprint: str, student, opt) -> dict | None:
+    """State of the newest good checkpoint, restored into student and optimizer; None to start fresh."""
+    ckpt = latest_checkpoint(root)
+    if ckpt is None:
+        log.warning("no usable checkpoint under %s; training starts from step 0", root)
+        return None
+    if ckpt.state.get("fingerprint") != fingerprint:
+        raise CheckpointMismatchError(
+            f"checkpoints in {root} come from a run with other student/training settings or another dataset; "
+            "train without --resume (they are replaced) or restore the original config")
+    restore(ckpt, model=student, optimizer=opt)
+    log.info("resuming from %s (step %d)", ckpt.path, ckpt.step)
+    return ckpt.state
+
+
 def train_student(cfg: RunConfig, *, dataset_dir: Path | None = None, student_dir: Path | None = None,
-                  progress: bool = True) -> TrainResult:
-    """Train the student on the dataset's training split and save it as an HF model directory."""
+                  progress: bool = True, resume: bool = False) -> TrainResult:
+    """Train the student on the dataset's training split and save it as an HF model directory.
+
+    With `resume`, continue from the newest good checkpoint in `<student_dir>/checkpoints` (weights,
+    optimizer, RNG and data position), giving the same result as an uninterrupted run.
+    """
+    from accelerate import Accelerator
+
     t = cfg.train
     dataset_dir = Path(dataset_dir or cfg.dataset_dir)
     student_dir = Path(student_dir or cfg.student_dir)
@@ -124,51 +184,86 @@ def train_student(cfg: RunConfig, *, dataset_dir: Path | None = None, student_di
     samples = load_samples(dataset_dir, split="train")
     if len(samples) == 0:
         raise ValueError(f"{dataset_dir}: no training samples (all prompts are held out?)")
+    # picks up `accelerate launch` / torchrun's environment; a plain call is one process
+    accelerator = Accelerator(cpu=t.device == "cpu")
+    device = accelerator.device if t.device == "auto" else resolve_device(t.device)
+    world, rank, main = accelerator.num_processes, accelerator.process_index, accelerator.is_main_process
     seed_everything(t.seed)
-    device = resolve_device(t.device)
-    model = build_student(cfg.student, cfg.teacher.model, seed=t.seed).to(device).train()
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-                            lr=t.lr, betas=(0.9, 0.95), fused=device.type == "cuda")
+    student = build_student(cfg.student, cfg.teacher.model, seed=t.seed)
+    if t.gradient_checkpointing:
+        enable = getattr(student, "activation_checkpointing_enable", None)  # transformers >= 5.18 name
+        if enable is not None:
+            enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        student.config.use_cache = False
+    student = student.to(device).train()
+    opt = make_optimizer(student, t, device)
+    fingerprint = stable_id(cfg.train_fingerprint(), manifest.generate_fingerprint)
+    root = checkpoint_root(student_dir)
+    state = _resume_point(root, fingerprint, student, opt) if resume else None
+    if state is None and main:
+        clear(root)  # checkpoints of an earlier run must not be resumed into this one
+    start_step = state["step"] if state else 0
+    history = state["history"] if state else []
+    tokens_before = state["tokens_seen"] if state else 0
+    model = accelerator.prepare(DistillObjective(student, t))  # DDP wrapper when several processes
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
-    stream = batches(samples, min(t.batch_size, len(samples)), tokenizer.pad_token_id, t.seed)
-    history, start, tokens_seen = [], time.perf_counter(), 0
-    with progress_bar("train", t.max_steps, enabled=progress) as advance:
-        for step in range(t.max_steps):
+    stream = MemoryStream(samples, t.batch_size, tokenizer.pad_token_id, t.seed)
+    batch_iter = stream.batches(start=state["data"] if state else None)
+    tokens_seen, start = 0, time.perf_counter()
+    with progress_bar("train", t.max_steps, enabled=progress and main) as advance:
+        advance(start_step)
+        for step in range(start_step, t.max_steps):
             for group in opt.param_groups:
                 group["lr"] = lr_at(step, t)
-            micro = [next(stream).to(device) for _ in range(t.grad_accum)]
-            n_global = sum(b.n_tokens for b in micro)
-            ce_tot = kd_tot = loss_tot = 0.0
-            for batch in micro:
-                with amp:
-                    sums = loss_sums(model, batch, t)
-                loss, ce, kd = combine(sums, alpha=t.alpha, temperature=t.temperature, n_tokens_global=n_global)
-                loss.backward()
-                loss_tot, ce_tot, kd_tot = loss_tot + loss.item(), ce_tot + ce.item(), kd_tot + kd.item()
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.max_grad_norm).item()
+            step_batches = [next(batch_iter) for _ in range(world * t.grad_accum)]
+            micro = [b.to(device) for b in step_batches[rank::world]]
+            n_local = sum(b.n_tokens for b in micro)
+            n_global = int(accelerator.reduce(torch.tensor(n_local, device=device), "sum")) if world > 1 else n_local
+            parts = torch.zeros(3, device=device)  # loss, ce, kd of this rank's share
+            for i, batch in enumerate(micro):
+                # gradients are all-reduced once per step, on the last micro-batch
+                with contextlib.nullcontext() if i == len(micro) - 1 else accelerator.no_sync(model):
+                    with amp:
+                        ce_sum, kd_sum = model(batch.input_ids, batch.attention_mask, batch.loss_mask, batch.labels,
+                                               batch.topk_ids, batch.topk_logprobs)
+                    loss, ce, kd = combine(LossSums(ce_sum, kd_sum, batch.n_tokens), alpha=t.alpha,
+                                           temperature=t.temperature, n_tokens_global=n_global)
+                    accelerator.backward(loss * world)  # DDP averages gradients over ranks; we want the global sum
+                parts += torch.stack([loss.detach(), ce, kd])
+            grad_norm = float(accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm))
             opt.step()
             opt.zero_grad(set_to_none=True)
             tokens_seen += n_global
-            if step % t.log_every == 0 or step == t.max_steps - 1:
-                elapsed = time.perf_counter() - start
-                history.append({"step": step + 1, "loss": loss_tot, "ce": ce_tot, "kd": kd_tot, "lr": lr_at(step, t),
-                                "grad_norm": grad_norm, "tokens_per_s": tokens_seen / elapsed})
-                log.info("step %d/%d loss %.4f ce %.4f kd %.4f %.0f tok/s", step + 1, t.max_steps, loss_tot, ce_tot,
-                         kd_tot, tokens_seen / elapsed)
-            advance(1, info=f"loss {loss_tot:.4f} (ce {ce_tot:.3f} kd {kd_tot:.4f})")
+            last = step == t.max_steps - 1
+            if step % t.log_every == 0 or last:
+                loss_v, ce_v, kd_v = (accelerator.reduce(parts, "sum") if world > 1 else parts).tolist()
+                rate = tokens_seen / (time.perf_counter() - start)
+                history.append({"step": step + 1, "loss": loss_v, "ce": ce_v, "kd": kd_v, "lr": lr_at(step, t),
+                                "grad_norm": grad_norm, "tokens_per_s": rate})
+                log.info("step %d/%d loss %.4f ce %.4f kd %.4f %.0f tok/s", step + 1, t.max_steps, loss_v, ce_v, kd_v, rate)
+            if t.checkpoint_every and (step + 1) % t.checkpoint_every == 0 and not last:
+                accelerator.wait_for_everyone()
+                if main:
+                    save_checkpoint(root, step + 1, model=student, optimizer=opt, keep=t.keep_checkpoints, state={
+                        "fingerprint": fingerprint, "data": stream.position, "history": history,
+                        "tokens_seen": tokens_before + tokens_seen})
+                accelerator.wait_for_everyone()
+            advance(1, info=f"loss {float(parts[0]):.4f} (ce {float(parts[1]):.3f} kd {float(parts[2]):.4f})")
     seconds = time.perf_counter() - start
-    model.eval()
-    student_dir.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(student_dir, safe_serialization=True)
-    tokenizer.save_pretrained(student_dir)
-    last = history[-1]
-    result = TrainResult(str(student_dir), t.max_steps, last["loss"], last["ce"], last["kd"], tokens_seen / seconds,
-                         seconds, len(samples))
-    (student_dir / "train_log.json").write_text(json.dumps({"result": asdict(result), "history": history,
-                                                            "config": cfg.train.model_dump()}, indent=2))
-    plot_curves(history, student_dir / "loss_curves.png")
+    last_log = history[-1]
+    result = TrainResult(str(student_dir), t.max_steps, last_log["loss"], last_log["ce"], last_log["kd"],
+                         tokens_seen / seconds if seconds > 0 else 0.0, seconds, len(samples), start_step)
+    if main:
+        student.eval()
+        student_dir.mkdir(parents=True, exist_ok=True)
+        student.save_pretrained(student_dir, safe_serialization=True)
+        tokenizer.save_pretrained(student_dir)
+        (student_dir / "train_log.json").write_text(json.dumps({"result": asdict(result), "history": history,
+                                                                "config": cfg.train.model_dump()}, indent=2))
+        plot_curves(history, student_dir / "loss_curves.png")
+    accelerator.wait_for_everyone()
     return result
 
 
