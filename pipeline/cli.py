@@ -140,15 +140,21 @@ def generate(config: ConfigArg, set_: SetOpt = None) -> None:
 
 @app.command()
 def train(config: ConfigArg, dataset: Annotated[Optional[Path], typer.Option(help="Dataset dir (default: output_dir/dataset).")] = None,
+          resume: Annotated[bool, typer.Option(help="Continue from the newest good checkpoint in <student>/checkpoints.")] = False,
           set_: SetOpt = None) -> None:
-    """Train stage only: student on an existing dataset (the teacher is never loaded)."""
+    """Train stage only: student on an existing dataset (the teacher is never loaded).
+
+    Runs on several GPUs/processes unchanged: `accelerate launch -m pipeline.cli train CONFIG`.
+    """
     from pipeline.preflight import preflight
     from pipeline.train import train_student
 
     cfg = _config(config, set_)
     if dataset is None:
         _run(preflight, cfg, ["train"])
-    res = _run(train_student, cfg, dataset_dir=dataset)
+    res = _run(train_student, cfg, dataset_dir=dataset, resume=resume)
+    if res.resumed_from_step:
+        console.print(f"resumed from the checkpoint at step {res.resumed_from_step}")
     console.print(f"student {res.student_dir}: {res.steps} steps, final loss {res.final_loss:.4f} "
                   f"(ce {res.final_ce:.4f}, kd {res.final_kd:.4f}), {res.tokens_per_s:.0f} tok/s, {res.seconds:.1f}s")
 

@@ -165,6 +165,12 @@ class TrainConfig(_Strict):
     max_grad_norm: float = Field(1.0, gt=0)
     loss_chunk_size: int = Field(1024, ge=1)
     """Positions per chunk through the LM head, bounding loss memory."""
+    gradient_checkpointing: bool = False
+    """Recompute the student's layer activations in backward: less memory, about a third more compute."""
+    checkpoint_every: int = Field(500, ge=0)
+    """Save a resumable checkpoint every N optimizer steps (0: never); `--resume` continues from the newest."""
+    keep_checkpoints: int = Field(2, ge=1)
+    """Checkpoints kept on disk (the older ones are deleted); more than one survives a damaged newest."""
     seed: int = 0
     device: str = "auto"
     log_every: int = Field(25, ge=1)
@@ -216,6 +222,11 @@ class RunConfig(_Strict):
         """Hash of everything that changes the teacher's output (teacher, prompts, sampling)."""
         return _hash({"teacher": self.teacher.identity(), "prompts": self.prompts.model_dump(),
                       "generate": self.generate.model_dump()})
+
+    def train_fingerprint(self) -> str:
+        """Hash of what a resumed training run must share with the run that wrote the checkpoint."""
+        operational = {"checkpoint_every", "keep_checkpoints", "log_every", "device"}
+        return _hash({"student": self.student.model_dump(), "train": self.train.model_dump(exclude=operational)})
 
     def config_hash(self) -> str:
         return _hash(self.model_dump())
