@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
+import math
 import os
 import sys
 from pathlib import Path
@@ -177,6 +179,74 @@ def validate(dataset: Annotated[Path, typer.Argument(help="Dataset directory.")]
     rep = _run(validate_dataset, dataset)
     state = "complete" if rep.complete else "incomplete (generation can be resumed)"
     console.print(f"[green]ok[/]: {rep.shards} shards, {rep.samples} samples, {rep.tokens} tokens, {state}")
+
+
+@app.command()
+def inspect(dataset: Annotated[Path, typer.Argument(help="Dataset directory.")],
+            sample: Annotated[Optional[int], typer.Option(help="Show sample N (0-based) token by token.")] = None,
+            report: Annotated[Optional[Path], typer.Option(help="Write a self-contained HTML report here.")] = None,
+            json_: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")] = False) -> None:
+    """Summarize a dataset (lengths, teacher entropy, top-k coverage, sampled ranks); one sample; an HTML report."""
+    from pipeline.dataset.schema import read_manifest
+    from pipeline.dataset.stats import sample_view, summarize, token_decoder
+
+    view = None
+    if sample is not None or report is not None:
+        decoder = token_decoder(_run(read_manifest, dataset))
+        view = _run(sample_view, dataset, sample or 0, decoder=decoder)
+    if sample is not None and report is None:
+        if json_:
+            typer.echo(view.model_dump_json(indent=2))
+        else:
+            print_sample(view)
+        return
+    summary = _run(summarize, dataset)
+    if json_:
+        typer.echo(summary.model_dump_json(indent=2))
+    else:
+        print_inspect(summary)
+    if report is not None:
+        from pipeline.dataset.report import render_report
+
+        path = _run(render_report, summary, view, report)
+        err_console.print(f"report {path} (sample {view.index})", highlight=False)
+
+
+def print_inspect(summary) -> None:
+    from pipeline.dataset.stats import summary_rows
+
+    table = Table(title=f"dataset {summary.dataset_dir}", show_header=False)
+    table.add_column("metric")
+    table.add_column("value", overflow="fold")
+    group = None
+    for row in summary_rows(summary):
+        if row["group"] != group:
+            if group is not None:
+                table.add_section()
+            group = row["group"]
+            table.add_row(f"[bold]{group}[/]", "")
+        table.add_row(f"  {row['metric']}", row["value"])
+    console.print(table)
+
+
+def print_sample(view, top: int = 4) -> None:
+    """One row per generated token: what was sampled, how sure the teacher was, and its top candidates."""
+    from rich.text import Text
+
+    console.print(Text(f"sample {view.index} ({view.sample_id}), finish: {view.finish_reason}"))
+    console.print(Text(f"prompt:     {view.prompt!r}"))
+    console.print(Text(f"completion: {view.completion!r}"))
+    if not view.decoded:
+        console.print("[yellow]token texts are ids: the teacher's tokenizer was not found locally[/]")
+    table = Table(show_header=True)
+    for name, justify in (("pos", "right"), ("token", "left"), ("p", "right"), ("rank", "right"),
+                          ("entropy", "right"), (f"teacher top-{top}", "left")):
+        table.add_column(name, justify=justify)
+    for t in view.tokens:
+        top_text = "  ".join(f"{text!r} {p:.3f}".replace(" 0.", " .") for _, text, p in t.candidates[:top])
+        table.add_row(str(t.position), Text(repr(t.text)), f"{math.exp(t.logprob):.3f}",
+                      str(t.rank) if t.rank is not None else f">{view.k}", f"{t.entropy:.3f}", Text(top_text))
+    console.print(table)
 
 
 @app.command("prepare-demo")

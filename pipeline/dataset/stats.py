@@ -1,0 +1,376 @@
+"""What a dataset holds, computed in one streaming pass: lengths, teacher uncertainty, top-k coverage, ranks.
+
+Shards are read `batch_rows` rows at a time (`ParquetFile.iter_batches`), so memory is bounded by one
+batch; every per-token number is numpy over the flattened `L x k` arrays of that batch.
+
+Definitions (per generated position t, with the teacher's raw T=1 top-k probabilities `p_i = exp(l_i)`):
+- coverage `c = sum_i p_i`: the teacher mass inside the top-k; `1 - c` is the tail bucket.
+- entropy (nats) over k+1 buckets: the k candidates plus the tail as one extra bucket (not renormalised);
+  lumping the tail makes it a lower bound on the full-vocabulary entropy.
+- top-1 probability: `max_i p_i`, exact (no token outside the top-k is more likely).
+- k needed for mass p: the smallest j <= k whose top-j mass reaches p; positions where even all k fall
+  short count as ">k".
+- sampled-token rank: 1-based position of the sampled token id in the top-k ids (1 = the teacher's top
+  choice), or "outside top-k".
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from pydantic import BaseModel
+
+from pipeline.dataset.schema import Manifest, SamplingRecord, TeacherRecord, read_manifest
+
+MASS_LEVELS = (0.9, 0.95, 0.99)
+STAT_COLUMNS = ["prompt_id", "completion_token_ids", "token_logprobs", "topk_token_ids", "topk_logprobs", "finish_reason"]
+NEAR_ONE_HOT = 0.99
+BINS = 40
+
+
+class Histogram(BaseModel):
+    """Counts over fixed bins: `counts[i]` lies in `[edges[i], edges[i+1])` (the last bin is closed)."""
+
+    edges: list[float]
+    counts: list[int]
+
+
+class TokenStat(BaseModel):
+    """A per-position quantity: its mean over all generated positions and its histogram."""
+
+    mean: float | None
+    histogram: Histogram
+
+
+class LengthStats(BaseModel):
+    """Completion lengths in tokens; `counts[n]` = samples of exactly n tokens."""
+
+    min: int
+    max: int
+    mean: float
+    p50: int
+    p90: int
+    p99: int
+    counts: list[int]
+
+
+class DatasetSummary(BaseModel):
+    """The dataset at a glance; JSON-serialisable (`model_dump_json`)."""
+
+    dataset_dir: str
+    shards: int
+    complete: bool
+    samples: int
+    prompts: int
+    tokens: int
+    k: int
+    finish_reasons: dict[str, int]
+    length: LengthStats
+    entropy: TokenStat
+    """Teacher entropy in nats over the k candidates + the tail bucket."""
+    top1: TokenStat
+    """Probability of the teacher's most likely token."""
+    coverage: TokenStat
+    """Teacher mass inside the top-k."""
+    near_one_hot: float | None
+    """Share of positions whose top-1 probability is >= 0.99."""
+    coverage_curve: list[float]
+    """Mean top-j mass for j = 1..k."""
+    k_needed: dict[str, list[int]]
+    """Per mass level ("0.9", ...): counts of positions needing j = 1..k candidates, then the ">k" count."""
+    sampled_rank: list[int]
+    """Counts of the sampled token at rank 1..k (1-based), then "outside top-k"."""
+    sampled_logprob_mean: float | None
+    """Mean teacher logprob of the sampled tokens (T = 1)."""
+    teacher: TeacherRecord
+    sampling: SamplingRecord
+    logprobs_mode: str
+    logprobs_dtype: str
+    prompts_source: str
+    heldout_fraction: float
+    created_at: str
+    updated_at: str
+
+    def k_needed_share(self, level: float) -> list[float]:
+        """Share of positions for which j candidates suffice, cumulative over j = 1..k."""
+        counts = np.asarray(self.k_needed[str(level)][:-1], np.float64)
+        return (np.cumsum(counts) / max(1, self.tokens)).tolist()
+
+
+def flat_values(arr: pa.Array, dtype: type) -> np.ndarray:
+    """Innermost values of a (nested) list array as numpy `dtype`, whatever list type or value type is stored."""
+    while pa.types.is_list(arr.type) or pa.types.is_large_list(arr.type) or pa.types.is_fixed_size_list(arr.type):
+        arr = arr.flatten()
+    return np.asarray(arr.to_numpy(zero_copy_only=False), dtype=dtype)
+
+
+def topk_matrix(arr: pa.Array, k: int, dtype: type) -> np.ndarray:
+    """A batch's `L x k` column as one [positions, k] matrix (rows of every sample, concatenated)."""
+    flat = flat_values(arr, dtype)
+    if flat.size % k:
+        raise ValueError(f"top-k rows are not all of length k={k}; run `distill validate` on the dataset")
+    return flat.reshape(-1, k)
+
+
+def position_stats(topk_logprobs: np.ndarray) -> dict[str, np.ndarray]:
+    """Per-position teacher statistics from raw top-k logprobs [N, k] (definitions in the module docstring)."""
+    lp = np.sort(topk_logprobs.astype(np.float32), axis=1)[:, ::-1]
+    p = np.exp(lp)
+    cum = np.cumsum(p, axis=1)
+    coverage = cum[:, -1]
+    tail = np.clip(1.0 - coverage, 0.0, 1.0)
+    plogp = np.where(p > 0, p * np.where(p > 0, lp, 0.0), 0.0).sum(axis=1)
+    tail_term = np.where(tail > 0, tail * np.log(np.where(tail > 0, tail, 1.0)), 0.0)
+    entropy = np.maximum(-(plogp + tail_term), 0.0)
+    return {"entropy": entropy, "top1": p[:, 0], "coverage": coverage, "cum": cum}
+
+
+def k_needed(cum: np.ndarray, level: float) -> np.ndarray:
+    """Smallest 1-based j with cumulative top-j mass >= level; k+1 where the top-k never reaches it."""
+    reached = cum >= level
+    return np.where(reached.any(axis=1), reached.argmax(axis=1) + 1, cum.shape[1] + 1)
+
+
+def sampled_rank(sampled: np.ndarray, topk_ids: np.ndarray) -> np.ndarray:
+    """1-based rank of each sampled id among its position's top-k ids; k+1 when it is not among them."""
+    hit = topk_ids == sampled[:, None]
+    return np.where(hit.any(axis=1), hit.argmax(axis=1) + 1, topk_ids.shape[1] + 1)
+
+
+class _Accumulator:
+    """Running sums and fixed-bin histograms, so nothing grows with the number of tokens."""
+
+    def __init__(self, k: int):
+        self.k = k
+        self.edges = {"entropy": np.linspace(0.0, float(np.log(k + 1)), BINS + 1),
+                      "top1": np.linspace(0.0, 1.0, BINS + 1), "coverage": np.linspace(0.0, 1.0, BINS + 1)}
+        self.hist = {name: np.zeros(BINS, np.int64) for name in self.edges}
+        self.sums = {name: 0.0 for name in self.edges}
+        self.cum_sum = np.zeros(k, np.float64)
+        self.k_needed = {level: np.zeros(k + 1, np.int64) for level in MASS_LEVELS}
+        self.rank = np.zeros(k + 1, np.int64)
+        self.near_one_hot = 0
+        self.sampled_lp = 0.0
+        self.tokens = 0
+        self.lengths: list[np.ndarray] = []
+        self.finish = Counter()
+        self.prompts: set[str] = set()
+
+    def add(self, batch: pa.RecordBatch) -> None:
+        lengths = pc.list_value_length(batch.column("completion_token_ids")).to_numpy(zero_copy_only=False)
+        self.lengths.append(lengths.astype(np.int64))
+        self.finish.update(batch.column("finish_reason").to_pylist())
+        self.prompts.update(pc.unique(batch.column("prompt_id")).to_pylist())
+        sampled = flat_values(batch.column("completion_token_ids"), np.int64)
+        if sampled.size == 0:
+            return
+        ids = topk_matrix(batch.column("topk_token_ids"), self.k, np.int64)
+        lps = topk_matrix(batch.column("topk_logprobs"), self.k, np.float32)
+        if ids.shape[0] != sampled.size or lps.shape[0] != sampled.size:
+            raise ValueError("top-k rows and completion tokens disagree in length; run `distill validate` on the dataset")
+        stats = position_stats(lps)
+        for name, edges in self.edges.items():
+            values = np.clip(stats[name], edges[0], edges[-1])
+            self.hist[name] += np.histogram(values, bins=edges)[0]
+            self.sums[name] += float(stats[name].sum(dtype=np.float64))
+        self.cum_sum += stats["cum"].sum(axis=0, dtype=np.float64)
+        for level in MASS_LEVELS:
+            self.k_needed[level] += np.bincount(k_needed(stats["cum"], level), minlength=self.k + 2)[1:]
+        self.rank += np.bincount(sampled_rank(sampled, ids), minlength=self.k + 2)[1:]
+        self.near_one_hot += int((stats["top1"] >= NEAR_ONE_HOT).sum())
+        self.sampled_lp += float(flat_values(batch.column("token_logprobs"), np.float64).sum())
+        self.tokens += sampled.size
+
+    def token_stat(self, name: str) -> TokenStat:
+        mean = self.sums[name] / self.tokens if self.tokens else None
+        return TokenStat(mean=mean, histogram=Histogram(edges=self.edges[name].tolist(), counts=self.hist[name].tolist()))
+
+    def length_stats(self) -> LengthStats:
+        lengths = np.concatenate(self.lengths) if self.lengths else np.zeros(0, np.int64)
+        if lengths.size == 0:
+            return LengthStats(min=0, max=0, mean=0.0, p50=0, p90=0, p99=0, counts=[])
+        q = np.percentile(lengths, [50, 90, 99], method="lower")
+        return LengthStats(min=int(lengths.min()), max=int(lengths.max()), mean=float(lengths.mean()), p50=int(q[0]),
+                           p90=int(q[1]), p99=int(q[2]), counts=np.bincount(lengths).tolist())
+
+
+def committed_shards(dataset_dir: Path, manifest: Manifest) -> list[Path]:
+    """The shards the manifest lists, in order; a dataset with none yet is a user error."""
+    if not manifest.shards:
+        raise ValueError(f"{dataset_dir}: the dataset has no committed shards yet; run the generate stage")
+    return [Path(dataset_dir) / s.file for s in manifest.shards]
+
+
+def summarize(dataset_dir: Path, *, batch_rows: int = 128) -> DatasetSummary:
+    """One streaming pass over the committed shards; `batch_rows` bounds memory (rows per Arrow batch)."""
+    dataset_dir = Path(dataset_dir)
+    if not dataset_dir.is_dir():
+        raise FileNotFoundError(f"{dataset_dir}: no such dataset directory")
+    manifest = read_manifest(dataset_dir)
+    acc = _Accumulator(manifest.k)
+    for path in committed_shards(dataset_dir, manifest):
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=batch_rows, columns=STAT_COLUMNS):
+            acc.add(batch)
+    samples = int(sum(len(x) for x in acc.lengths))
+    return DatasetSummary(
+        dataset_dir=str(dataset_dir), shards=len(manifest.shards), complete=manifest.complete, samples=samples,
+        prompts=len(acc.prompts), tokens=acc.tokens, k=manifest.k, finish_reasons=dict(sorted(acc.finish.items())),
+        length=acc.length_stats(), entropy=acc.token_stat("entropy"), top1=acc.token_stat("top1"),
+        coverage=acc.token_stat("coverage"), near_one_hot=acc.near_one_hot / acc.tokens if acc.tokens else None,
+        coverage_curve=(acc.cum_sum / max(1, acc.tokens)).tolist(),
+        k_needed={str(level): counts.tolist() for level, counts in acc.k_needed.items()},
+        sampled_rank=acc.rank.tolist(), sampled_logprob_mean=acc.sampled_lp / acc.tokens if acc.tokens else None,
+        teacher=manifest.teacher, sampling=manifest.sampling, logprobs_mode=manifest.logprobs_mode,
+        logprobs_dtype=manifest.logprobs_dtype, prompts_source=manifest.prompts_source,
+        heldout_fraction=manifest.heldout_fraction, created_at=manifest.created_at, updated_at=manifest.updated_at)
+
+
+def _quantile_k(counts: list[int], q: float) -> str:
+    """The number of candidates that suffices at a share q of positions, as text (">k" if the top-k never does)."""
+    total = sum(counts)
+    if not total:
+        return "n/a"
+    j = int(np.searchsorted(np.cumsum(counts), q * total)) + 1
+    return f">{len(counts) - 1}" if j == len(counts) else str(j)
+
+
+def _pct(x: float | None) -> str:
+    if x is None:
+        return "n/a"
+    return "<0.1%" if 0 < x < 0.001 else f"{100 * x:.1f}%"
+
+
+def _num(x: float | None, digits: int = 3) -> str:
+    return "n/a" if x is None else f"{x:.{digits}f}"
+
+
+def summary_rows(summary: DatasetSummary) -> list[dict[str, str]]:
+    """The summary as flat rows `{"group", "metric", "value"}` (values formatted), for tables and artifacts."""
+    s, n = summary, max(1, summary.tokens)
+    rows: list[tuple[str, str, str]] = [
+        ("dataset", "samples", f"{s.samples:,}"),
+        ("dataset", "prompts", f"{s.prompts:,}"),
+        ("dataset", "completion tokens", f"{s.tokens:,}"),
+        ("dataset", "shards", f"{s.shards} ({'complete' if s.complete else 'incomplete'})"),
+        ("dataset", "finish reasons", ", ".join(f"{k} {v:,} ({_pct(v / max(1, s.samples))})"
+                                              for k, v in sorted(s.finish_reasons.items(), key=lambda kv: -kv[1]))),
+        ("dataset", "completion length (tokens)",
+         f"mean {s.length.mean:.1f}, min {s.length.min}, p50 {s.length.p50}, p90 {s.length.p90}, p99 {s.length.p99}, max {s.length.max}"),
+        ("teacher distribution", "entropy (nats, top-k + tail bucket)", f"mean {_num(s.entropy.mean)}"),
+        ("teacher distribution", "top-1 probability", f"mean {_num(s.top1.mean)}; >= {NEAR_ONE_HOT}: {_pct(s.near_one_hot)} of positions"),
+        ("teacher distribution", f"top-{s.k} mass (coverage)", f"mean {_num(s.coverage.mean, 4)}"),
+    ]
+    for level in MASS_LEVELS:
+        counts = s.k_needed[str(level)]
+        rows.append(("teacher distribution", f"k for {level:.0%} of the mass",
+                     f"median {_quantile_k(counts, 0.5)}, p90 {_quantile_k(counts, 0.9)}, p99 {_quantile_k(counts, 0.99)}; "
+                     f">{s.k}: {_pct(counts[-1] / n if s.tokens else None)} of positions"))
+    rank1, outside = s.sampled_rank[0], s.sampled_rank[-1]
+    rows += [
+        ("sampled tokens", "rank in teacher top-k (1-based)",
+         f"rank 1: {_pct(rank1 / n if s.tokens else None)}, ranks 2-{s.k}: "
+         f"{_pct((s.tokens - rank1 - outside) / n if s.tokens else None)}, outside top-{s.k}: {_pct(outside / n if s.tokens else None)}"),
+        ("sampled tokens", "mean teacher logprob", _num(s.sampled_logprob_mean)),
+        ("teacher", "model", s.teacher.model),
+        ("teacher", "backend", s.teacher.backend + "".join(f", {k} {v}" for k, v in s.teacher.versions.items())),
+        ("teacher", "vocab size", str(s.teacher.vocab_size)),
+        ("teacher", "k, logprobs", f"k={s.k}, {s.logprobs_mode} (T=1), {s.logprobs_dtype}"),
+        ("sampling", "settings", f"temperature {s.sampling.temperature}, top_p {s.sampling.top_p}, "
+                                 f"max_new_tokens {s.sampling.max_new_tokens}, n {s.sampling.n}, seed {s.sampling.seed}"),
+        ("sampling", "prompts", f"{s.prompts_source} (held-out fraction {s.heldout_fraction})"),
+        ("sampling", "created / updated", f"{s.created_at} / {s.updated_at}"),
+    ]
+    return [{"group": g, "metric": m, "value": v} for g, m, v in rows]
+
+
+class TokenView(BaseModel):
+    """One generated position: the sampled token and the teacher's top candidates there."""
+
+    position: int
+    token_id: int
+    text: str
+    logprob: float
+    rank: int | None
+    """1-based rank of the sampled token in the top-k; None when outside it."""
+    entropy: float
+    coverage: float
+    candidates: list[tuple[int, str, float]]
+    """(token id, text, probability) for the top-k, most likely first."""
+
+
+class SampleView(BaseModel):
+    """One sample token by token (`index` counts rows across the committed shards, from 0)."""
+
+    index: int
+    sample_id: str
+    prompt_id: str
+    prompt: str
+    completion: str
+    finish_reason: str
+    k: int
+    decoded: bool
+    """False when the teacher's tokenizer was not found: token texts are then `#id`."""
+    tokens: list[TokenView]
+
+
+def _locate(dataset_dir: Path, manifest: Manifest, index: int) -> pa.Table:
+    """Read only the row group holding row `index` (0-based across the committed shards) and return that row."""
+    paths = committed_shards(dataset_dir, manifest)
+    total = sum(s.rows for s in manifest.shards)
+    if not 0 <= index < total:
+        raise ValueError(f"sample {index} is out of range: the dataset has {total} samples (0..{total - 1})")
+    for path, shard in zip(paths, manifest.shards):
+        if index >= shard.rows:
+            index -= shard.rows
+            continue
+        pf = pq.ParquetFile(path)
+        for group in range(pf.metadata.num_row_groups):
+            rows = pf.metadata.row_group(group).num_rows
+            if index < rows:
+                return pf.read_row_group(group).slice(index, 1)
+            index -= rows
+    raise ValueError(f"{dataset_dir}: shard row counts disagree with the manifest; run `distill validate`")
+
+
+def token_decoder(manifest: Manifest):
+    """`id -> text` using the teacher's tokenizer when it is available locally and matches; else None."""
+    try:
+        from pipeline.models import load_tokenizer, tokenizer_fingerprint
+
+        tok = load_tokenizer(manifest.teacher.model)
+    except (OSError, ValueError, ImportError):
+        return None
+    if tokenizer_fingerprint(tok) != manifest.tokenizer_fingerprint:
+        return None
+    return lambda token_id: tok.decode([token_id])
+
+
+def sample_view(dataset_dir: Path, index: int, *, decoder=None, top: int | None = None) -> SampleView:
+    """Sample `index` with per-token teacher statistics; `top` limits the candidates kept (default: all k)."""
+    dataset_dir = Path(dataset_dir)
+    if not dataset_dir.is_dir():
+        raise FileNotFoundError(f"{dataset_dir}: no such dataset directory")
+    manifest = read_manifest(dataset_dir)
+    row = _locate(dataset_dir, manifest, index)
+    k = manifest.k
+    sampled = flat_values(row.column("completion_token_ids").combine_chunks(), np.int64)
+    ids = topk_matrix(row.column("topk_token_ids").combine_chunks(), k, np.int64)
+    lps = topk_matrix(row.column("topk_logprobs").combine_chunks(), k, np.float32)
+    token_lp = flat_values(row.column("token_logprobs").combine_chunks(), np.float32)
+    stats = position_stats(lps)
+    ranks = sampled_rank(sampled, ids)
+    order = np.argsort(-lps, axis=1, kind="stable")
+    text = decoder or (lambda token_id: f"#{token_id}")
+    keep = k if top is None else min(top, k)
+    tokens = [TokenView(position=t, token_id=int(sampled[t]), text=text(int(sampled[t])), logprob=float(token_lp[t]),
+                        rank=int(ranks[t]) if ranks[t] <= k else None, entropy=float(stats["entropy"][t]),
+                        coverage=float(stats["coverage"][t]),
+                        candidates=[(int(ids[t, i]), text(int(ids[t, i])), float(np.exp(lps[t, i]))) for i in order[t, :keep]])
+              for t in range(len(sampled))]
+    first = {name: row.column(name)[0].as_py() for name in ("sample_id", "prompt_id", "prompt", "completion", "finish_reason")}
+    return SampleView(index=index, k=k, decoded=decoder is not None, tokens=tokens, **first)
