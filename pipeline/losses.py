@@ -25,6 +25,36 @@ _NEG = -1e30
 _LOG_TAIL_FLOOR = math.log(1e-6)
 
 
+class _GatheredLogSoftmax(torch.autograd.Function):
+    """log_softmax(z / T) at the given ids, with a backward that needs one [N, V] buffer.
+
+    Autograd through `log_softmax(z).gather(ids)` (or `logsumexp` and `gather`) keeps two or three
+    [N, V] tensors alive in backward; with a 150k vocabulary that is what bounds the batch. Here the
+    gradient softmax(z/T) * (-sum_j g_j) / T + scatter(g / T) is built in place in a single buffer.
+    """
+
+    @staticmethod
+    def forward(ctx, z: Tensor, ids: Tensor, temperature: float) -> Tensor:
+        lse = torch.logsumexp(z / temperature if temperature != 1.0 else z, dim=-1, keepdim=True)  # [N, 1]
+        ctx.save_for_backward(z, ids, lse)
+        ctx.temperature = temperature
+        return z.gather(-1, ids) / temperature - lse  # [N, m]
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        z, ids, lse = ctx.saved_tensors
+        t = ctx.temperature
+        g = z / t if t != 1.0 else z.clone()
+        g.sub_(lse).exp_().mul_(-grad.sum(-1, keepdim=True) / t)
+        g.scatter_add_(-1, ids, grad / t)
+        return g, None, None
+
+
+def gathered_log_softmax(z: Tensor, ids: Tensor, temperature: float = 1.0) -> Tensor:
+    """log_softmax(z / temperature, -1) gathered at ids: z [N, V] float, ids [N, m] -> [N, m]."""
+    return _GatheredLogSoftmax.apply(z, ids.long(), float(temperature))
+
+
 def _log1mexp(x: Tensor) -> Tensor:
     """log(1 - exp(x)), stable at both ends (Maechler 2012); x >= 0 (no mass left) gives _NEG.
 
@@ -43,7 +73,7 @@ def _kl(log_a: Tensor, log_b: Tensor, valid: Tensor) -> Tensor:
 
 
 def _buckets(
-    student_logits: Tensor, topk_ids: Tensor, topk_logprobs: Tensor, temperature: float, tail_bucket: bool
+    log_q_topk: Tensor, vocab_size: int, topk_logprobs: Tensor, temperature: float, tail_bucket: bool
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Teacher log p, student log q and a validity mask over the buckets.
 
@@ -52,11 +82,9 @@ def _buckets(
     Entries with topk_logprobs == -inf (a teacher that returned fewer than k) are invalid: they are
     left out of the support on both sides.
     """
-    dtype = torch.promote_types(student_logits.dtype, torch.float32)
     valid = topk_logprobs > float("-inf")  # [N, k]
-    ell = topk_logprobs.to(dtype).masked_fill(~valid, _NEG)  # [N, k] raw teacher logprobs, T = 1
-    log_q = F.log_softmax(student_logits.to(dtype) / temperature, dim=-1)  # [N, V]
-    log_q = log_q.gather(-1, topk_ids.long()).masked_fill(~valid, _NEG)  # [N, k]
+    ell = topk_logprobs.to(log_q_topk.dtype).masked_fill(~valid, _NEG)  # [N, k] raw teacher logprobs, T = 1
+    log_q = log_q_topk.masked_fill(~valid, _NEG)  # [N, k] student log_softmax(z / T) at the teacher's ids
     if not tail_bucket:
         return F.log_softmax(ell / temperature, dim=-1), log_q, valid
     q_tail = _log1mexp(torch.logsumexp(log_q, dim=-1, keepdim=True))  # [N, 1] log(1 - sum q_i)
@@ -65,8 +93,8 @@ def _buckets(
         # The teacher's outside mass r is taken as spread evenly over the n = V - k' other tokens
         # (k' valid entries), each with logprob log(r / n); their tempered weights sum to
         # n (r / n)^(1/T). No other tokens (k' = V): the tail is empty.
-        n_other = student_logits.shape[-1] - valid.sum(-1, keepdim=True)  # [N, 1]
-        log_n = n_other.clamp(min=1).to(dtype).log()
+        n_other = vocab_size - valid.sum(-1, keepdim=True)  # [N, 1]
+        log_n = n_other.clamp(min=1).to(log_q_topk.dtype).log()
         p_tail = torch.where(n_other > 0, log_n + (p_tail - log_n) / temperature, _NEG)
     log_p = F.log_softmax(torch.cat([ell / temperature, p_tail], dim=-1), dim=-1)  # [N, k + 1]
     log_p = torch.cat([log_p[:, :-1], log_p[:, -1:].clamp(min=_LOG_TAIL_FLOOR)], dim=-1)
@@ -110,11 +138,20 @@ def topk_divergence(
         [N] divergence per position, float32 (float64 for float64 logits), differentiable wrt
         student_logits.
     """
+    dtype = torch.promote_types(student_logits.dtype, torch.float32)
+    log_q_topk = gathered_log_softmax(student_logits.to(dtype), topk_ids, temperature)
+    return _divergence(log_q_topk, student_logits.shape[-1], topk_logprobs, kind=kind, temperature=temperature,
+                       beta=beta, tail_bucket=tail_bucket)
+
+
+def _divergence(log_q_topk: Tensor, vocab_size: int, topk_logprobs: Tensor, *, kind: Kind, temperature: float,
+                beta: float, tail_bucket: bool) -> Tensor:
+    """`topk_divergence` from the student's gathered full-vocabulary logprobs log_q_topk [N, k] -> [N]."""
     if kind not in ("forward_kl", "reverse_kl", "jsd"):
         raise ValueError(f"unknown divergence kind {kind!r}")
     if not 0.0 <= beta <= 1.0:
         raise ValueError(f"beta must be in [0, 1], got {beta}")
-    log_p, log_q, valid = _buckets(student_logits, topk_ids, topk_logprobs, temperature, tail_bucket)
+    log_p, log_q, valid = _buckets(log_q_topk, vocab_size, topk_logprobs, temperature, tail_bucket)
     if kind != "forward_kl" and not tail_bucket:  # renormalize the student over the valid top-k
         log_q = log_q - torch.logsumexp(log_q, dim=-1, keepdim=True)
     if kind == "forward_kl" or (kind == "jsd" and beta == 0.0):
@@ -155,8 +192,8 @@ def distill_loss_sums(
     """CE and KD sums over N active positions.
 
     Args:
-        student_logits: [N, V]; labels: [N] sampled token ids, all active (no -100: F.cross_entropy
-            would skip those while n_tokens still counts them); topk_ids, topk_logprobs: [N, k].
+        student_logits: [N, V]; labels: [N] sampled token ids, all active (no -100 ignore index: every row
+            counts in n_tokens); topk_ids, topk_logprobs: [N, k].
         alpha: weight of CE (CE at T = 1 on the sampled tokens); alpha == 1 skips the KD term and
             alpha == 0 skips CE (the skipped sum is a constant 0).
         temperature, kind, beta, tail_bucket: as in `topk_divergence`.
@@ -168,16 +205,21 @@ def distill_loss_sums(
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
     dtype = torch.promote_types(student_logits.dtype, torch.float32)
     zero = student_logits.new_zeros((), dtype=dtype)
-    ce_sum = zero
-    if alpha > 0.0:  # sum over an empty N is 0, still attached to the graph
-        ce_sum = F.cross_entropy(student_logits.to(dtype), labels.long(), reduction="sum")
-    kd_sum = zero
+    z = student_logits.to(dtype)
+    ce_sum = kd_sum = zero
+    # One gathered log_softmax (one [N, V] buffer in backward; F.cross_entropy alone keeps another [N, V])
+    # serves both terms at T = 1: column 0 is the sampled token, the rest the teacher's top-k.
+    shared = 0.0 < alpha < 1.0 and temperature == 1.0
+    if shared:
+        lq = gathered_log_softmax(z, torch.cat([labels.long()[:, None], topk_ids.long()], dim=-1))
+        ce_sum, log_q_topk = -lq[:, 0].sum(), lq[:, 1:]
+    elif alpha > 0.0:  # sum over an empty N is 0, still attached to the graph
+        ce_sum = -gathered_log_softmax(z, labels[:, None]).sum()
     if alpha < 1.0:
-        kd = topk_divergence(
-            student_logits, topk_ids, topk_logprobs,
-            kind=kind, temperature=temperature, beta=beta, tail_bucket=tail_bucket,
-        )  # fmt: skip
-        kd_sum = kd.sum()
+        if not shared:
+            log_q_topk = gathered_log_softmax(z, topk_ids, temperature)
+        kd_sum = _divergence(log_q_topk, z.shape[-1], topk_logprobs, kind=kind, temperature=temperature, beta=beta,
+                             tail_bucket=tail_bucket).sum()
     return LossSums(ce_sum=ce_sum, kd_sum=kd_sum, n_tokens=int(student_logits.shape[0]))
 
 
