@@ -8,7 +8,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.dataset.reader import collate, load_samples
-from pipeline.dataset.schema import Manifest, SamplingRecord, TeacherRecord, arrow_schema, build_table, read_manifest
+from pipeline.dataset.schema import (IDS_LEAF, LP_LEAF, TOKEN_LP_LEAF, Manifest, SamplingRecord, StorageRecord, TeacherRecord,
+                                     arrow_schema, build_table, quantize_logprobs, read_manifest)
 from pipeline.dataset.validate import DatasetInvalid, validate_dataset
 from pipeline.dataset.writer import commit_shard, write_manifest, write_shard
 from pipeline.teachers.base import Generation
@@ -31,7 +32,8 @@ def _manifest(num_shards=1, k=4, vocab=50):
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
-def test_round_trip_is_exact(tmp_path, dtype):
+def test_round_trip_within_stated_bound(tmp_path, dtype):
+    """Ids exact; logprobs within the grid's half step (float32) or that plus float16's half ulp."""
     rng = np.random.default_rng(0)
     gens = [[_fake_generation(rng, length, 4, 50) for length in (3, 5)] for _ in range(3)]
     table = build_table(prompt_ids=["a", "b", "c"], prompts=["pa", "pb", "pc"], prompt_token_ids=[[1, 2], [3], [4, 5, 6]],
@@ -44,11 +46,14 @@ def test_round_trip_is_exact(tmp_path, dtype):
     samples = load_samples(tmp_path)
     flat = [g for per in gens for g in per]
     assert len(samples) == 6 and samples.prompt_ids == ["a", "a", "b", "b", "c", "c"]
-    tol = 1e-3 if dtype == "float16" else 0
+    bound = read_manifest(tmp_path).storage.max_logprob_error
+    assert bound == 2.0 ** -8
     for got_ids, got_lp, got_tok, g in zip(samples.topk_ids, samples.topk_logprobs, samples.completion_tokens, flat):
         np.testing.assert_array_equal(got_ids, g.topk_token_ids)
         np.testing.assert_array_equal(got_tok, g.completion_token_ids)
-        np.testing.assert_allclose(got_lp, g.topk_logprobs, atol=tol, rtol=tol)
+        f16_ulp = np.spacing(np.abs(g.topk_logprobs).astype(np.float16)).astype(np.float32) / 2 if dtype == "float16" else 0
+        assert (np.abs(got_lp - g.topk_logprobs) <= bound + f16_ulp).all()
+        assert np.abs(got_lp - g.topk_logprobs).max() > 0  # really rounded, so the bound is the one being tested
     assert validate_dataset(tmp_path).samples == 6
     sample_ids = pq.read_table(tmp_path / "shards/part-00000.parquet")["sample_id"].to_pylist()
     assert len(set(sample_ids)) == 6
@@ -62,11 +67,11 @@ def test_generated_dataset_invariants(generated):
     for ids, lp, tok, tlp in zip(s.topk_ids, s.topk_logprobs, s.completion_tokens, s.token_logprobs):
         assert ids.shape == lp.shape == (len(tok), 8) and len(tlp) == len(tok)
         assert (np.diff(lp, axis=1) <= 1e-6).all()  # sorted descending
-        assert (np.logaddexp.reduce(lp.astype(np.float64), axis=1) <= 1e-5).all()
+        assert (np.logaddexp.reduce(lp.astype(np.float64), axis=1) <= 1e-5 + manifest.storage.max_logprob_error).all()
         assert ids.max() < manifest.teacher.vocab_size and ids.min() >= 0
         in_topk = ids == tok[:, None]  # where the sampled token is in the top-k, its logprob is that entry
         rows = in_topk.any(1)
-        np.testing.assert_allclose(tlp[rows], lp[in_topk], atol=1e-5)
+        np.testing.assert_array_equal(tlp[rows], lp[in_topk])  # the same grid for both columns
         assert (tlp <= lp[:, :1].ravel() + 1e-5).all()
     assert validate_dataset(generated.dataset_dir).samples == 96
 
@@ -78,6 +83,83 @@ def test_hf_datasets_loads_the_shards(generated):
     assert ds.num_rows == 96
     row = ds[0]
     assert len(row["topk_token_ids"]) == len(row["completion_token_ids"]) and len(row["topk_token_ids"][0]) == 8
+    s = load_samples(generated.dataset_dir)  # the shards' order: row 0 is the first sample of shard 0
+    np.testing.assert_array_equal(np.array(row["topk_logprobs"], np.float32), s.topk_logprobs[0])
+    np.testing.assert_array_equal(np.array(row["topk_token_ids"]), s.topk_ids[0])
+
+
+def test_quantize_logprobs_error_bound():
+    x = np.random.default_rng(0).uniform(-40, 0, 100_000).astype(np.float32)
+    for step in (2.0 ** -6, 2.0 ** -7, 2.0 ** -8):
+        q = quantize_logprobs(x, step)
+        assert q.dtype == np.float32 and np.abs(q - x).max() <= step / 2
+        np.testing.assert_array_equal(q / step, np.round(q / step))  # exactly on the grid
+        assert (np.diff(q[np.argsort(-x)]) <= 0).all()  # monotone: sorted rows stay sorted
+    np.testing.assert_array_equal(quantize_logprobs(x, 0.0), x)
+    with pytest.raises(ValueError, match="power of two"):
+        StorageRecord(logprobs_step=0.01)
+
+
+def test_manifest_records_the_encoding_and_shards_use_it(tmp_path):
+    rng = np.random.default_rng(2)
+    gens = [[_fake_generation(rng, 6, 4, 50)] for _ in range(3)]
+    table = build_table(prompt_ids=["a", "b", "c"], prompts=["pa", "pb", "pc"], prompt_token_ids=[[1], [2], [3]],
+                        generations=gens, completions=[["x"]] * 3, seed=0)
+    storage = StorageRecord(compression_level=5, row_group_size=2)
+    manifest = _manifest()
+    manifest.storage = storage
+    write_manifest(tmp_path, manifest)
+    commit_shard(tmp_path, manifest, write_shard(tmp_path, 0, table, prompts=3, storage=storage))
+    back = read_manifest(tmp_path).storage
+    assert back == storage and back.logprobs_step == 2.0 ** -7
+    md = pq.ParquetFile(tmp_path / "shards/part-00000.parquet").metadata
+    assert md.num_row_groups == 2 and md.row_group(0).num_rows == 2
+    cols = {md.row_group(0).column(i).path_in_schema: md.row_group(0).column(i) for i in range(md.num_columns)}
+    for leaf in (IDS_LEAF, LP_LEAF, TOKEN_LP_LEAF):
+        assert back.column_encoding[leaf] == "BYTE_STREAM_SPLIT" in cols[leaf].encodings
+        assert "RLE_DICTIONARY" not in cols[leaf].encodings
+    assert "RLE_DICTIONARY" in cols["finish_reason"].encodings and cols["sample_id"].compression == "ZSTD"
+
+
+def test_float16_logprobs_are_written_plain_for_duckdb(tmp_path):
+    rng = np.random.default_rng(3)
+    table = build_table(prompt_ids=["a"], prompts=["p"], prompt_token_ids=[[1]], generations=[[_fake_generation(rng, 5, 4, 50)]],
+                        completions=[["c"]], seed=0, logprobs_dtype="float16")
+    manifest = _manifest()
+    manifest.logprobs_dtype = "float16"
+    write_manifest(tmp_path, manifest)
+    commit_shard(tmp_path, manifest, write_shard(tmp_path, 0, table, prompts=1))
+    path = tmp_path / "shards/part-00000.parquet"
+    cols = {c.path_in_schema: c for c in (pq.ParquetFile(path).metadata.row_group(0).column(i) for i in range(10))}
+    assert "BYTE_STREAM_SPLIT" not in cols[LP_LEAF].encodings and "BYTE_STREAM_SPLIT" in cols[IDS_LEAF].encodings
+    assert validate_dataset(tmp_path).samples == 1
+    duckdb = pytest.importorskip("duckdb")
+    got = duckdb.sql(f"select topk_logprobs from read_parquet('{path}')").fetchall()[0][0]
+    np.testing.assert_array_equal(np.array(got, np.float32), load_samples(tmp_path).topk_logprobs[0])
+
+
+def test_old_manifest_without_storage_reads_as_unrecorded(generated, tmp_path):
+    ds = _copy(generated, tmp_path)
+    raw = json.loads((ds / "manifest.json").read_text())
+    assert raw["storage"]["logprobs_step"] == 2.0 ** -7
+    del raw["storage"]
+    (ds / "manifest.json").write_text(json.dumps(raw))
+    assert read_manifest(ds).storage is None
+    assert validate_dataset(ds).samples == 96
+
+
+def test_pandas_and_duckdb_read_the_plain_types(generated):
+    import pandas as pd
+
+    files = sorted(str(p) for p in (generated.dataset_dir / "shards").glob("*.parquet"))
+    s = load_samples(generated.dataset_dir)
+    df = pd.concat([pd.read_parquet(f) for f in files], ignore_index=True)
+    assert len(df) == 96
+    np.testing.assert_array_equal(np.stack(df["topk_logprobs"][0]), s.topk_logprobs[0])
+    duckdb = pytest.importorskip("duckdb")
+    row = duckdb.sql(f"select topk_token_ids, topk_logprobs from read_parquet({files!r}) limit 1").fetchall()[0]
+    np.testing.assert_array_equal(np.array(row[0]), s.topk_ids[0])
+    np.testing.assert_allclose(np.array(row[1]), s.topk_logprobs[0], atol=0)
 
 
 def test_collate_aligns_positions_with_labels(generated):

@@ -1,7 +1,10 @@
-"""Read a dataset's committed shards into per-sample arrays, and collate them into padded batches."""
+"""Read a dataset's committed shards: whole (`load_samples`, for eval) or streamed row group by row group
+into padded training batches (`TrainStream`, memory bounded by its shuffle buffer, resumable by position).
+"""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -125,3 +128,205 @@ def collate(samples: Samples, indices: list[int] | np.ndarray, pad_id: int) -> B
     topk_lp = np.concatenate([samples.topk_logprobs[i] for i in indices]).astype(np.float32)
     return Batch(torch.from_numpy(input_ids), torch.from_numpy(attention), torch.from_numpy(loss_mask),
                  torch.from_numpy(labels), torch.from_numpy(topk_ids), torch.from_numpy(topk_lp))
+
+
+# --- streaming -------------------------------------------------------------------------------------
+
+STREAM_COLUMNS = ["prompt_token_ids", "completion_token_ids", "topk_token_ids", "topk_logprobs"]
+
+
+@dataclass
+class Rows:
+    """Samples as flat arrays plus offsets: sample r's tokens are `[offsets[r], offsets[r+1])`."""
+
+    prompt: np.ndarray  # int32 [P]
+    prompt_offsets: np.ndarray  # int64 [n+1]
+    completion: np.ndarray  # int32 [C]
+    completion_offsets: np.ndarray  # int64 [n+1]
+    topk_ids: np.ndarray  # int32 [C, k]
+    topk_logprobs: np.ndarray  # float16/32 [C, k]
+
+    def __len__(self) -> int:
+        return len(self.prompt_offsets) - 1
+
+    @staticmethod
+    def from_table(table: pa.Table, k: int) -> "Rows":
+        """Zero-copy where Arrow allows; slices and filtered tables are handled by rebasing the offsets."""
+        def flat(name: str, depth: int) -> tuple[np.ndarray, np.ndarray]:
+            arr = table[name].combine_chunks()
+            offsets = arr.offsets.to_numpy().astype(np.int64)
+            for _ in range(depth):
+                arr = arr.flatten()
+            return arr.to_numpy(zero_copy_only=False), offsets - offsets[0]
+
+        prompt, p_off = flat("prompt_token_ids", 1)
+        completion, c_off = flat("completion_token_ids", 1)
+        ids, _ = flat("topk_token_ids", 2)
+        lp, _ = flat("topk_logprobs", 2)
+        return Rows(prompt, p_off, completion, c_off, ids.reshape(-1, k), lp.reshape(-1, k))
+
+    def take(self, idx: np.ndarray) -> "Rows":
+        """The samples at `idx`, in that order (one vectorised gather per column)."""
+        p_src, p_off = _gather_ranges(self.prompt_offsets, idx)
+        c_src, c_off = _gather_ranges(self.completion_offsets, idx)
+        return Rows(self.prompt[p_src], p_off, self.completion[c_src], c_off, self.topk_ids[c_src], self.topk_logprobs[c_src])
+
+    def slice(self, lo: int, hi: int) -> "Rows":
+        """Samples [lo, hi) as views."""
+        p0, p1 = self.prompt_offsets[lo], self.prompt_offsets[hi]
+        c0, c1 = self.completion_offsets[lo], self.completion_offsets[hi]
+        return Rows(self.prompt[p0:p1], self.prompt_offsets[lo:hi + 1] - p0, self.completion[c0:c1],
+                    self.completion_offsets[lo:hi + 1] - c0, self.topk_ids[c0:c1], self.topk_logprobs[c0:c1])
+
+    @staticmethod
+    def concat(parts: list["Rows"]) -> "Rows":
+        def offsets(name: str) -> np.ndarray:
+            offs = [getattr(r, name) for r in parts]
+            starts = np.cumsum([0] + [o[-1] for o in offs[:-1]])
+            return np.concatenate([offs[0][:1]] + [o[1:] + s for o, s in zip(offs, starts)])
+
+        return Rows(np.concatenate([r.prompt for r in parts]), offsets("prompt_offsets"),
+                    np.concatenate([r.completion for r in parts]), offsets("completion_offsets"),
+                    np.concatenate([r.topk_ids for r in parts]), np.concatenate([r.topk_logprobs for r in parts]))
+
+
+def _gather_ranges(offsets: np.ndarray, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Flat source positions of the ranges of samples `idx`, and the offsets of the gathered result."""
+    starts, lengths = offsets[idx], offsets[np.asarray(idx) + 1] - offsets[idx]
+    out = np.zeros(len(lengths) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=out[1:])
+    return np.repeat(starts - out[:-1], lengths) + np.arange(out[-1]), out
+
+
+def collate_rows(rows: Rows, pad_id: int) -> Batch:
+    """Padded batch of all `rows`, vectorised over the offsets (no per-sample Python loop)."""
+    n = len(rows)
+    p_len, c_len = np.diff(rows.prompt_offsets), np.diff(rows.completion_offsets)
+    if n and p_len.min() < 1:
+        raise ValueError("every sample needs at least one prompt token (the position that predicts its first completion token)")
+    seq = p_len + c_len
+    width = int(seq.max()) if n else 0
+    input_ids = np.full((n, width), pad_id, dtype=np.int64)
+    p_row = np.repeat(np.arange(n), p_len)
+    input_ids[p_row, np.arange(len(p_row)) - rows.prompt_offsets[p_row]] = rows.prompt
+    c_row = np.repeat(np.arange(n), c_len)
+    c_col = np.arange(len(c_row)) - rows.completion_offsets[c_row] + p_len[c_row]
+    input_ids[c_row, c_col] = rows.completion
+    loss_mask = np.zeros((n, width), dtype=bool)
+    loss_mask[c_row, c_col - 1] = True  # position t predicts token t+1
+    attention = (np.arange(width)[None, :] < seq[:, None]).astype(np.int64)
+    return Batch(torch.from_numpy(input_ids), torch.from_numpy(attention), torch.from_numpy(loss_mask),
+                 torch.from_numpy(rows.completion.astype(np.int64)), torch.from_numpy(rows.topk_ids.astype(np.int64)),
+                 torch.from_numpy(rows.topk_logprobs.astype(np.float32)))
+
+
+@dataclass(frozen=True, eq=False)
+class _Unit:
+    """One row group of one shard, and which of its rows belong to the stream's split (one byte a row)."""
+
+    path: Path
+    row_group: int
+    keep: np.ndarray  # bool [rows]
+
+    @property
+    def rows(self) -> int:
+        return len(self.keep)
+
+    @property
+    def kept(self) -> int:
+        return int(self.keep.sum())
+
+
+class TrainStream:
+    """Endless, seeded, resumable padded batches of one split, streamed one row group at a time.
+
+    Epoch e: row groups in an order drawn from (seed, e), grouped into windows of >= `shuffle_rows`
+    rows; each window's split rows are shuffled (seed, e, window) and cut into batches that run on
+    across windows. Every sample appears exactly once per epoch (the last batch of an epoch may be
+    short). Memory holds about one window, whatever the dataset size. `position` after each yielded
+    batch is `{"epoch": e, "batch": i}` (next batch to yield); `batches(start=position)` resumes with
+    exactly the batches the uninterrupted stream would have given, reading (not collating) only the
+    window where it resumes.
+    """
+
+    def __init__(self, dataset_dir: Path, *, split: str = "train", batch_size: int, pad_id: int, seed: int = 0,
+                 shuffle_rows: int = 4096):
+        if split not in ("train", "heldout", "all"):
+            raise ValueError(f"split must be train, heldout or all, got {split!r}")
+        if batch_size < 1 or shuffle_rows < 1:
+            raise ValueError("batch_size and shuffle_rows must be >= 1")
+        self.dataset_dir = Path(dataset_dir)
+        self.manifest = read_manifest(self.dataset_dir)
+        if not self.manifest.shards:
+            raise ValueError(f"{dataset_dir}: the dataset has no committed shards yet; run the generate stage")
+        self.split, self.batch_size, self.pad_id, self.seed, self.shuffle_rows = split, batch_size, pad_id, seed, shuffle_rows
+        self.k = self.manifest.k
+        self.units = [_Unit(path, rg, self._keep(pf.read_row_group(rg, columns=["prompt_id"])))
+                      for path in shard_paths(self.dataset_dir, self.manifest)
+                      for pf in [pq.ParquetFile(path)] for rg in range(pf.metadata.num_row_groups)]
+        self.num_samples = sum(u.kept for u in self.units)
+        if self.num_samples == 0:
+            raise ValueError(f"{dataset_dir}: no {split} samples (all prompts on the other side of the split?)")
+        self.batches_per_epoch = -(-self.num_samples // batch_size)
+        self.position: dict = {"epoch": 0, "batch": 0}
+
+    def _keep(self, table: pa.Table) -> np.ndarray:
+        if self.split == "all":
+            return np.ones(table.num_rows, dtype=bool)
+        want, frac = self.split == "heldout", self.manifest.heldout_fraction
+        return np.fromiter((is_heldout(pid, frac) == want for pid in table["prompt_id"].to_pylist()), bool, table.num_rows)
+
+    def windows(self, epoch: int) -> list[list[_Unit]]:
+        """Epoch `epoch`'s row groups, in order, grouped into shuffle windows."""
+        order = np.random.default_rng([self.seed, epoch]).permutation(len(self.units))
+        out, cur, rows = [], [], 0
+        for i in order:
+            cur.append(self.units[i])
+            rows += self.units[i].rows
+            if rows >= self.shuffle_rows:
+                out.append(cur)
+                cur, rows = [], 0
+        return out + [cur] if cur else out
+
+    def _read_window(self, epoch: int, index: int, units: list[_Unit]) -> Rows:
+        """The window's split rows, shuffled: one copy to join the row groups, one for the gather."""
+        parts = [Rows.from_table(pq.ParquetFile(u.path).read_row_group(u.row_group, columns=STREAM_COLUMNS), self.k)
+                 for u in units]
+        kept = np.flatnonzero(np.concatenate([u.keep for u in units]))
+        rows = Rows.concat(parts) if len(parts) > 1 else parts[0]
+        return rows.take(kept[np.random.default_rng([self.seed, epoch, index]).permutation(len(kept))])
+
+    def _epoch(self, epoch: int, first_batch: int) -> Iterator[Batch]:
+        skip, seen, b = first_batch * self.batch_size, 0, first_batch
+        pending: Rows | None = None
+        for index, units in enumerate(self.windows(epoch)):
+            kept = sum(u.kept for u in units)
+            if seen + kept <= skip:  # wholly before the resume point: not even read
+                seen += kept
+                continue
+            rows = self._read_window(epoch, index, units)
+            if skip > seen:
+                rows = rows.slice(skip - seen, len(rows))
+            seen += kept
+            pending = rows if pending is None else Rows.concat([pending, rows])
+            lo = 0
+            while len(pending) - lo >= self.batch_size:
+                batch = collate_rows(pending.slice(lo, lo + self.batch_size), self.pad_id)
+                lo += self.batch_size
+                b += 1
+                self.position = {"epoch": epoch, "batch": b}
+                yield batch
+            pending = pending.slice(lo, len(pending))
+        if pending is not None and len(pending):
+            self.position = {"epoch": epoch, "batch": b + 1}
+            yield collate_rows(pending, self.pad_id)
+
+    def batches(self, start: dict | None = None) -> Iterator[Batch]:
+        """Batches forever, epoch after epoch, from `start` (a saved `position`) or the beginning."""
+        epoch, batch = (int(start["epoch"]), int(start["batch"])) if start else (0, 0)
+        if not 0 <= batch <= self.batches_per_epoch:
+            raise ValueError(f"position {start} is outside an epoch of {self.batches_per_epoch} batches (another dataset or batch size?)")
+        self.position = {"epoch": epoch, "batch": batch}
+        while True:
+            yield from self._epoch(epoch, batch)
+            epoch, batch = epoch + 1, 0

@@ -14,13 +14,20 @@ from typing import Literal
 
 import numpy as np
 import pyarrow as pa
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from pipeline.teachers.base import Generation
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
 SHARDS_DIR = "shards"
+
+
+IDS_LEAF = "topk_token_ids.list.element.list.element"
+LP_LEAF = "topk_logprobs.list.element.list.element"
+TOKEN_LP_LEAF = "token_logprobs.list.element"
+LOGPROBS_STEP = 2.0 ** -7
+"""Default grid for stored logprobs (nats): round-to-nearest error <= 2^-8 = 0.0039; bench/storage.py."""
 
 
 def shard_name(index: int) -> str:
@@ -42,6 +49,49 @@ def arrow_schema(logprobs_dtype: str = "float32") -> pa.Schema:
         ("topk_logprobs", pa.list_(pa.list_(lp))),
         ("finish_reason", pa.string()),
     ], metadata={b"distill_schema_version": str(SCHEMA_VERSION).encode()})
+
+
+class StorageRecord(BaseModel):
+    """How shards are encoded (bench/storage.py measured the choices); every value is a plain Parquet type.
+
+    Column names are Parquet leaf paths (`col.list.element.list.element`): pyarrow silently ignores a
+    top-level name of a nested column in `column_encoding`.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    compression: Literal["zstd"] = "zstd"
+    compression_level: int = Field(9, ge=1, le=22)
+    row_group_size: int = Field(1024, ge=1)
+    """Rows per row group: the unit the streaming reader reads and shuffles."""
+    logprobs_step: float = LOGPROBS_STEP
+    """`topk_logprobs` and `token_logprobs` are rounded to the nearest multiple of this (0: not rounded)."""
+    column_encoding: dict[str, str] = Field(default_factory=lambda: {
+        IDS_LEAF: "BYTE_STREAM_SPLIT", LP_LEAF: "BYTE_STREAM_SPLIT", TOKEN_LP_LEAF: "BYTE_STREAM_SPLIT"})
+    """Parquet encoding per leaf column; the grid's zeroed low mantissa bytes compress to almost nothing.
+    With `logprobs_dtype: float16` the logprobs leaf is written PLAIN (DuckDB cannot read float16 BYTE_STREAM_SPLIT)."""
+    dictionary_columns: list[str] = Field(default_factory=lambda: ["*"])
+    """Dictionary-encoded leaf columns; "*" = every column without an explicit encoding."""
+
+    @field_validator("logprobs_step")
+    @classmethod
+    def _power_of_two(cls, v: float) -> float:
+        if v != 0 and not (0 < v <= 1 and float(np.log2(v)).is_integer()):
+            raise ValueError(f"logprobs_step must be 0 or a power of two <= 1 (exact in float16/32), got {v}")
+        return v
+
+    @property
+    def max_logprob_error(self) -> float:
+        """Bound on |stored - computed| from the grid (float16 storage adds its own rounding on top)."""
+        return self.logprobs_step / 2
+
+
+def quantize_logprobs(values: np.ndarray, step: float) -> np.ndarray:
+    """Round to the nearest multiple of `step` (a power of two, so exact in float32); step 0 keeps values."""
+    values = np.asarray(values, dtype=np.float32)
+    if step == 0:
+        return values
+    return (np.round(values.astype(np.float64) / step) * step).astype(np.float32)
 
 
 class ShardInfo(BaseModel):
@@ -84,6 +134,8 @@ class Manifest(BaseModel):
     logprobs_mode: Literal["raw"] = "raw"
     """`raw`: teacher distribution at temperature 1, before sampling processors (what the losses assume)."""
     logprobs_dtype: Literal["float16", "float32"] = "float32"
+    storage: StorageRecord | None = Field(default_factory=StorageRecord)
+    """Shard encoding; None in manifests written before it was recorded (shards then hold unrounded logprobs)."""
     sampling: SamplingRecord
     prompts_source: str
     prompts_fingerprint: str
@@ -115,6 +167,7 @@ def read_manifest(dataset_dir: Path) -> Manifest:
     version = raw.get("schema_version")
     if not isinstance(version, int) or version > SCHEMA_VERSION:
         raise ValueError(f"{path}: schema_version {version!r} is newer than this distill supports ({SCHEMA_VERSION}); upgrade distill")
+    raw.setdefault("storage", None)
     return Manifest.model_validate(raw)
 
 
@@ -161,8 +214,12 @@ def build_table(
     completions: list[list[str]],
     seed: int,
     logprobs_dtype: str = "float32",
+    logprobs_step: float = LOGPROBS_STEP,
 ) -> pa.Table:
-    """One row per (prompt, sample) in schema v1; generations[i][j] is sample j of prompt i."""
+    """One row per (prompt, sample) in schema v1; generations[i][j] is sample j of prompt i.
+
+    Logprobs are rounded to `logprobs_step` (record it in the manifest's `storage`) before the dtype cast.
+    """
     rows = [(i, j, g) for i, gens in enumerate(generations) for j, g in enumerate(gens)]
     schema = arrow_schema(logprobs_dtype)
     lp_type = schema.field("topk_logprobs").type.value_type.value_type
@@ -173,9 +230,9 @@ def build_table(
         "completion": pa.array([completions[i][j] for i, j, _ in rows], pa.string()),
         "prompt_token_ids": _list_array([np.asarray(prompt_token_ids[i], np.int32) for i, _, _ in rows], pa.int32()),
         "completion_token_ids": _list_array([g.completion_token_ids for _, _, g in rows], pa.int32()),
-        "token_logprobs": _list_array([g.token_logprobs for _, _, g in rows], pa.float32()),
+        "token_logprobs": _list_array([quantize_logprobs(g.token_logprobs, logprobs_step) for _, _, g in rows], pa.float32()),
         "topk_token_ids": _nested_array([g.topk_token_ids for _, _, g in rows], pa.int32()),
-        "topk_logprobs": _nested_array([g.topk_logprobs for _, _, g in rows], lp_type),
+        "topk_logprobs": _nested_array([quantize_logprobs(g.topk_logprobs, logprobs_step) for _, _, g in rows], lp_type),
         "finish_reason": pa.array([g.finish_reason for _, _, g in rows], pa.string()),
     }
     return pa.table(cols, schema=schema)

@@ -13,9 +13,43 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline.dataset.schema import MANIFEST, SHARDS_DIR, Manifest, ShardInfo, now, sha256_file, shard_name
+from pipeline.dataset.schema import (MANIFEST, SHARDS_DIR, Manifest, ShardInfo, StorageRecord, arrow_schema, now,
+                                     sha256_file, shard_name)
 
-ROW_GROUP_SIZE = 256
+
+def leaf_paths(schema: pa.Schema) -> list[str]:
+    """Parquet leaf column paths (`col`, `col.list.element`, ...) of an Arrow schema of scalars and lists."""
+    out = []
+    for f in schema:
+        path, t = f.name, f.type
+        while pa.types.is_list(t):
+            path, t = path + ".list.element", t.value_type
+        out.append(path)
+    return out
+
+
+def _leaf_type(t: pa.DataType) -> pa.DataType:
+    while pa.types.is_list(t):
+        t = t.value_type
+    return t
+
+
+def parquet_options(storage: StorageRecord, schema: pa.Schema | None = None) -> dict:
+    """`pq.write_table` keyword arguments that realise `storage` for a schema-v1 table.
+
+    A float16 leaf is written PLAIN instead of BYTE_STREAM_SPLIT: DuckDB (2.0) cannot read float16 stored
+    that way, and every dtype/encoding here must stay readable by datasets, pandas and DuckDB.
+    """
+    schema = schema or arrow_schema()
+    half = {p for p, f in zip(leaf_paths(schema), schema) if _leaf_type(f.type) == pa.float16()}
+    explicit = {c: ("PLAIN" if c in half and e == "BYTE_STREAM_SPLIT" else e) for c, e in storage.column_encoding.items()}
+    if "*" in storage.dictionary_columns:
+        dictionary = [p for p in leaf_paths(schema) if p not in explicit]
+    else:
+        dictionary = list(storage.dictionary_columns)
+    return {"compression": storage.compression, "compression_level": storage.compression_level,
+            "row_group_size": storage.row_group_size, "use_dictionary": dictionary or False,
+            "column_encoding": dict(explicit) or None}
 
 
 def _fsync_dir(path: Path) -> None:
@@ -42,13 +76,15 @@ def write_manifest(dataset_dir: Path, manifest: Manifest) -> None:
     atomic_write_bytes(Path(dataset_dir) / MANIFEST, (manifest.model_dump_json(indent=2) + "\n").encode())
 
 
-def write_shard(dataset_dir: Path, index: int, table: pa.Table, *, prompts: int) -> ShardInfo:
-    """Write shard `index` atomically (zstd Parquet) and return its record (not yet committed)."""
+def write_shard(dataset_dir: Path, index: int, table: pa.Table, *, prompts: int,
+                storage: StorageRecord | None = None) -> ShardInfo:
+    """Write shard `index` atomically, encoded as `storage` (default: `StorageRecord()`, what a new
+    manifest records), and return its record (not yet committed)."""
     shards = Path(dataset_dir) / SHARDS_DIR
     shards.mkdir(parents=True, exist_ok=True)
     final = shards / shard_name(index)
     tmp = shards / f".{final.name}.tmp-{os.getpid()}"
-    pq.write_table(table, tmp, compression="zstd", row_group_size=ROW_GROUP_SIZE)
+    pq.write_table(table, tmp, **parquet_options(storage or StorageRecord(), table.schema))
     with open(tmp, "rb+") as f:
         os.fsync(f.fileno())
     os.replace(tmp, final)
