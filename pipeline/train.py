@@ -4,7 +4,7 @@ An explicit loop (nanoGPT-style): AdamW, warmup + cosine, gradient accumulation 
 denominator, clipping, optional gradient checkpointing, and resumable checkpoints. The LM head runs
 only on completion positions, in chunks (see losses.py), so no B x T x V logits tensor exists. The same
 function runs single-process or under `accelerate launch` / `torchrun` (DDP: each rank takes every
-world-th micro-batch of one seeded stream, so N ranks equal one rank with N-times the accumulation).
+world-th micro-batch of one seeded, resumable stream (pipeline/dataset/reader.py), so N ranks equal one rank with N-times the accumulation).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import torch
 from pipeline.checkpoint import (CheckpointMismatchError, checkpoint_root, clear, latest_checkpoint, restore,
                                  save_checkpoint)
 from pipeline.config import RunConfig, StudentConfig, TrainConfig
-from pipeline.dataset.reader import Batch, Samples, collate, load_samples
+from pipeline.dataset.reader import Batch, TrainStream
 from pipeline.dataset.schema import read_manifest, stable_id
 from pipeline.losses import LossSums, chunked_distill_loss_sums, combine
 from pipeline.models import ModelLoadError, load_tokenizer, resolve_device, tokenizer_fingerprint
@@ -100,27 +100,6 @@ def lr_at(step: int, cfg) -> float:
     return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
-class MemoryStream:
-    """Endless seeded micro-batches over in-memory samples with a resumable position {epoch, batch}.
-
-    Epoch e's order is a permutation drawn from (seed, e) alone, so resuming at a position needs no replay.
-    """
-
-    def __init__(self, samples: Samples, batch_size: int, pad_id: int, seed: int):
-        self.samples, self.batch_size, self.pad_id, self.seed = samples, min(batch_size, len(samples)), pad_id, seed
-        self.position = {"epoch": 0, "batch": 0}
-
-    def batches(self, start: dict | None = None):
-        epoch, first = (start["epoch"], start["batch"]) if start else (0, 0)
-        per_epoch = len(self.samples) // self.batch_size
-        while True:
-            order = np.random.default_rng([self.seed, epoch]).permutation(len(self.samples))
-            for b in range(first, per_epoch):
-                self.position = {"epoch": epoch, "batch": b + 1}
-                yield collate(self.samples, order[b * self.batch_size:(b + 1) * self.batch_size], self.pad_id)
-            epoch, first = epoch + 1, 0
-
-
 class DistillObjective(torch.nn.Module):
     """Student + loss in one forward, so DDP/FSDP wrappers see (and synchronise) the whole step."""
 
@@ -181,9 +160,8 @@ def train_student(cfg: RunConfig, *, dataset_dir: Path | None = None, student_di
     student_dir = Path(student_dir or cfg.student_dir)
     manifest = read_manifest(dataset_dir)
     tokenizer = student_tokenizer(cfg, manifest.tokenizer_fingerprint)
-    samples = load_samples(dataset_dir, split="train")
-    if len(samples) == 0:
-        raise ValueError(f"{dataset_dir}: no training samples (all prompts are held out?)")
+    # streamed one row group at a time: memory does not grow with the dataset
+    stream = TrainStream(dataset_dir, split="train", batch_size=t.batch_size, pad_id=tokenizer.pad_token_id, seed=t.seed)
     # picks up `accelerate launch` / torchrun's environment; a plain call is one process
     accelerator = Accelerator(cpu=t.device == "cpu")
     device = accelerator.device if t.device == "auto" else resolve_device(t.device)
@@ -209,7 +187,6 @@ def train_student(cfg: RunConfig, *, dataset_dir: Path | None = None, student_di
     tokens_before = state["tokens_seen"] if state else 0
     model = accelerator.prepare(DistillObjective(student, t))  # DDP wrapper when several processes
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
-    stream = MemoryStream(samples, t.batch_size, tokenizer.pad_token_id, t.seed)
     batch_iter = stream.batches(start=state["data"] if state else None)
     tokens_seen, start = 0, time.perf_counter()
     with progress_bar("train", t.max_steps, enabled=progress and main) as advance:
@@ -254,7 +231,7 @@ def train_student(cfg: RunConfig, *, dataset_dir: Path | None = None, student_di
     seconds = time.perf_counter() - start
     last_log = history[-1]
     result = TrainResult(str(student_dir), t.max_steps, last_log["loss"], last_log["ce"], last_log["kd"],
-                         tokens_seen / seconds if seconds > 0 else 0.0, seconds, len(samples), start_step)
+                         tokens_seen / seconds if seconds > 0 else 0.0, seconds, stream.num_samples, start_step)
     if main:
         student.eval()
         student_dir.mkdir(parents=True, exist_ok=True)
