@@ -92,6 +92,33 @@ def run(config: ConfigArg, stages: Annotated[str, typer.Option(help="Comma-separ
     print_summary(out)
 
 
+@app.command()
+def schedule(config: ConfigArg,
+             cron: Annotated[Optional[str], typer.Option(help='Cron expression in UTC, e.g. "0 3 * * *" (03:00 daily).')] = None,
+             interval: Annotated[Optional[float], typer.Option(help="Run every SECONDS instead of on a cron.")] = None,
+             stages: Annotated[str, typer.Option(help="Comma-separated: generate,train,eval.")] = "generate,train,eval",
+             name: Annotated[Optional[str], typer.Option(help="Deployment name (default: the config's name).")] = None,
+             set_: SetOpt = None) -> None:
+    """Serve the flow as deployment distill/NAME on a schedule; runs execute here until Ctrl-C (needs PREFECT_API_URL)."""
+    cfg = _config(config, set_)
+    wanted = [s.strip() for s in stages.split(",") if s.strip()]
+    from flows.distill import STAGES
+
+    bad = [s for s in wanted if s not in STAGES]
+    if bad:
+        _fail(f"unknown stage {bad[0]!r}; choose from {', '.join(STAGES)}")
+    from flows.deploy import build_deployment, make_schedule, require_server, serve_deployment
+    from pipeline.preflight import preflight
+
+    when = _run(make_schedule, cron=cron, interval=interval)
+    _run(preflight, cfg, wanted)
+    url = _run(require_server)
+    os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "pipeline")
+    deployment = build_deployment(cfg, wanted, schedule=when, name=name)
+    console.print(f"deployment distill/{deployment.name} on {url}: {cron or f'every {interval:g}s'}, stages {','.join(wanted)}")
+    serve_deployment(deployment)
+
+
 def print_summary(out: dict) -> None:
     """Stage times, teacher vs student metrics, and where everything was written."""
     table = Table(title="distill run", show_header=True)
