@@ -48,6 +48,12 @@ def _run(fn, *args, **kwargs):
         if _state["debug"]:
             raise
         _fail(str(err).splitlines()[0] if str(err) else type(err).__name__)
+    except OSError as err:
+        if err.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) or _state["debug"]:
+            raise
+        where = f" {err.filename}" if err.filename else " to disk"
+        _fail(f"cannot write{where}: {os.strerror(err.errno)} (disk full or over a size limit); what was committed "
+              "is kept: free some space and rerun the same command to resume")
     except KeyboardInterrupt:
         _fail("interrupted; committed shards are kept and the next run resumes from them")
 

@@ -15,6 +15,7 @@ import pyarrow.parquet as pq
 import torch
 
 from pipeline.dataset.schema import Manifest, read_manifest
+from pipeline.dataset.validate import verify_shards
 from pipeline.prompts import is_heldout
 
 TOKEN_COLUMNS = ["prompt_id", "prompt", "prompt_token_ids", "completion_token_ids", "token_logprobs",
@@ -66,6 +67,7 @@ def load_samples(dataset_dir: Path, *, split: str = "all", limit_prompts: int | 
     manifest = read_manifest(dataset_dir)
     if not manifest.shards:
         raise ValueError(f"{dataset_dir}: the dataset has no committed shards yet; run the generate stage")
+    verify_shards(dataset_dir, manifest)
     tables = [pq.read_table(p, columns=TOKEN_COLUMNS) for p in shard_paths(dataset_dir, manifest)]
     table = pa.concat_tables(tables)
     if split != "all":
@@ -259,6 +261,7 @@ class TrainStream:
         self.manifest = read_manifest(self.dataset_dir)
         if not self.manifest.shards:
             raise ValueError(f"{dataset_dir}: the dataset has no committed shards yet; run the generate stage")
+        verify_shards(self.dataset_dir, self.manifest)
         self.split, self.batch_size, self.pad_id, self.seed, self.shuffle_rows = split, batch_size, pad_id, seed, shuffle_rows
         self.k = self.manifest.k
         self.units = [_Unit(path, rg, self._keep(pf.read_row_group(rg, columns=["prompt_id"])))

@@ -26,6 +26,17 @@ class ValidationReport:
     complete: bool
 
 
+def verify_shards(dataset_dir: Path, manifest=None) -> None:
+    """Every committed shard exists with its manifest size and sha256; readers call this before trusting them."""
+    dataset_dir = Path(dataset_dir)
+    manifest = manifest or read_manifest(dataset_dir)
+    for shard in manifest.shards:
+        path = dataset_dir / shard.file
+        if not path.is_file() or path.stat().st_size != shard.bytes or sha256_file(path) != shard.sha256:
+            raise DatasetInvalid(f"shard {shard.file} is missing or does not match its manifest checksum; "
+                                 "rerun `distill generate` with the same config to rewrite it")
+
+
 def _check_shard(path: Path, table: pa.Table, vocab_size: int, k: int, lse_tol: float = LOGSUMEXP_TOL) -> None:
     comp = table["completion_token_ids"].combine_chunks()
     lengths = np.diff(comp.offsets.to_numpy())

@@ -76,8 +76,10 @@ class ManagedServer:
         env.pop("PYTHONPATH", None)  # our packages must not shadow the teacher environment's
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                     env=env, start_new_session=True)  # own process group: we stop all its children
+        # Own process group, so stop() reaches every child; the guard stops that group if we are killed (-9 included).
+        guarded = [self.cfg.python, str(Path(__file__).with_name("server_guard.py")), str(os.getpid()), "--", *self.command()]
+        self.proc = subprocess.Popen(guarded, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                     env=env, start_new_session=True)
         log.close()
         deadline = time.monotonic() + self.cfg.startup_timeout_s
         while time.monotonic() < deadline:

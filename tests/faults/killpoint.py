@@ -1,0 +1,124 @@
+"""Run the `distill` CLI with a real SIGKILL at a named point: `python killpoint.py [POINT N] [--fsize BYTES] -- ARGS`.
+
+The patches live here, on the test side, and only decide *when* to die: the process then sends itself
+SIGKILL, so no `finally`, atexit handler or flush runs, exactly as with `kill -9` from outside.
+
+Points (N counts calls of that kind in this process, from 1):
+  teacher_load      entering the teacher's constructor (HF or vLLM server; nothing written yet)
+  teacher_generate  entering the teacher's generate (the shard before it is committed)
+  shard_write       half of a shard's Parquet bytes are on disk under its temp name
+  shard_renamed     a shard was renamed to its final name but is not yet in the manifest
+  manifest_rename   a new manifest is written and fsynced under its temp name, not yet renamed
+  checkpoint_write  a training checkpoint's weights are written in its temp dir, its optimizer state not yet
+`--stop` sends SIGSTOP instead, so a test can look at the live state and then `kill -9` from outside.
+`--fsize BYTES` caps the size of any file this process writes (RLIMIT_FSIZE, SIGXFSZ ignored), so a
+write past it fails with the OS error EFBIG, as on a full quota.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import resource
+import signal
+import sys
+from pathlib import Path
+
+POINTS = ("teacher_load", "teacher_generate", "shard_write", "shard_renamed", "manifest_rename", "checkpoint_write")
+
+
+ACTION = {"signal": signal.SIGKILL}
+
+
+def die() -> None:
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.kill(os.getpid(), ACTION["signal"])
+
+
+def install(point: str, nth: int) -> None:
+    calls = {"n": 0}
+
+    def due() -> bool:
+        calls["n"] += 1
+        return calls["n"] == nth
+
+    if point in ("teacher_load", "teacher_generate"):
+        from pipeline.teachers.hf import HFTeacher
+        from pipeline.teachers.vllm_server import VLLMServerTeacher
+
+        name = "__init__" if point == "teacher_load" else "generate"
+        for cls in (HFTeacher, VLLMServerTeacher):
+            def patched(self, *args, _original=getattr(cls, name), **kwargs):
+                if due():
+                    die()
+                return _original(self, *args, **kwargs)
+
+            setattr(cls, name, patched)
+    elif point == "shard_write":
+        import pyarrow.parquet as pq
+
+        original_write = pq.write_table
+
+        def write_table(table, where, *args, **kwargs):
+            if not due():
+                return original_write(table, where, *args, **kwargs)
+            buf = io.BytesIO()
+            original_write(table, buf, *args, **kwargs)
+            data = buf.getvalue()
+            with open(where, "wb") as f:
+                f.write(data[: len(data) // 2])
+                f.flush()
+                os.fsync(f.fileno())
+            die()
+
+        pq.write_table = write_table
+    elif point in ("shard_renamed", "manifest_rename"):
+        original_replace = os.replace
+
+        def replace(src, dst, *args, **kwargs):
+            name = Path(dst).name
+            if point == "manifest_rename" and name == "manifest.json" and due():
+                die()
+            original_replace(src, dst, *args, **kwargs)
+            if point == "shard_renamed" and name.endswith(".parquet") and due():
+                die()
+
+        os.replace = replace
+    elif point == "checkpoint_write":
+        import torch
+
+        original_save = torch.save
+
+        def save(obj, f, *args, **kwargs):
+            if isinstance(f, (str, os.PathLike)) and Path(f).name == "optimizer.pt" and due():
+                die()
+            return original_save(obj, f, *args, **kwargs)
+
+        torch.save = save
+    else:
+        raise SystemExit(f"unknown kill point {point!r}; choose from {', '.join(POINTS)}")
+
+
+def main(argv: list[str]) -> None:
+    split = argv.index("--")
+    opts, cli_args = argv[:split], argv[split + 1:]
+    if "--fsize" in opts:
+        i = opts.index("--fsize")
+        limit = int(opts[i + 1])
+        del opts[i:i + 2]
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # get EFBIG from write() instead of being killed
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    if "--stop" in opts:
+        opts.remove("--stop")
+        ACTION["signal"] = signal.SIGSTOP
+    if opts:
+        install(opts[0], int(opts[1]))
+    from pipeline.cli import app
+
+    sys.argv = ["distill", *cli_args]
+    app()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
