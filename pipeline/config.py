@@ -99,7 +99,9 @@ class PromptsConfig(_Strict):
     heldout_fraction: float = Field(0.0, ge=0.0, lt=1.0)
     """Fraction of prompts (split by prompt id) kept out of training and used by eval."""
     max_prompt_tokens: int | None = Field(None, ge=1)
-    """Prompts longer than this are skipped and counted in the manifest (None: no limit)."""
+    """Prompts longer than this are invalid (None: no limit)."""
+    on_invalid: Literal["skip", "fail"] = "skip"
+    """Empty or too-long prompts: `skip` them and count them in the manifest, or `fail` naming the first."""
 
 
 class GenerateConfig(_Strict):
@@ -220,7 +222,8 @@ class RunConfig(_Strict):
 
     def generate_fingerprint(self) -> str:
         """Hash of everything that changes the teacher's output (teacher, prompts, sampling)."""
-        return _hash({"teacher": self.teacher.identity(), "prompts": self.prompts.model_dump(),
+        # on_invalid only decides whether a run stops; the prompts that are kept are the same
+        return _hash({"teacher": self.teacher.identity(), "prompts": self.prompts.model_dump(exclude={"on_invalid"}),
                       "generate": self.generate.model_dump()})
 
     def train_fingerprint(self) -> str:

@@ -96,18 +96,25 @@ def encode(text: str, tokenizer, chat_template: bool) -> list[int]:
 
 
 def load_prompt_set(cfg: PromptsConfig, tokenizer) -> PromptSet:
-    """Read, render and tokenize prompts; empty and over-long prompts are skipped and counted."""
+    """Read, render and tokenize prompts; empty and over-long prompts are skipped and counted, or stop the
+    run when `on_invalid: fail`."""
     texts, token_ids, ids = [], [], []
     skipped = {"empty": 0, "too_long": 0}
     seen: set[str] = set()
-    for item in read_prompts(cfg):
+
+    def invalid(reason: str, number: int, detail: str) -> None:
+        if cfg.on_invalid == "fail":
+            raise PromptsError(f"{cfg.path}: prompt {number} is {detail}; fix it or set prompts.on_invalid: skip")
+        skipped[reason] += 1
+
+    for number, item in enumerate(read_prompts(cfg), start=1):
         text = render(item, tokenizer, cfg.chat_template)
         if not text.strip():
-            skipped["empty"] += 1
+            invalid("empty", number, "empty")
             continue
         ids_ = encode(text, tokenizer, cfg.chat_template)
         if cfg.max_prompt_tokens and len(ids_) > cfg.max_prompt_tokens:
-            skipped["too_long"] += 1
+            invalid("too_long", number, f"{len(ids_)} tokens, over prompts.max_prompt_tokens={cfg.max_prompt_tokens}")
             continue
         pid = stable_id(text)
         if pid in seen:  # the same prompt twice would give duplicate sample ids

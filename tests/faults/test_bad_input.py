@@ -58,6 +58,16 @@ def test_empty_and_overlong_prompts_are_skipped_and_counted_in_the_manifest(conf
     assert manifest.num_prompts == manifest.total_samples == 12
 
 
+def test_on_invalid_fail_stops_at_the_first_bad_prompt_before_the_teacher_runs(config, fault_prompts, tmp_path):
+    prompts = tmp_path / "mixed.jsonl"
+    n = len(fault_prompts.read_text().splitlines())
+    prompts.write_text(fault_prompts.read_text() + json.dumps({"prompt": "pick: " + "a b " * 40 + "="}) + "\n")
+    cfg = config(prompts={"path": str(prompts), "max_prompt_tokens": 24, "on_invalid": "fail"})
+    line = one_line_error(runner.invoke(app, ["generate", str(cfg)]), f"prompt {n + 1} is")
+    assert "over prompts.max_prompt_tokens=24" in line and "on_invalid: skip" in line
+    assert not (tmp_path / "run/dataset/manifest.json").exists()
+
+
 def test_yaml_syntax_error_through_the_cli(config, tmp_path):
     path = tmp_path / "broken.yaml"
     path.write_text("teacher:\n  model: x\n  backend: [hf\nprompts: {}\n")
