@@ -53,6 +53,10 @@ class VLLMServerTeacherConfig(_Strict):
     revision: str | None = None
     url: str | None = None
     """Attach to a server already running at this base URL (e.g. http://10.0.0.5:8000); none is started."""
+    urls: list[str] = []
+    """Attach to several servers of the same model; `distill run` spreads the shards over them."""
+    num_servers: int = Field(1, ge=1)
+    """Managed servers `distill run` starts (each on its own free port) and spreads the shards over."""
     served_model_name: str | None = None
     """Model name the attached server expects (default: `model`)."""
     api_key_env: str | None = None
@@ -76,8 +80,22 @@ class VLLMServerTeacherConfig(_Strict):
     """More `vllm serve` flags for a managed server, e.g. ["--enforce-eager"]."""
     trust_remote_code: bool = False
 
+    @model_validator(mode="after")
+    def _one_way_to_reach_servers(self) -> "VLLMServerTeacherConfig":
+        if self.url and self.urls:
+            raise ValueError("set teacher.url (one server) or teacher.urls (several), not both")
+        if self.num_servers > 1 and (self.url or self.urls):
+            raise ValueError("teacher.num_servers starts managed servers; it cannot be combined with teacher.url/urls")
+        if len(set(self.urls)) != len(self.urls):
+            raise ValueError("teacher.urls lists the same server twice")
+        return self
+
+    def endpoints(self) -> list[str]:
+        """Base URLs of the servers to attach to (empty: managed servers are started)."""
+        return [u.rstrip("/") for u in ([self.url] if self.url else self.urls)]
+
     def identity(self) -> dict:
-        """Fields that change the outputs (the URL, key, concurrency and retries do not: seeds are per request)."""
+        """Fields that change the outputs (URLs, server count, key, concurrency and retries do not: seeds are per request)."""
         return self.model_dump(include={"backend", "model", "revision", "dtype", "max_model_len", "tensor_parallel_size",
                                         "extra_args"})
 

@@ -23,9 +23,9 @@ def preflight(cfg: RunConfig, stages: list[str] | tuple[str, ...]) -> None:
         raise ConfigError("the eval stage needs held-out prompts: set prompts.heldout_fraction > 0 (e.g. 0.05) "
                           "or run --stages generate,train")
     t = cfg.teacher
-    if "generate" in stages and t.backend == "vllm_server" and not t.url and not Path(t.python).exists():
+    if "generate" in stages and t.backend == "vllm_server" and not t.endpoints() and not Path(t.python).exists():
         raise ConfigError(f"teacher.python {t.python!r} not found: create the vLLM teacher environment with "
-                          "`make teacher-env`, point teacher.python at a Python that has vllm, or set teacher.url")
+                          "`make teacher-env`, point teacher.python at a Python that has vllm, or set teacher.url(s)")
     if cfg.student.model and _local_missing(cfg.student.model):
         raise ConfigError(f"student.model path {cfg.student.model!r} does not exist")
     if "generate" in stages:

@@ -14,7 +14,9 @@ import signal
 import socket
 import subprocess
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -125,6 +127,31 @@ class ManagedServer:
             pass
 
 
+@contextmanager
+def managed_servers(cfg, *, count: int, max_logprobs: int, workdir: Path) -> Iterator[list[ManagedServer]]:
+    """Start `count` servers of `cfg` one after another (each on its own free port, logging to
+    `teacher_server-<i>.log`), yield them once all are healthy, and always stop all of them; a SIGTERM in
+    the main thread becomes SystemExit."""
+    servers: list[ManagedServer] = []
+    while len(servers) < count:
+        server = ManagedServer(cfg, max_logprobs=max_logprobs, log_path=Path(workdir) / f"teacher_server-{len(servers)}.log")
+        if server.port not in {s.port for s in servers}:  # free_port() may hand out a port twice
+            servers.append(server)
+    try:
+        old = signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(SystemExit(143)))
+    except ValueError:  # not the main thread: the caller's handler stays
+        old = None
+    try:
+        for server in servers:  # in this thread: the guard's PR_SET_PDEATHSIG fires when the spawning *thread* exits
+            server.start()
+        yield servers
+    finally:
+        for s in servers:
+            s.stop()
+        if old is not None:
+            signal.signal(signal.SIGTERM, old)
+
+
 def _signal_group(pgid: int, sig: int) -> None:
     try:
         os.killpg(pgid, sig)
@@ -183,8 +210,8 @@ class VLLMServerTeacher:
             if not key:
                 raise TeacherServerError(f"teacher.api_key_env={cfg.api_key_env!r} is set but that environment variable is empty")
             headers["Authorization"] = f"Bearer {key}"
-        if cfg.url:
-            self.url, self.model_name = cfg.url.rstrip("/"), cfg.served_model_name or cfg.model
+        if cfg.endpoints():  # attach; the sequential path uses the first of several servers
+            self.url, self.model_name = cfg.endpoints()[0], cfg.served_model_name or cfg.model
         else:
             log_path = Path(workdir or ".") / "teacher_server.log"
             self.server = ManagedServer(cfg, max_logprobs=max(k, 20), log_path=log_path)
