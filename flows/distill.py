@@ -9,6 +9,7 @@ submits no shard task and never starts the teacher.
 
 from __future__ import annotations
 
+import json
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -17,7 +18,8 @@ from dataclasses import asdict
 from pathlib import Path
 
 from prefect import flow, get_run_logger, task
-from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
+from prefect.runtime import task_run as current_task_run
 from prefect.client.orchestration import get_client
 from prefect.context import TaskRunContext
 from prefect.exceptions import ObjectNotFound
@@ -26,6 +28,7 @@ from prefect.states import State
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from pipeline.config import RunConfig
+from pipeline.dataset.stats import summarize, summary_rows
 from pipeline.dataset.schema import SHARDS_DIR, ShardInfo, shard_name
 from pipeline.dataset.writer import commit_shard, remove_stray_files
 from pipeline.evaluate import evaluate
@@ -167,12 +170,19 @@ def _generate(cfg: RunConfig) -> dict:
             "cached": ran == 0, "endpoints": dict(per_endpoint)}
 
 
-@task(name="train")
-def train_task(cfg: RunConfig, dataset_dir: str) -> dict:
-    """Student trains on the dataset's training split."""
-    result = train_student(cfg, dataset_dir=Path(dataset_dir))
+@task(name="train", retries=1, retry_delay_seconds=5, retry_condition_fn=_retry_on_infrastructure)
+def train_task(cfg: RunConfig, dataset_dir: str, resume: bool = False) -> dict:
+    """Student trains on the dataset's training split; a retry (or `resume`) continues from the last checkpoint."""
+    resume = resume or current_task_run.run_count > 1
+    result = train_student(cfg, dataset_dir=Path(dataset_dir), resume=resume)
     create_table_artifact(key="training-metrics", description=f"student {result.student_dir}",
                           table=[{k: (round(v, 5) if isinstance(v, float) else v) for k, v in asdict(result).items()}])
+    log = json.loads((Path(result.student_dir) / "train_log.json").read_text())
+    create_table_artifact(key="training-curve", description="loss parts and throughput per logged step",
+                          table=[{k: round(v, 5) if isinstance(v, float) else v for k, v in h.items()} for h in log["history"]])
+    curve = (Path(result.student_dir) / "loss_curves.png").resolve()
+    create_link_artifact(key="loss-curves", link=curve.as_uri(), link_text=f"loss curves ({curve})",
+                         description="PNG of CE, KD and total loss against steps, written beside the student")
     return asdict(result)
 
 
@@ -187,7 +197,7 @@ def eval_task(cfg: RunConfig, dataset_dir: str, student_dir: str) -> dict:
 
 
 @flow(name="distill", log_prints=True, task_runner=ThreadPoolTaskRunner(max_workers=16))
-def distill_flow(cfg: RunConfig, stages: list[str] = list(STAGES)) -> dict:
+def distill_flow(cfg: RunConfig, stages: list[str] = list(STAGES), resume: bool = False) -> dict:
     """Run the requested stages of one distillation run; returns per-stage results and timings."""
     logger = get_run_logger()
     unknown = set(stages) - set(STAGES)
@@ -206,9 +216,12 @@ def distill_flow(cfg: RunConfig, stages: list[str] = list(STAGES)) -> dict:
              "temperature": cfg.generate.temperature, "seconds": round(gen["seconds"], 1),
              "teacher seconds": round(gen["teacher_seconds"], 1),
              "endpoints": ", ".join(f"{u}: {n}" for u, n in gen["endpoints"].items()) or "-"}])
+        # what `distill inspect` prints: coverage, entropy, k for 90/95/99% of the mass, sampled ranks
+        create_table_artifact(key="dataset-inspect", description=f"distill inspect {dataset_dir}",
+                              table=summary_rows(summarize(Path(dataset_dir))))
     if "train" in stages:
         t0 = time.perf_counter()
-        out["train"] = train_task(cfg, dataset_dir)
+        out["train"] = train_task(cfg, dataset_dir, resume=resume)
         out["seconds"]["train"] = time.perf_counter() - t0
         student_dir = out["train"]["student_dir"]
     if "eval" in stages:

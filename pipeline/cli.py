@@ -76,6 +76,7 @@ def main(debug: Annotated[bool, typer.Option("--debug", help="Show full tracebac
 
 @app.command()
 def run(config: ConfigArg, stages: Annotated[str, typer.Option(help="Comma-separated: generate,train,eval.")] = "generate,train,eval",
+        resume: Annotated[bool, typer.Option(help="Train from the newest good checkpoint of an interrupted run.")] = False,
         set_: SetOpt = None) -> None:
     """Run the Prefect flow (ephemeral local API unless PREFECT_API_URL is set)."""
     cfg = _config(config, set_)
@@ -94,7 +95,7 @@ def run(config: ConfigArg, stages: Annotated[str, typer.Option(help="Comma-separ
     logging.getLogger("pipeline").setLevel(logging.INFO)
     from flows.distill import distill_flow
 
-    out = _run(distill_flow, cfg, stages=wanted)
+    out = _run(distill_flow, cfg, stages=wanted, resume=resume)
     print_summary(out)
 
 

@@ -17,6 +17,14 @@ def prefect_api(tmp_path_factory):
         yield
 
 
+def _artifacts() -> dict:
+    """The newest artifact of each key on the test API."""
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        return {a.key: a for a in client.read_artifacts(limit=100)}
+
+
 def _no_teacher(monkeypatch):
     from pipeline.teachers.hf import HFTeacher
 
@@ -34,6 +42,13 @@ def test_flow_end_to_end_then_student_only_reruns(make_config, tmp_path, monkeyp
     metrics = json.loads(cfg.metrics_path.read_text())
     assert metrics["student"]["kl"] > 0 and "accuracy" in metrics["teacher"]
     assert (cfg.student_dir / "model.safetensors").is_file() and (cfg.dataset_dir / "manifest.json").is_file()
+    arts = _artifacts()
+    inspect_rows = {(r["group"], r["metric"]): r["value"] for r in json.loads(arts["dataset-inspect"].data)}
+    assert inspect_rows[("dataset", "samples")] == "96"
+    curve = json.loads(arts["training-curve"].data)
+    assert [r["step"] for r in curve] == list(range(1, 7)) and all(r["loss"] > 0 for r in curve)
+    assert arts["loss-curves"].data.startswith("[") and str((cfg.student_dir / "loss_curves.png").resolve()) in arts["loss-curves"].data
+    assert {"training-metrics", "evaluation", "dataset-summary", "run-outputs"} <= set(arts)
 
     _no_teacher(monkeypatch)  # from here on, starting the teacher fails the test
     first_weights = (cfg.student_dir / "model.safetensors").read_bytes()
