@@ -155,7 +155,8 @@ class Rows:
     def from_table(table: pa.Table, k: int) -> "Rows":
         """Zero-copy where Arrow allows; slices and filtered tables are handled by rebasing the offsets."""
         def flat(name: str, depth: int) -> tuple[np.ndarray, np.ndarray]:
-            arr = table[name].combine_chunks()
+            col = table[name]
+            arr = col.chunk(0) if col.num_chunks == 1 else col.combine_chunks()  # combine_chunks copies even one chunk
             offsets = arr.offsets.to_numpy().astype(np.int64)
             for _ in range(depth):
                 arr = arr.flatten()
@@ -171,7 +172,8 @@ class Rows:
         """The samples at `idx`, in that order (one vectorised gather per column)."""
         p_src, p_off = _gather_ranges(self.prompt_offsets, idx)
         c_src, c_off = _gather_ranges(self.completion_offsets, idx)
-        return Rows(self.prompt[p_src], p_off, self.completion[c_src], c_off, self.topk_ids[c_src], self.topk_logprobs[c_src])
+        return Rows(self.prompt[p_src], p_off, self.completion[c_src], c_off,
+                    np.take(self.topk_ids, c_src, axis=0), np.take(self.topk_logprobs, c_src, axis=0))
 
     def slice(self, lo: int, hi: int) -> "Rows":
         """Samples [lo, hi) as views."""
@@ -181,20 +183,33 @@ class Rows:
                     self.completion_offsets[lo:hi + 1] - c0, self.topk_ids[c0:c1], self.topk_logprobs[c0:c1])
 
     @staticmethod
-    def concat(parts: list["Rows"]) -> "Rows":
+    def concat(parts: list["Rows"], scratch: dict[str, np.ndarray] | None = None) -> "Rows":
+        """The parts one after the other. With `scratch`, the flat arrays are written into buffers kept there
+        (grown as needed) and the result is a view of them, valid until the next concat with that scratch."""
         def offsets(name: str) -> np.ndarray:
             offs = [getattr(r, name) for r in parts]
             starts = np.cumsum([0] + [o[-1] for o in offs[:-1]])
             return np.concatenate([offs[0][:1]] + [o[1:] + s for o, s in zip(offs, starts)])
 
-        return Rows(np.concatenate([r.prompt for r in parts]), offsets("prompt_offsets"),
-                    np.concatenate([r.completion for r in parts]), offsets("completion_offsets"),
-                    np.concatenate([r.topk_ids for r in parts]), np.concatenate([r.topk_logprobs for r in parts]))
+        def join(name: str) -> np.ndarray:
+            arrays = [getattr(r, name) for r in parts]
+            if scratch is None:
+                return np.concatenate(arrays)
+            n, first = sum(len(a) for a in arrays), arrays[0]
+            buf = scratch.get(name)
+            if buf is None or len(buf) < n or buf.dtype != first.dtype or buf.shape[1:] != first.shape[1:]:
+                buf = scratch[name] = np.empty((n * 5 // 4,) + first.shape[1:], first.dtype)  # room for larger windows
+            return np.concatenate(arrays, out=buf[:n])
+
+        return Rows(join("prompt"), offsets("prompt_offsets"), join("completion"), offsets("completion_offsets"),
+                    join("topk_ids"), join("topk_logprobs"))
 
 
 def _gather_ranges(offsets: np.ndarray, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Flat source positions of the ranges of samples `idx`, and the offsets of the gathered result."""
-    starts, lengths = offsets[idx], offsets[np.asarray(idx) + 1] - offsets[idx]
+    idx = np.asarray(idx)
+    starts = offsets[idx]
+    lengths = offsets[idx + 1] - starts
     out = np.zeros(len(lengths) + 1, dtype=np.int64)
     np.cumsum(lengths, out=out[1:])
     return np.repeat(starts - out[:-1], lengths) + np.arange(out[-1]), out
@@ -202,24 +217,68 @@ def _gather_ranges(offsets: np.ndarray, idx: np.ndarray) -> tuple[np.ndarray, np
 
 def collate_rows(rows: Rows, pad_id: int) -> Batch:
     """Padded batch of all `rows`, vectorised over the offsets (no per-sample Python loop)."""
-    n = len(rows)
-    p_len, c_len = np.diff(rows.prompt_offsets), np.diff(rows.completion_offsets)
+    return _collate(rows, None, pad_id)
+
+
+def _collate(rows: Rows, idx: np.ndarray | None, pad_id: int) -> Batch:
+    """Padded batch of the samples `idx` of `rows` (all of them if None), gathered straight into the batch
+    tensors: the stream's path, with no intermediate per-batch `Rows`. Outputs never share memory with `rows`."""
+    p_start, c_start = rows.prompt_offsets[:-1], rows.completion_offsets[:-1]
+    p_len, c_len = rows.prompt_offsets[1:] - p_start, rows.completion_offsets[1:] - c_start
+    if idx is not None:
+        p_start, c_start, p_len, c_len = p_start[idx], c_start[idx], p_len[idx], c_len[idx]
+    n = len(p_len)
     if n and p_len.min() < 1:
         raise ValueError("every sample needs at least one prompt token (the position that predicts its first completion token)")
     seq = p_len + c_len
     width = int(seq.max()) if n else 0
-    input_ids = np.full((n, width), pad_id, dtype=np.int64)
-    p_row = np.repeat(np.arange(n), p_len)
-    input_ids[p_row, np.arange(len(p_row)) - rows.prompt_offsets[p_row]] = rows.prompt
-    c_row = np.repeat(np.arange(n), c_len)
-    c_col = np.arange(len(c_row)) - rows.completion_offsets[c_row] + p_len[c_row]
-    input_ids[c_row, c_col] = rows.completion
-    loss_mask = np.zeros((n, width), dtype=bool)
-    loss_mask[c_row, c_col - 1] = True  # position t predicts token t+1
+    p_row, c_row = np.repeat(np.arange(n), p_len), np.repeat(np.arange(n), c_len)
+    p_out, c_out = np.zeros(n + 1, np.int64), np.zeros(n + 1, np.int64)
+    np.cumsum(p_len, out=p_out[1:])
+    np.cumsum(c_len, out=c_out[1:])
+    p_within = np.arange(len(p_row)) - p_out[p_row]
+    c_within = np.arange(len(c_row)) - c_out[c_row]
+    if idx is None:  # contiguous: sources as they are, converted (copied) once
+        prompt = rows.prompt
+        labels = rows.completion.astype(np.int64)
+        topk_ids = rows.topk_ids.astype(np.int64)
+        topk_lp = rows.topk_logprobs.astype(np.float32)
+    else:
+        c_src = c_start[c_row] + c_within
+        prompt = rows.prompt[p_start[p_row] + p_within]
+        labels = rows.completion[c_src].astype(np.int64)
+        topk_ids = np.take(rows.topk_ids, c_src, axis=0).astype(np.int64)
+        topk_lp = np.take(rows.topk_logprobs, c_src, axis=0).astype(np.float32, copy=False)  # the take is already a copy
+    flat_ids = np.full(n * width, pad_id, dtype=np.int64)
+    flat_ids[p_row * width + p_within] = prompt
+    c_pos = c_row * width + p_len[c_row] + c_within
+    flat_ids[c_pos] = labels
+    loss_mask = np.zeros(n * width, dtype=bool)
+    loss_mask[c_pos - 1] = True  # position t predicts token t+1
     attention = (np.arange(width)[None, :] < seq[:, None]).astype(np.int64)
-    return Batch(torch.from_numpy(input_ids), torch.from_numpy(attention), torch.from_numpy(loss_mask),
-                 torch.from_numpy(rows.completion.astype(np.int64)), torch.from_numpy(rows.topk_ids.astype(np.int64)),
-                 torch.from_numpy(rows.topk_logprobs.astype(np.float32)))
+    return Batch(torch.from_numpy(flat_ids.reshape(n, width)), torch.from_numpy(attention),
+                 torch.from_numpy(loss_mask.reshape(n, width)), torch.from_numpy(labels), torch.from_numpy(topk_ids),
+                 torch.from_numpy(topk_lp))
+
+
+_HEX = np.full(256, -1, dtype=np.int64)
+_HEX[np.frombuffer(b"0123456789", np.uint8)] = np.arange(10)
+_HEX[np.frombuffer(b"abcdef", np.uint8)] = np.arange(10, 16)
+_HEX[np.frombuffer(b"ABCDEF", np.uint8)] = np.arange(10, 16)
+
+
+def _heldout_mask(ids: pa.Array, fraction: float) -> np.ndarray:
+    """`is_heldout` for every id of a string column, vectorised over the ids' first 8 hex digits (the rule it applies)."""
+    if fraction <= 0 or len(ids) == 0:
+        return np.zeros(len(ids), dtype=bool)
+    if pa.types.is_string(ids.type) and ids.null_count == 0:
+        offsets = np.frombuffer(ids.buffers()[1], np.int32)[ids.offset:ids.offset + len(ids) + 1]
+        if (np.diff(offsets) >= 8).all():
+            nibbles = _HEX[np.frombuffer(ids.buffers()[2], np.uint8)[offsets[:-1, None] + np.arange(8)]]
+            if (nibbles >= 0).all():
+                value = (nibbles << np.arange(28, -1, -4)).sum(axis=1)
+                return value / 0x100000000 < fraction
+    return np.fromiter((is_heldout(pid, fraction) for pid in ids.to_pylist()), bool, len(ids))  # ids it cannot parse
 
 
 @dataclass(frozen=True, eq=False)
@@ -264,9 +323,13 @@ class TrainStream:
         verify_shards(self.dataset_dir, self.manifest)
         self.split, self.batch_size, self.pad_id, self.seed, self.shuffle_rows = split, batch_size, pad_id, seed, shuffle_rows
         self.k = self.manifest.k
-        self.units = [_Unit(path, rg, self._keep(pf.read_row_group(rg, columns=["prompt_id"])))
-                      for path in shard_paths(self.dataset_dir, self.manifest)
-                      for pf in [pq.ParquetFile(path)] for rg in range(pf.metadata.num_row_groups)]
+        self._footers: dict[Path, pq.FileMetaData] = {}  # parsed once; reopening a shard then skips its footer
+        self.units = []
+        for path in shard_paths(self.dataset_dir, self.manifest):
+            pf = pq.ParquetFile(path)
+            self._footers[path] = pf.metadata
+            self.units += [_Unit(path, rg, self._keep(pf.read_row_group(rg, columns=["prompt_id"], use_threads=False)))
+                           for rg in range(pf.metadata.num_row_groups)]
         self.num_samples = sum(u.kept for u in self.units)
         if self.num_samples == 0:
             raise ValueError(f"{dataset_dir}: no {split} samples (all prompts on the other side of the split?)")
@@ -276,8 +339,8 @@ class TrainStream:
     def _keep(self, table: pa.Table) -> np.ndarray:
         if self.split == "all":
             return np.ones(table.num_rows, dtype=bool)
-        want, frac = self.split == "heldout", self.manifest.heldout_fraction
-        return np.fromiter((is_heldout(pid, frac) == want for pid in table["prompt_id"].to_pylist()), bool, table.num_rows)
+        held = _heldout_mask(table["prompt_id"].combine_chunks(), self.manifest.heldout_fraction)
+        return held if self.split == "heldout" else ~held
 
     def windows(self, epoch: int) -> list[list[_Unit]]:
         """Epoch `epoch`'s row groups, in order, grouped into shuffle windows."""
@@ -291,35 +354,57 @@ class TrainStream:
                 cur, rows = [], 0
         return out + [cur] if cur else out
 
-    def _read_window(self, epoch: int, index: int, units: list[_Unit]) -> Rows:
-        """The window's split rows, shuffled: one copy to join the row groups, one for the gather."""
-        parts = [Rows.from_table(pq.ParquetFile(u.path).read_row_group(u.row_group, columns=STREAM_COLUMNS), self.k)
-                 for u in units]
+    def _read_unit(self, unit: _Unit) -> Rows:
+        """One row group's stream columns, every row (Parquet cannot skip the other split's rows inside a page)."""
+        pf = pq.ParquetFile(unit.path, metadata=self._footers[unit.path])
+        return Rows.from_table(pf.read_row_group(unit.row_group, columns=STREAM_COLUMNS, use_threads=False), self.k)
+
+    def _window(self, epoch: int, index: int, units: list[_Unit], scratch: dict | None = None) -> tuple[Rows, np.ndarray]:
+        """All rows of the window's row groups (joined: one copy, into `scratch` if given) and the shuffled
+        order of its split rows."""
+        parts = [self._read_unit(u) for u in units]
         kept = np.flatnonzero(np.concatenate([u.keep for u in units]))
-        rows = Rows.concat(parts) if len(parts) > 1 else parts[0]
-        return rows.take(kept[np.random.default_rng([self.seed, epoch, index]).permutation(len(kept))])
+        rows = Rows.concat(parts, scratch) if len(parts) > 1 else parts[0]
+        return rows, kept[np.random.default_rng([self.seed, epoch, index]).permutation(len(kept))]
+
+    def _read_window(self, epoch: int, index: int, units: list[_Unit]) -> Rows:
+        """The window's split rows, shuffled."""
+        rows, order = self._window(epoch, index, units)
+        return rows.take(order)
 
     def _epoch(self, epoch: int, first_batch: int) -> Iterator[Batch]:
-        skip, seen, b = first_batch * self.batch_size, 0, first_batch
+        # Each batch gathers its samples straight from the joined window (no shuffled copy of the whole
+        # window); fewer than a batch left at a window's end are carried into the next window's first batch.
+        skip, seen, b, size = first_batch * self.batch_size, 0, first_batch, self.batch_size
         pending: Rows | None = None
+        scratch: dict[str, np.ndarray] = {}  # this generator's window buffers: batches and `pending` are copies
         for index, units in enumerate(self.windows(epoch)):
             kept = sum(u.kept for u in units)
             if seen + kept <= skip:  # wholly before the resume point: not even read
                 seen += kept
                 continue
-            rows = self._read_window(epoch, index, units)
+            rows, order = self._window(epoch, index, units, scratch)
             if skip > seen:
-                rows = rows.slice(skip - seen, len(rows))
+                order = order[skip - seen:]
             seen += kept
-            pending = rows if pending is None else Rows.concat([pending, rows])
             lo = 0
-            while len(pending) - lo >= self.batch_size:
-                batch = collate_rows(pending.slice(lo, lo + self.batch_size), self.pad_id)
-                lo += self.batch_size
+            if pending is not None:
+                lo = min(size - len(pending), len(order))
+                pending = Rows.concat([pending, rows.take(order[:lo])])
+                if len(pending) < size:
+                    continue
+                b += 1
+                self.position = {"epoch": epoch, "batch": b}
+                yield _collate(pending, None, self.pad_id)
+                pending = None
+            while len(order) - lo >= size:
+                batch = _collate(rows, order[lo:lo + size], self.pad_id)
+                lo += size
                 b += 1
                 self.position = {"epoch": epoch, "batch": b}
                 yield batch
-            pending = pending.slice(lo, len(pending))
+            if lo < len(order):
+                pending = rows.take(order[lo:])
         if pending is not None and len(pending):
             self.position = {"epoch": epoch, "batch": b + 1}
             yield collate_rows(pending, self.pad_id)
