@@ -94,7 +94,8 @@ def child(dataset: Path, batch_size: int, mode: str) -> dict:
     import pandas  # noqa: F401  (pyarrow imports it on first read; keep that out of the timing)
     import torch
 
-    from pipeline.dataset.reader import TrainStream, collate, load_samples
+    from pipeline.dataset.reader import collate, load_samples
+    from pipeline.dataset.stream import TrainStream
 
     pa.set_cpu_count(1)
     pa.set_io_thread_count(1)
@@ -127,7 +128,8 @@ def collate_throughput(dataset: Path, batch_size: int, repeats: int = 3) -> dict
     and Parquet decoding alone (the stream's columns, every row group once), the ceiling for the stream."""
     import torch
 
-    from pipeline.dataset.reader import STREAM_COLUMNS, TrainStream, collate, collate_rows, load_samples
+    from pipeline.dataset.reader import collate, load_samples
+    from pipeline.dataset.stream import STREAM_COLUMNS, TrainStream, collate_rows
 
     torch.set_num_threads(1)
     pa.set_cpu_count(1)

@@ -20,6 +20,7 @@ import torch
 from safetensors.torch import load_model, save_model
 
 from pipeline.dataset.schema import sha256_file
+from pipeline.dataset.writer import fsync_dir
 
 log = logging.getLogger(__name__)
 
@@ -41,14 +42,6 @@ class Checkpoint:
 
 def checkpoint_root(student_dir: Path) -> Path:
     return Path(student_dir) / CHECKPOINTS
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def save_checkpoint(root: Path, step: int, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
@@ -76,7 +69,7 @@ def save_checkpoint(root: Path, step: int, *, model: torch.nn.Module, optimizer:
     if final.exists():  # a step saved again after a resume from an older checkpoint
         shutil.rmtree(final)
     os.replace(tmp, final)
-    _fsync_dir(root)
+    fsync_dir(root)
     for old in _step_dirs(root)[keep:]:
         shutil.rmtree(old, ignore_errors=True)
     return final

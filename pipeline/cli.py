@@ -74,18 +74,24 @@ def main(debug: Annotated[bool, typer.Option("--debug", help="Show full tracebac
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
 
+def _stages(stages: str) -> list[str]:
+    """The comma-separated --stages list, each checked against the flow's stages."""
+    from flows.distill import STAGES
+
+    wanted = [s.strip() for s in stages.split(",") if s.strip()]
+    bad = [s for s in wanted if s not in STAGES]
+    if bad:
+        _fail(f"unknown stage {bad[0]!r}; choose from {', '.join(STAGES)}")
+    return wanted
+
+
 @app.command()
 def run(config: ConfigArg, stages: Annotated[str, typer.Option(help="Comma-separated: generate,train,eval.")] = "generate,train,eval",
         resume: Annotated[bool, typer.Option(help="Train from the newest good checkpoint of an interrupted run.")] = False,
         set_: SetOpt = None) -> None:
     """Run the Prefect flow (ephemeral local API unless PREFECT_API_URL is set)."""
     cfg = _config(config, set_)
-    wanted = [s.strip() for s in stages.split(",") if s.strip()]
-    from flows.distill import STAGES
-
-    bad = [s for s in wanted if s not in STAGES]
-    if bad:
-        _fail(f"unknown stage {bad[0]!r}; choose from {', '.join(STAGES)}")
+    wanted = _stages(stages)
     from pipeline.preflight import preflight
 
     _run(preflight, cfg, wanted)
@@ -108,12 +114,7 @@ def schedule(config: ConfigArg,
              set_: SetOpt = None) -> None:
     """Serve the flow as deployment distill/NAME on a schedule; runs execute here until Ctrl-C (needs PREFECT_API_URL)."""
     cfg = _config(config, set_)
-    wanted = [s.strip() for s in stages.split(",") if s.strip()]
-    from flows.distill import STAGES
-
-    bad = [s for s in wanted if s not in STAGES]
-    if bad:
-        _fail(f"unknown stage {bad[0]!r}; choose from {', '.join(STAGES)}")
+    wanted = _stages(stages)
     from flows.deploy import build_deployment, make_schedule, require_server, serve_deployment
     from pipeline.preflight import preflight
 

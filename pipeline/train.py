@@ -4,7 +4,7 @@ An explicit loop (nanoGPT-style): AdamW, warmup + cosine, gradient accumulation 
 denominator, clipping, optional gradient checkpointing, and resumable checkpoints. The LM head runs
 only on completion positions, in chunks (see losses.py), so no B x T x V logits tensor exists. The same
 function runs single-process or under `accelerate launch` / `torchrun` (DDP: each rank takes every
-world-th micro-batch of one seeded, resumable stream (pipeline/dataset/reader.py), so N ranks equal one rank with N-times the accumulation).
+world-th micro-batch of one seeded, resumable stream (pipeline/dataset/stream.py), so N ranks equal one rank with N-times the accumulation).
 """
 
 from __future__ import annotations
@@ -24,7 +24,8 @@ import torch
 from pipeline.checkpoint import (CheckpointMismatchError, checkpoint_root, clear, latest_checkpoint, restore,
                                  save_checkpoint)
 from pipeline.config import RunConfig, StudentConfig, TrainConfig
-from pipeline.dataset.reader import Batch, TrainStream
+from pipeline.dataset.reader import Batch
+from pipeline.dataset.stream import TrainStream
 from pipeline.dataset.schema import read_manifest, stable_id
 from pipeline.losses import LossSums, chunked_distill_loss_sums, combine
 from pipeline.models import ModelLoadError, load_tokenizer, resolve_device, tokenizer_fingerprint

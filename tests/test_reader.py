@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.dataset.reader import Rows, TrainStream, collate, collate_rows, load_samples
+from pipeline.dataset.reader import collate, load_samples
+from pipeline.dataset.stream import Rows, TrainStream, collate_rows
 from pipeline.dataset.schema import Manifest, SamplingRecord, StorageRecord, TeacherRecord, build_table, stable_id
 from pipeline.dataset.writer import commit_shard, write_manifest, write_shard
 from pipeline.prompts import is_heldout
@@ -144,7 +145,7 @@ def test_seeded_batch_order_is_pinned(tmp_path):
 def test_vectorised_heldout_mask_matches_is_heldout():
     import pyarrow as pa
 
-    from pipeline.dataset.reader import _heldout_mask
+    from pipeline.dataset.stream import _heldout_mask
 
     ids = [stable_id("p", i) for i in range(500)] + ["FFFFFFFF00", "00000000", "abc", "7fffffff"]  # "abc": too short, per id
     for fraction in (0.0, 0.1, 0.3, 0.5, 1.0):
@@ -156,7 +157,7 @@ def test_vectorised_heldout_mask_matches_is_heldout():
 
 
 def test_gathering_collate_matches_take_then_collate_rows():
-    from pipeline.dataset.reader import _collate
+    from pipeline.dataset.stream import _collate
 
     rng = np.random.default_rng(1)
     p_len, c_len = rng.integers(1, 5, 30), rng.integers(0, 7, 30)

@@ -52,7 +52,8 @@ def parquet_options(storage: StorageRecord, schema: pa.Schema | None = None) -> 
             "column_encoding": dict(explicit) or None}
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """Make a rename in `path` durable (the directory entry itself is fsynced)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -68,7 +69,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 def write_manifest(dataset_dir: Path, manifest: Manifest) -> None:
@@ -88,7 +89,7 @@ def write_shard(dataset_dir: Path, index: int, table: pa.Table, *, prompts: int,
     with open(tmp, "rb+") as f:
         os.fsync(f.fileno())
     os.replace(tmp, final)
-    _fsync_dir(shards)
+    fsync_dir(shards)
     tokens = int(pc.sum(pc.list_value_length(table["completion_token_ids"])).as_py() or 0)
     return ShardInfo(index=index, file=f"{SHARDS_DIR}/{final.name}", rows=table.num_rows, prompts=prompts,
                      tokens=tokens, bytes=final.stat().st_size, sha256=sha256_file(final))

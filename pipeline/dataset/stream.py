@@ -1,0 +1,306 @@
+"""Stream a dataset's training split row group by row group into padded batches (`TrainStream`).
+
+Memory is bounded by one shuffle window whatever the dataset size, the order is a function of
+(seed, epoch), and a saved `position` resumes with exactly the batches an uninterrupted run gets.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from pipeline.dataset.reader import Batch, shard_paths
+from pipeline.dataset.schema import read_manifest
+from pipeline.dataset.validate import verify_shards
+from pipeline.prompts import is_heldout
+
+STREAM_COLUMNS = ["prompt_token_ids", "completion_token_ids", "topk_token_ids", "topk_logprobs"]
+
+
+@dataclass
+class Rows:
+    """Samples as flat arrays plus offsets: sample r's tokens are `[offsets[r], offsets[r+1])`."""
+
+    prompt: np.ndarray  # int32 [P]
+    prompt_offsets: np.ndarray  # int64 [n+1]
+    completion: np.ndarray  # int32 [C]
+    completion_offsets: np.ndarray  # int64 [n+1]
+    topk_ids: np.ndarray  # int32 [C, k]
+    topk_logprobs: np.ndarray  # float16/32 [C, k]
+
+    def __len__(self) -> int:
+        return len(self.prompt_offsets) - 1
+
+    @staticmethod
+    def from_table(table: pa.Table, k: int) -> "Rows":
+        """Zero-copy where Arrow allows; slices and filtered tables are handled by rebasing the offsets."""
+        def flat(name: str, depth: int) -> tuple[np.ndarray, np.ndarray]:
+            col = table[name]
+            arr = col.chunk(0) if col.num_chunks == 1 else col.combine_chunks()  # combine_chunks copies even one chunk
+            offsets = arr.offsets.to_numpy().astype(np.int64)
+            for _ in range(depth):
+                arr = arr.flatten()
+            return arr.to_numpy(zero_copy_only=False), offsets - offsets[0]
+
+        prompt, p_off = flat("prompt_token_ids", 1)
+        completion, c_off = flat("completion_token_ids", 1)
+        ids, _ = flat("topk_token_ids", 2)
+        lp, _ = flat("topk_logprobs", 2)
+        return Rows(prompt, p_off, completion, c_off, ids.reshape(-1, k), lp.reshape(-1, k))
+
+    def take(self, idx: np.ndarray) -> "Rows":
+        """The samples at `idx`, in that order (one vectorised gather per column)."""
+        p_src, p_off = _gather_ranges(self.prompt_offsets, idx)
+        c_src, c_off = _gather_ranges(self.completion_offsets, idx)
+        return Rows(self.prompt[p_src], p_off, self.completion[c_src], c_off,
+                    np.take(self.topk_ids, c_src, axis=0), np.take(self.topk_logprobs, c_src, axis=0))
+
+    def slice(self, lo: int, hi: int) -> "Rows":
+        """Samples [lo, hi) as views."""
+        p0, p1 = self.prompt_offsets[lo], self.prompt_offsets[hi]
+        c0, c1 = self.completion_offsets[lo], self.completion_offsets[hi]
+        return Rows(self.prompt[p0:p1], self.prompt_offsets[lo:hi + 1] - p0, self.completion[c0:c1],
+                    self.completion_offsets[lo:hi + 1] - c0, self.topk_ids[c0:c1], self.topk_logprobs[c0:c1])
+
+    @staticmethod
+    def concat(parts: list["Rows"], scratch: dict[str, np.ndarray] | None = None) -> "Rows":
+        """The parts one after the other. With `scratch`, the flat arrays are written into buffers kept there
+        (grown as needed) and the result is a view of them, valid until the next concat with that scratch."""
+        def offsets(name: str) -> np.ndarray:
+            offs = [getattr(r, name) for r in parts]
+            starts = np.cumsum([0] + [o[-1] for o in offs[:-1]])
+            return np.concatenate([offs[0][:1]] + [o[1:] + s for o, s in zip(offs, starts)])
+
+        def join(name: str) -> np.ndarray:
+            arrays = [getattr(r, name) for r in parts]
+            if scratch is None:
+                return np.concatenate(arrays)
+            n, first = sum(len(a) for a in arrays), arrays[0]
+            buf = scratch.get(name)
+            if buf is None or len(buf) < n or buf.dtype != first.dtype or buf.shape[1:] != first.shape[1:]:
+                buf = scratch[name] = np.empty((n * 5 // 4,) + first.shape[1:], first.dtype)  # room for larger windows
+            return np.concatenate(arrays, out=buf[:n])
+
+        return Rows(join("prompt"), offsets("prompt_offsets"), join("completion"), offsets("completion_offsets"),
+                    join("topk_ids"), join("topk_logprobs"))
+
+
+def _gather_ranges(offsets: np.ndarray, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Flat source positions of the ranges of samples `idx`, and the offsets of the gathered result."""
+    idx = np.asarray(idx)
+    starts = offsets[idx]
+    lengths = offsets[idx + 1] - starts
+    out = np.zeros(len(lengths) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=out[1:])
+    return np.repeat(starts - out[:-1], lengths) + np.arange(out[-1]), out
+
+
+def collate_rows(rows: Rows, pad_id: int) -> Batch:
+    """Padded batch of all `rows`, vectorised over the offsets (no per-sample Python loop)."""
+    return _collate(rows, None, pad_id)
+
+
+def _collate(rows: Rows, idx: np.ndarray | None, pad_id: int) -> Batch:
+    """Padded batch of the samples `idx` of `rows` (all of them if None), gathered straight into the batch
+    tensors: the stream's path, with no intermediate per-batch `Rows`. Outputs never share memory with `rows`."""
+    p_start, c_start = rows.prompt_offsets[:-1], rows.completion_offsets[:-1]
+    p_len, c_len = rows.prompt_offsets[1:] - p_start, rows.completion_offsets[1:] - c_start
+    if idx is not None:
+        p_start, c_start, p_len, c_len = p_start[idx], c_start[idx], p_len[idx], c_len[idx]
+    n = len(p_len)
+    if n and p_len.min() < 1:
+        raise ValueError("every sample needs at least one prompt token (the position that predicts its first completion token)")
+    seq = p_len + c_len
+    width = int(seq.max()) if n else 0
+    p_row, c_row = np.repeat(np.arange(n), p_len), np.repeat(np.arange(n), c_len)
+    p_out, c_out = np.zeros(n + 1, np.int64), np.zeros(n + 1, np.int64)
+    np.cumsum(p_len, out=p_out[1:])
+    np.cumsum(c_len, out=c_out[1:])
+    p_within = np.arange(len(p_row)) - p_out[p_row]
+    c_within = np.arange(len(c_row)) - c_out[c_row]
+    if idx is None:  # contiguous: sources as they are, converted (copied) once
+        prompt = rows.prompt
+        labels = rows.completion.astype(np.int64)
+        topk_ids = rows.topk_ids.astype(np.int64)
+        topk_lp = rows.topk_logprobs.astype(np.float32)
+    else:
+        c_src = c_start[c_row] + c_within
+        prompt = rows.prompt[p_start[p_row] + p_within]
+        labels = rows.completion[c_src].astype(np.int64)
+        topk_ids = np.take(rows.topk_ids, c_src, axis=0).astype(np.int64)
+        topk_lp = np.take(rows.topk_logprobs, c_src, axis=0).astype(np.float32, copy=False)  # the take is already a copy
+    flat_ids = np.full(n * width, pad_id, dtype=np.int64)
+    flat_ids[p_row * width + p_within] = prompt
+    c_pos = c_row * width + p_len[c_row] + c_within
+    flat_ids[c_pos] = labels
+    loss_mask = np.zeros(n * width, dtype=bool)
+    loss_mask[c_pos - 1] = True  # position t predicts token t+1
+    attention = (np.arange(width)[None, :] < seq[:, None]).astype(np.int64)
+    return Batch(torch.from_numpy(flat_ids.reshape(n, width)), torch.from_numpy(attention),
+                 torch.from_numpy(loss_mask.reshape(n, width)), torch.from_numpy(labels), torch.from_numpy(topk_ids),
+                 torch.from_numpy(topk_lp))
+
+
+_HEX = np.full(256, -1, dtype=np.int64)
+_HEX[np.frombuffer(b"0123456789", np.uint8)] = np.arange(10)
+_HEX[np.frombuffer(b"abcdef", np.uint8)] = np.arange(10, 16)
+_HEX[np.frombuffer(b"ABCDEF", np.uint8)] = np.arange(10, 16)
+
+
+def _heldout_mask(ids: pa.Array, fraction: float) -> np.ndarray:
+    """`is_heldout` for every id of a string column, vectorised over the ids' first 8 hex digits (the rule it applies)."""
+    if fraction <= 0 or len(ids) == 0:
+        return np.zeros(len(ids), dtype=bool)
+    if pa.types.is_string(ids.type) and ids.null_count == 0:
+        offsets = np.frombuffer(ids.buffers()[1], np.int32)[ids.offset:ids.offset + len(ids) + 1]
+        if (np.diff(offsets) >= 8).all():
+            nibbles = _HEX[np.frombuffer(ids.buffers()[2], np.uint8)[offsets[:-1, None] + np.arange(8)]]
+            if (nibbles >= 0).all():
+                value = (nibbles << np.arange(28, -1, -4)).sum(axis=1)
+                return value / 0x100000000 < fraction
+    return np.fromiter((is_heldout(pid, fraction) for pid in ids.to_pylist()), bool, len(ids))  # ids it cannot parse
+
+
+@dataclass(frozen=True, eq=False)
+class _Unit:
+    """One row group of one shard, and which of its rows belong to the stream's split (one byte a row)."""
+
+    path: Path
+    row_group: int
+    keep: np.ndarray  # bool [rows]
+
+    @property
+    def rows(self) -> int:
+        return len(self.keep)
+
+    @property
+    def kept(self) -> int:
+        return int(self.keep.sum())
+
+
+class TrainStream:
+    """Endless, seeded, resumable padded batches of one split, streamed one row group at a time.
+
+    Epoch e: row groups in an order drawn from (seed, e), grouped into windows of >= `shuffle_rows`
+    rows; each window's split rows are shuffled (seed, e, window) and cut into batches that run on
+    across windows. Every sample appears exactly once per epoch (the last batch of an epoch may be
+    short). Memory holds about one window, whatever the dataset size. `position` after each yielded
+    batch is `{"epoch": e, "batch": i}` (next batch to yield); `batches(start=position)` resumes with
+    exactly the batches the uninterrupted stream would have given, reading (not collating) only the
+    window where it resumes.
+    """
+
+    def __init__(self, dataset_dir: Path, *, split: str = "train", batch_size: int, pad_id: int, seed: int = 0,
+                 shuffle_rows: int = 4096):
+        if split not in ("train", "heldout", "all"):
+            raise ValueError(f"split must be train, heldout or all, got {split!r}")
+        if batch_size < 1 or shuffle_rows < 1:
+            raise ValueError("batch_size and shuffle_rows must be >= 1")
+        self.dataset_dir = Path(dataset_dir)
+        self.manifest = read_manifest(self.dataset_dir)
+        if not self.manifest.shards:
+            raise ValueError(f"{dataset_dir}: the dataset has no committed shards yet; run the generate stage")
+        verify_shards(self.dataset_dir, self.manifest)
+        self.split, self.batch_size, self.pad_id, self.seed, self.shuffle_rows = split, batch_size, pad_id, seed, shuffle_rows
+        self.k = self.manifest.k
+        self._footers: dict[Path, pq.FileMetaData] = {}  # parsed once; reopening a shard then skips its footer
+        self.units = []
+        for path in shard_paths(self.dataset_dir, self.manifest):
+            pf = pq.ParquetFile(path)
+            self._footers[path] = pf.metadata
+            self.units += [_Unit(path, rg, self._keep(pf.read_row_group(rg, columns=["prompt_id"], use_threads=False)))
+                           for rg in range(pf.metadata.num_row_groups)]
+        self.num_samples = sum(u.kept for u in self.units)
+        if self.num_samples == 0:
+            raise ValueError(f"{dataset_dir}: no {split} samples (all prompts on the other side of the split?)")
+        self.batches_per_epoch = -(-self.num_samples // batch_size)
+        self.position: dict = {"epoch": 0, "batch": 0}
+
+    def _keep(self, table: pa.Table) -> np.ndarray:
+        if self.split == "all":
+            return np.ones(table.num_rows, dtype=bool)
+        held = _heldout_mask(table["prompt_id"].combine_chunks(), self.manifest.heldout_fraction)
+        return held if self.split == "heldout" else ~held
+
+    def windows(self, epoch: int) -> list[list[_Unit]]:
+        """Epoch `epoch`'s row groups, in order, grouped into shuffle windows."""
+        order = np.random.default_rng([self.seed, epoch]).permutation(len(self.units))
+        out, cur, rows = [], [], 0
+        for i in order:
+            cur.append(self.units[i])
+            rows += self.units[i].rows
+            if rows >= self.shuffle_rows:
+                out.append(cur)
+                cur, rows = [], 0
+        return out + [cur] if cur else out
+
+    def _read_unit(self, unit: _Unit) -> Rows:
+        """One row group's stream columns, every row (Parquet cannot skip the other split's rows inside a page)."""
+        pf = pq.ParquetFile(unit.path, metadata=self._footers[unit.path])
+        return Rows.from_table(pf.read_row_group(unit.row_group, columns=STREAM_COLUMNS, use_threads=False), self.k)
+
+    def _window(self, epoch: int, index: int, units: list[_Unit], scratch: dict | None = None) -> tuple[Rows, np.ndarray]:
+        """All rows of the window's row groups (joined: one copy, into `scratch` if given) and the shuffled
+        order of its split rows."""
+        parts = [self._read_unit(u) for u in units]
+        kept = np.flatnonzero(np.concatenate([u.keep for u in units]))
+        rows = Rows.concat(parts, scratch) if len(parts) > 1 else parts[0]
+        return rows, kept[np.random.default_rng([self.seed, epoch, index]).permutation(len(kept))]
+
+    def _read_window(self, epoch: int, index: int, units: list[_Unit]) -> Rows:
+        """The window's split rows, shuffled."""
+        rows, order = self._window(epoch, index, units)
+        return rows.take(order)
+
+    def _epoch(self, epoch: int, first_batch: int) -> Iterator[Batch]:
+        # Each batch gathers its samples straight from the joined window (no shuffled copy of the whole
+        # window); fewer than a batch left at a window's end are carried into the next window's first batch.
+        skip, seen, b, size = first_batch * self.batch_size, 0, first_batch, self.batch_size
+        pending: Rows | None = None
+        scratch: dict[str, np.ndarray] = {}  # this generator's window buffers: batches and `pending` are copies
+        for index, units in enumerate(self.windows(epoch)):
+            kept = sum(u.kept for u in units)
+            if seen + kept <= skip:  # wholly before the resume point: not even read
+                seen += kept
+                continue
+            rows, order = self._window(epoch, index, units, scratch)
+            if skip > seen:
+                order = order[skip - seen:]
+            seen += kept
+            lo = 0
+            if pending is not None:
+                lo = min(size - len(pending), len(order))
+                pending = Rows.concat([pending, rows.take(order[:lo])])
+                if len(pending) < size:
+                    continue
+                b += 1
+                self.position = {"epoch": epoch, "batch": b}
+                yield _collate(pending, None, self.pad_id)
+                pending = None
+            while len(order) - lo >= size:
+                batch = _collate(rows, order[lo:lo + size], self.pad_id)
+                lo += size
+                b += 1
+                self.position = {"epoch": epoch, "batch": b}
+                yield batch
+            if lo < len(order):
+                pending = rows.take(order[lo:])
+        if pending is not None and len(pending):
+            self.position = {"epoch": epoch, "batch": b + 1}
+            yield collate_rows(pending, self.pad_id)
+
+    def batches(self, start: dict | None = None) -> Iterator[Batch]:
+        """Batches forever, epoch after epoch, from `start` (a saved `position`) or the beginning."""
+        epoch, batch = (int(start["epoch"]), int(start["batch"])) if start else (0, 0)
+        if not 0 <= batch <= self.batches_per_epoch:
+            raise ValueError(f"position {start} is outside an epoch of {self.batches_per_epoch} batches (another dataset or batch size?)")
+        self.position = {"epoch": epoch, "batch": batch}
+        while True:
+            yield from self._epoch(epoch, batch)
+            epoch, batch = epoch + 1, 0
