@@ -27,11 +27,19 @@ def main() -> int:
         return 1
     child = subprocess.Popen(cmd)  # same process group as us: the group the caller stops
 
+    def exited() -> bool:
+        # Not child.poll(): this handler interrupts child.wait(), which holds the Popen's wait lock, so poll()
+        # would report "running" for the whole grace period.
+        try:
+            return os.waitpid(child.pid, os.WNOHANG)[0] != 0
+        except ChildProcessError:
+            return True
+
     def stop_group(_signum, _frame):
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         os.killpg(0, signal.SIGTERM)
         deadline = time.monotonic() + GRACE_S
-        while child.poll() is None and time.monotonic() < deadline:
+        while not exited() and time.monotonic() < deadline:
             time.sleep(0.2)
         os.killpg(0, signal.SIGKILL)  # engine workers the server left behind, and this guard
 
