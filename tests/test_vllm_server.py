@@ -12,8 +12,8 @@ import torch
 
 from pipeline.config import VLLMServerTeacherConfig
 from pipeline.teachers.base import SamplingSpec
-from pipeline.teachers.vllm_server import (ManagedServer, group_members, TeacherRequestError, TeacherServerError, VLLMServerTeacher,
-                                           parse_choice)
+from pipeline.teachers.vllm_server import (ManagedServer, group_members, gpu_slices, TeacherRequestError, TeacherServerError,
+                                           VLLMServerTeacher, parse_choice)
 
 TEACHER_PYTHON = os.environ.get("DISTILL_TEACHER_PYTHON", str(Path(__file__).parent.parent / ".venv-teacher/bin/python"))
 needs_vllm = pytest.mark.skipif(not Path(TEACHER_PYTHON).exists(),
@@ -51,6 +51,18 @@ def test_parse_choice_sorts_and_keeps_the_sampled_token():
     np.testing.assert_allclose(g.topk_logprobs, [[-0.5, -1.2], [-0.1, -2.5]])
     np.testing.assert_allclose(g.token_logprobs, [-3.0, -0.1])
     assert g.completion_token_ids.tolist() == [7, 3] and g.finish_reason == "stop"
+
+
+def test_managed_servers_get_disjoint_gpus(tmp_path):
+    assert gpu_slices(1, 4, "0,1") == [None]  # one server keeps the caller's devices
+    assert gpu_slices(2, 1, None) == [["0"], ["1"]]
+    assert gpu_slices(2, 2, "4, 5,6,7,8") == [["4", "5"], ["6", "7"]]
+    assert gpu_slices(3, 1, "") == [None, None, None]  # no GPUs: CPU servers, nothing to split
+    with pytest.raises(TeacherServerError, match=r"num_servers=3 x tensor_parallel_size=2 needs 6 GPUs but CUDA_VISIBLE_DEVICES lists 4"):
+        gpu_slices(3, 2, "0,1,2,3")
+    cfg = VLLMServerTeacherConfig(model="m", tensor_parallel_size=2)
+    env = ManagedServer(cfg, max_logprobs=20, log_path=tmp_path / "s.log", devices=["6", "7"]).environment()
+    assert env["CUDA_VISIBLE_DEVICES"] == "6,7" and "PYTHONPATH" not in env
 
 
 @needs_vllm

@@ -43,11 +43,13 @@ def free_port() -> int:
 class ManagedServer:
     """A vLLM OpenAI-compatible server process we start, health-check and always stop."""
 
-    def __init__(self, cfg, *, max_logprobs: int, log_path: Path):
+    def __init__(self, cfg, *, max_logprobs: int, log_path: Path, devices: list[str] | None = None):
         self.cfg, self.max_logprobs, self.log_path = cfg, max_logprobs, Path(log_path)
+        self.devices = devices  # CUDA_VISIBLE_DEVICES for this server; None: inherit ours
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen | None = None
+        self._deadline = 0.0
 
     def command(self) -> list[str]:
         c = self.cfg
@@ -64,18 +66,32 @@ class ManagedServer:
             cmd.append("--trust-remote-code")
         return cmd + list(c.extra_args)
 
+    def environment(self) -> dict[str, str]:
+        """The server's environment: ours, minus PYTHONPATH, plus vLLM settings and this server's GPUs."""
+        env = {**os.environ, "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1"}
+        if self.cfg.cpu_kvcache_space_gb is not None:  # read only by CPU builds of vLLM
+            env["VLLM_CPU_KVCACHE_SPACE"] = str(self.cfg.cpu_kvcache_space_gb)
+        if self.devices is not None:
+            env["CUDA_VISIBLE_DEVICES"] = ",".join(self.devices)
+        env.pop("PYTHONPATH", None)  # our packages must not shadow the teacher environment's
+        return env
+
     @property
     def model_name(self) -> str:
         return self.cfg.served_model_name or "teacher"
 
     def start(self) -> None:
+        """Launch the server and wait until it answers /health."""
+        self.launch()
+        self.wait_healthy()
+
+    def launch(self) -> None:
+        """Spawn the server process (returns at once). Call from the thread that outlives the server: the
+        guard's PR_SET_PDEATHSIG fires when the spawning *thread* exits."""
         if not Path(self.cfg.python).exists():
             raise TeacherServerError(f"teacher python {self.cfg.python!r} not found; create the teacher environment "
                                      "(`make teacher-env`) or set teacher.python / teacher.url")
-        env = {**os.environ, "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1"}
-        if self.cfg.cpu_kvcache_space_gb is not None:  # read only by CPU builds of vLLM
-            env["VLLM_CPU_KVCACHE_SPACE"] = str(self.cfg.cpu_kvcache_space_gb)
-        env.pop("PYTHONPATH", None)  # our packages must not shadow the teacher environment's
+        env = self.environment()
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         log = open(self.log_path, "ab")
         # Own process group, so stop() reaches every child; the guard stops that group if we are killed (-9 included).
@@ -83,8 +99,11 @@ class ManagedServer:
         self.proc = subprocess.Popen(guarded, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                      env=env, start_new_session=True)
         log.close()
-        deadline = time.monotonic() + self.cfg.startup_timeout_s
-        while time.monotonic() < deadline:
+        self._deadline = time.monotonic() + self.cfg.startup_timeout_s
+
+    def wait_healthy(self) -> None:
+        """Block until the launched server answers /health; stop it and raise if it exits or times out."""
+        while time.monotonic() < self._deadline:
             if self.proc.poll() is not None:
                 raise TeacherServerError(f"teacher server exited with code {self.proc.returncode} during start-up: "
                                          f"{self.log_tail()} (log: {self.log_path})")
@@ -127,14 +146,30 @@ class ManagedServer:
             pass
 
 
+def gpu_slices(count: int, tensor_parallel_size: int, visible: str | None) -> list[list[str] | None]:
+    """Disjoint GPU lists for `count` servers of `tensor_parallel_size` GPUs each, taken in order from
+    CUDA_VISIBLE_DEVICES (or 0, 1, ... when unset). One server keeps the caller's devices (None)."""
+    if count == 1 or (visible is not None and not visible.strip()):  # one server, or no GPUs at all (CPU servers)
+        return [None] * count
+    need = count * tensor_parallel_size
+    pool = [d.strip() for d in visible.split(",") if d.strip()] if visible else [str(i) for i in range(need)]
+    if len(pool) < need:
+        raise TeacherServerError(f"teacher.num_servers={count} x tensor_parallel_size={tensor_parallel_size} needs {need} "
+                                 f"GPUs but CUDA_VISIBLE_DEVICES lists {len(pool)} ({visible!r}); lower num_servers or "
+                                 "list more devices")
+    return [pool[i * tensor_parallel_size:(i + 1) * tensor_parallel_size] for i in range(count)]
+
+
 @contextmanager
 def managed_servers(cfg, *, count: int, max_logprobs: int, workdir: Path) -> Iterator[list[ManagedServer]]:
-    """Start `count` servers of `cfg` one after another (each on its own free port, logging to
+    """Start `count` servers of `cfg` side by side (each on its own free port, logging to
     `teacher_server-<i>.log`), yield them once all are healthy, and always stop all of them; a SIGTERM in
     the main thread becomes SystemExit."""
+    devices = gpu_slices(count, cfg.tensor_parallel_size, os.environ.get("CUDA_VISIBLE_DEVICES"))
     servers: list[ManagedServer] = []
     while len(servers) < count:
-        server = ManagedServer(cfg, max_logprobs=max_logprobs, log_path=Path(workdir) / f"teacher_server-{len(servers)}.log")
+        server = ManagedServer(cfg, max_logprobs=max_logprobs, log_path=Path(workdir) / f"teacher_server-{len(servers)}.log",
+                               devices=devices[len(servers)])
         if server.port not in {s.port for s in servers}:  # free_port() may hand out a port twice
             servers.append(server)
     try:
@@ -142,8 +177,10 @@ def managed_servers(cfg, *, count: int, max_logprobs: int, workdir: Path) -> Ite
     except ValueError:  # not the main thread: the caller's handler stays
         old = None
     try:
-        for server in servers:  # in this thread: the guard's PR_SET_PDEATHSIG fires when the spawning *thread* exits
-            server.start()
+        for server in servers:  # all launched before any is waited for: start-ups overlap
+            server.launch()
+        for server in servers:
+            server.wait_healthy()
         yield servers
     finally:
         for s in servers:
