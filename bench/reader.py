@@ -4,7 +4,7 @@ The demo shards are re-encoded with the current writer (1x); 10x and 100x are th
 hard-linked under new names with a manifest listing them all (no extra disk). Each size runs in a fresh
 subprocess limited to one thread, which reports its peak RSS (VmHWM) after one full training epoch.
 
-    .venv/bin/python bench/reader.py [--dataset data/runs/demo/dataset] [--sizes 1 10 100]
+    .venv/bin/python bench/reader.py [--dataset data/runs/demo/dataset] [--sizes 1 10 100] [--repeats 3]
 """
 
 from __future__ import annotations
@@ -43,18 +43,20 @@ def _requantize(table: pa.Table, step: float) -> pa.Table:
     return table
 
 
-def prepare(src: Path, root: Path, sizes: list[int]) -> dict[int, Path]:
-    """Datasets of `size` x the demo under `root`; the 1x one re-encoded, the others hard links to it."""
+def prepare(src: Path, root: Path, sizes: list[int], *, split: bool) -> dict[int, Path]:
+    """Datasets of `size` x the demo under `root`; the 1x one re-encoded (held-out rows in row groups of
+    their own if `split`, else interleaved as before), the others hard links to it."""
     base = root / "x1"
     manifest = read_manifest(src)
     if not (base / "manifest.json").is_file():
-        manifest.storage = StorageRecord()
+        manifest.storage = StorageRecord(heldout_row_groups=split)
         manifest.shards, manifest.complete = [], False
         base.mkdir(parents=True, exist_ok=True)
         write_manifest(base, manifest)
         for s in read_manifest(src).shards:
             table = _requantize(pq.read_table(src / s.file), manifest.storage.logprobs_step)
-            manifest = commit_shard(base, manifest, write_shard(base, s.index, table, prompts=s.prompts, storage=manifest.storage))
+            manifest = commit_shard(base, manifest, write_shard(base, s.index, table, prompts=s.prompts, storage=manifest.storage,
+                                                                heldout_fraction=manifest.heldout_fraction))
     base_manifest = read_manifest(base)
     out = {}
     for size in sizes:
@@ -141,9 +143,10 @@ def collate_throughput(dataset: Path, batch_size: int, repeats: int = 3) -> dict
     for _ in range(repeats):
         t0 = time.process_time()
         for u in stream.units:
-            pq.ParquetFile(u.path).read_row_group(u.row_group, columns=STREAM_COLUMNS, use_threads=False)
+            if u.kept:  # what the stream reads
+                pq.ParquetFile(u.path).read_row_group(u.row_group, columns=STREAM_COLUMNS, use_threads=False)
         best = min(best, time.process_time() - t0)
-    out["decode_only_tokens_per_cpu_s"] = len(rows.completion) / best  # the split's tokens; all rows are decoded
+    out["decode_only_tokens_per_cpu_s"] = len(rows.completion) / best  # the split's tokens over all rows decoded
     best = float("inf")
     for _ in range(repeats):
         t0 = time.process_time()
@@ -163,6 +166,7 @@ def main() -> None:
     ap.add_argument("--dataset", type=Path, default=Path("data/runs/demo/dataset"))
     ap.add_argument("--sizes", type=int, nargs="+", default=[1, 10, 100])
     ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=3, help="fresh processes per stream row; the median is reported")
     ap.add_argument("--work", type=Path, default=RESULTS / "reader-data")
     ap.add_argument("--out", type=Path, default=RESULTS / "reader.json")
     ap.add_argument("--child", type=Path, help=argparse.SUPPRESS)
@@ -171,23 +175,35 @@ def main() -> None:
     if args.child:
         print(json.dumps(child(args.child, args.batch_size, args.mode)))
         return
-    dirs = prepare(args.dataset, args.work, args.sizes)
+    layouts = {"split": True, "interleaved": False}  # held-out rows in row groups of their own, or mixed in (before)
+    dirs = {name: prepare(args.dataset, args.work / name, args.sizes, split=split) for name, split in layouts.items()}
     runs = []
-    print("| dataset | reader | train tokens | batches | wall s (of which init) | CPU s | tokens/CPU-s | RSS before (MiB) | peak RSS (MiB) |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
-    jobs = [(s, "stream") for s in args.sizes] + [(s, "load_samples") for s in args.sizes if s <= 10]
-    for size, mode in jobs:
-        res = subprocess.run([sys.executable, __file__, "--child", str(dirs[size]), "--batch-size", str(args.batch_size),
-                              "--mode", mode], capture_output=True, text=True, check=True)
-        r = json.loads(res.stdout.strip().splitlines()[-1]) | {"size": size}
+    print(f"stream: median of {args.repeats} fresh processes per row (layouts alternate)")
+    print("| dataset | layout | reader | train tokens | batches | wall s (of which init) | CPU s | tokens/CPU-s | RSS before (MiB) | peak RSS (MiB) |")
+    print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    jobs = [(s, layout, "stream") for s in args.sizes for layout in layouts] + [(s, "split", "load_samples") for s in args.sizes if s <= 10]
+    for size, layout, mode in jobs:
+        reps = []
+        for _ in range(args.repeats if mode == "stream" else 1):
+            res = subprocess.run([sys.executable, __file__, "--child", str(dirs[layout][size]), "--batch-size",
+                                  str(args.batch_size), "--mode", mode], capture_output=True, text=True, check=True)
+            reps.append(json.loads(res.stdout.strip().splitlines()[-1]))
+        r = sorted(reps, key=lambda x: x["tokens_per_cpu_s"])[len(reps) // 2] | {
+            "size": size, "layout": layout, "tokens_per_cpu_s_all": [x["tokens_per_cpu_s"] for x in reps]}
         runs.append(r)
-        print(f"| {size}x demo | {mode} | {r['completion_tokens']:,} | {r['batches']:,} | {r['seconds']:.1f} ({r['init_seconds']:.1f}) | "
-              f"{r['cpu_seconds']:.1f} | {r['tokens_per_cpu_s']:,.0f} | {r['rss_before_mib']} | {r['peak_rss_mib']} |", flush=True)
-    coll = collate_throughput(dirs[1], args.batch_size)
-    print(f"\ncollation only (batch {args.batch_size}, one thread): collate_rows {coll['collate_rows_tokens_per_cpu_s']:,.0f} "
-          f"tokens/CPU-s; per-sample collate {coll['collate_per_sample_loop_tokens_per_cpu_s']:,.0f} tokens/CPU-s")
-    print(f"Parquet decoding alone (stream columns, every row group; split tokens): "
-          f"{coll['decode_only_tokens_per_cpu_s']:,.0f} tokens/CPU-s")
+        print(f"| {size}x demo | {layout} | {mode} | {r['completion_tokens']:,} | {r['batches']:,} | {r['seconds']:.1f} "
+              f"({r['init_seconds']:.1f}) | {r['cpu_seconds']:.1f} | {r['tokens_per_cpu_s']:,.0f} | {r['rss_before_mib']} | "
+              f"{r['peak_rss_mib']} |", flush=True)
+    for size in args.sizes:
+        by = {r["layout"]: r["tokens_per_cpu_s"] for r in runs if r["size"] == size and r["mode"] == "stream"}
+        print(f"{size}x: split / interleaved = {by['split'] / by['interleaved']:.2f}x tokens/CPU-s")
+    coll = {name: collate_throughput(d[1], args.batch_size) for name, d in dirs.items()}
+    c = coll["split"]
+    print(f"\ncollation only (batch {args.batch_size}, one thread): collate_rows {c['collate_rows_tokens_per_cpu_s']:,.0f} "
+          f"tokens/CPU-s; per-sample collate {c['collate_per_sample_loop_tokens_per_cpu_s']:,.0f} tokens/CPU-s")
+    for name, c in coll.items():
+        print(f"Parquet decoding alone ({name} layout; the row groups the stream reads; split tokens): "
+              f"{c['decode_only_tokens_per_cpu_s']:,.0f} tokens/CPU-s")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"machine": platform.platform(), "cpus": os.cpu_count(), "runs": runs, "collate": coll}, indent=1))
     print(f"wrote {args.out}")

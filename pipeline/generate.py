@@ -196,7 +196,8 @@ def generate_shard(cfg: RunConfig, index: int, teacher: Teacher, *, dataset_dir:
     completions = [[tokenizer.decode(s.completion_token_ids, skip_special_tokens=True) for s in per] for per in gens]
     table = build_table(prompt_ids=prompts.ids[lo:hi], prompts=prompts.texts[lo:hi], prompt_token_ids=prompts.token_ids[lo:hi],
                         generations=gens, completions=completions, seed=g.seed, logprobs_dtype=g.logprobs_dtype)
-    return write_shard(Path(dataset_dir or cfg.dataset_dir), index, table, prompts=hi - lo)
+    return write_shard(Path(dataset_dir or cfg.dataset_dir), index, table, prompts=hi - lo,
+                       heldout_fraction=cfg.prompts.heldout_fraction)
 
 
 def generate_dataset(cfg: RunConfig, *, dataset_dir: Path | None = None, progress: bool = True,

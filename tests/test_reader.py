@@ -8,7 +8,8 @@ import torch
 
 from pipeline.dataset.reader import collate, load_samples
 from pipeline.dataset.stream import Rows, TrainStream, collate_rows
-from pipeline.dataset.schema import Manifest, SamplingRecord, StorageRecord, TeacherRecord, build_table, stable_id
+from pipeline.dataset.schema import (Manifest, SamplingRecord, StorageRecord, TeacherRecord, build_table, read_manifest,
+                                     stable_id)
 from pipeline.dataset.writer import commit_shard, write_manifest, write_shard
 from pipeline.prompts import is_heldout
 from pipeline.teachers.base import Generation
@@ -45,14 +46,16 @@ def test_collate_rows_matches_collate_on_generated_data(generated):
         assert torch.equal(getattr(a, f), getattr(b, f)), f
 
 
-def _dataset(tmp_path, *, shards=3, rows_per_shard=23, row_group_size=5, heldout=0.3, k=3, vocab=40):
-    """A small dataset with several row groups per shard; sample i's prompt is [i+1] so batches identify samples."""
+def _dataset(tmp_path, *, shards=3, rows_per_shard=23, row_group_size=5, heldout=0.3, k=3, vocab=40, split_layout=True):
+    """A small dataset with several row groups per shard; sample i's prompt is [i+1] so batches identify samples.
+    `split_layout=False`: training and held-out rows interleaved, as written before `heldout_row_groups`."""
     rng = np.random.default_rng(0)
+    tmp_path.mkdir(parents=True, exist_ok=True)
     manifest = Manifest(teacher=TeacherRecord(model="m", backend="hf", vocab_size=vocab), tokenizer_fingerprint="t", k=k,
                         sampling=SamplingRecord(temperature=1, top_p=1, max_new_tokens=6, n=1, seed=0), prompts_source="p",
                         prompts_fingerprint="p", generate_fingerprint="g", config_hash="c", num_prompts=shards * rows_per_shard,
                         shard_size=rows_per_shard, num_shards=shards, heldout_fraction=heldout,
-                        storage=StorageRecord(row_group_size=row_group_size))
+                        storage=StorageRecord(row_group_size=row_group_size, heldout_row_groups=split_layout))
     write_manifest(tmp_path, manifest)
     for s in range(shards):
         ids = list(range(s * rows_per_shard, (s + 1) * rows_per_shard))
@@ -64,7 +67,8 @@ def _dataset(tmp_path, *, shards=3, rows_per_shard=23, row_group_size=5, heldout
                                     rng.integers(0, vocab, (length, k)).astype(np.int32), lp, "length")])
         table = build_table(prompt_ids=[stable_id("p", i) for i in ids], prompts=[""] * len(ids),
                             prompt_token_ids=[[i + 1] for i in ids], generations=gens, completions=[[""]] * len(ids), seed=0)
-        commit_shard(tmp_path, manifest, write_shard(tmp_path, s, table, prompts=len(ids), storage=manifest.storage))
+        commit_shard(tmp_path, manifest, write_shard(tmp_path, s, table, prompts=len(ids), storage=manifest.storage,
+                                                     heldout_fraction=heldout))
     return manifest
 
 
@@ -72,12 +76,18 @@ def _sample_ids(batch) -> list[int]:
     return (batch.input_ids[:, 0] - 1).tolist()
 
 
-def test_every_train_sample_exactly_once_per_epoch(tmp_path):
-    manifest = _dataset(tmp_path)
+@pytest.mark.parametrize("split_layout", [True, False])
+def test_every_train_sample_exactly_once_per_epoch(tmp_path, split_layout):
+    manifest = _dataset(tmp_path, split_layout=split_layout)
     train = {i for i in range(69) if not is_heldout(stable_id("p", i), manifest.heldout_fraction)}
     assert 30 < len(train) < 69
     stream = TrainStream(tmp_path, batch_size=4, pad_id=0, seed=3, shuffle_rows=12)
-    assert stream.num_samples == len(train) and len(stream.units) == 15 and len(stream.windows(0)) == 5
+    # interleaved: all 15 row groups (5 a shard) hold training rows; split: only ceil(train rows / 5) a shard do
+    per_shard = [sum(1 for i in train if 23 * s <= i < 23 * (s + 1)) for s in range(3)]
+    assert sum(1 for u in stream.units if u.kept) == (sum(-(-n // 5) for n in per_shard) if split_layout else 15)
+    assert stream.num_samples == len(train)
+    if not split_layout:
+        assert len(stream.windows(0)) == 5  # 15 row groups of 5 rows, windows of >= 12 rows
     it = stream.batches()
     epochs = []
     for _ in range(2):
@@ -125,8 +135,9 @@ def test_bad_position_and_empty_split_are_one_line_errors(tmp_path):
 
 def test_seeded_batch_order_is_pinned(tmp_path):
     # Checkpoints store `position`, so the batch sequence for a seed is part of the contract: these ids
-    # were recorded from the reader before its internals were optimised and must never change.
-    _dataset(tmp_path)
+    # were recorded from the reader before its internals were optimised and must never change (a dataset
+    # laid out before `heldout_row_groups` existed).
+    _dataset(tmp_path, split_layout=False)
     stream = TrainStream(tmp_path, batch_size=4, pad_id=0, seed=3, shuffle_rows=12)
     it = stream.batches()
     got = [_sample_ids(next(it)) for _ in range(stream.batches_per_epoch + 2)]
@@ -145,15 +156,15 @@ def test_seeded_batch_order_is_pinned(tmp_path):
 def test_vectorised_heldout_mask_matches_is_heldout():
     import pyarrow as pa
 
-    from pipeline.dataset.stream import _heldout_mask
+    from pipeline.prompts import heldout_mask
 
     ids = [stable_id("p", i) for i in range(500)] + ["FFFFFFFF00", "00000000", "abc", "7fffffff"]  # "abc": too short, per id
     for fraction in (0.0, 0.1, 0.3, 0.5, 1.0):
         want = [is_heldout(i, fraction) for i in ids]
-        assert _heldout_mask(pa.array(ids), fraction).tolist() == want  # mixed: falls back per id
-        assert _heldout_mask(pa.array(ids[:500]), fraction).tolist() == want[:500]  # vectorised path
-        assert _heldout_mask(pa.array(ids).slice(3, 400), fraction).tolist() == want[3:403]
-    assert 100 < sum(_heldout_mask(pa.array(ids[:500]), 0.3)) < 200
+        assert heldout_mask(pa.array(ids), fraction).tolist() == want  # mixed: falls back per id
+        assert heldout_mask(pa.array(ids[:500]), fraction).tolist() == want[:500]  # vectorised path
+        assert heldout_mask(pa.array(ids).slice(3, 400), fraction).tolist() == want[3:403]
+    assert 100 < sum(heldout_mask(pa.array(ids[:500]), 0.3)) < 200
 
 
 def test_gathering_collate_matches_take_then_collate_rows():
@@ -172,3 +183,41 @@ def test_gathering_collate_matches_take_then_collate_rows():
     got.topk_logprobs.zero_()
     got.labels.zero_()
     assert rows.topk_logprobs.any() and rows.completion.all()  # the batch does not alias the window
+
+
+def test_split_layout_puts_heldout_rows_in_row_groups_of_their_own(tmp_path):
+    import pyarrow.parquet as pq
+
+    from pipeline.dataset.validate import DatasetInvalid, validate_dataset
+    from pipeline.prompts import heldout_mask
+
+    manifest = _dataset(tmp_path / "split")
+    for shard in manifest.shards:
+        pf = pq.ParquetFile(tmp_path / "split" / shard.file)
+        groups = [heldout_mask(pf.read_row_group(i, columns=["prompt_id"])["prompt_id"], 0.3) for i in range(pf.num_row_groups)]
+        assert all(g.all() or not g.any() for g in groups)  # no row group mixes the splits
+        flags = [bool(g[0]) for g in groups]
+        assert flags == sorted(flags) and True in flags and False in flags  # training row groups first
+    assert validate_dataset(tmp_path / "split").samples == 69
+    # both layouts hold the same samples, split for split
+    _dataset(tmp_path / "mixed", split_layout=False)
+    for split in ("train", "heldout"):
+        a, b = load_samples(tmp_path / "split", split=split), load_samples(tmp_path / "mixed", split=split)
+        assert sorted(a.prompt_ids) == sorted(b.prompt_ids) and len(a) > 0
+
+    # a manifest that claims the layout for interleaved shards is caught
+    claimed = read_manifest(tmp_path / "mixed")
+    claimed.storage.heldout_row_groups = True
+    write_manifest(tmp_path / "mixed", claimed)
+    with pytest.raises(DatasetInvalid, match=r"part-00000.parquet: (row group \d+ mixes|a training row follows)"):
+        validate_dataset(tmp_path / "mixed")
+
+
+def test_manifests_from_before_the_split_layout_read_as_interleaved(tmp_path):
+    import json
+
+    _dataset(tmp_path, split_layout=False)
+    raw = json.loads((tmp_path / "manifest.json").read_text())
+    del raw["storage"]["heldout_row_groups"]
+    (tmp_path / "manifest.json").write_text(json.dumps(raw))
+    assert read_manifest(tmp_path).storage.heldout_row_groups is False

@@ -15,7 +15,7 @@ import torch
 
 from pipeline.dataset.schema import Manifest, read_manifest
 from pipeline.dataset.validate import verify_shards
-from pipeline.prompts import is_heldout
+from pipeline.prompts import heldout_mask
 
 TOKEN_COLUMNS = ["prompt_id", "prompt", "prompt_token_ids", "completion_token_ids", "token_logprobs",
                  "topk_token_ids", "topk_logprobs"]
@@ -71,7 +71,7 @@ def load_samples(dataset_dir: Path, *, split: str = "all", limit_prompts: int | 
     table = pa.concat_tables(tables)
     if split != "all":
         want = split == "heldout"
-        keep = np.array([is_heldout(pid, manifest.heldout_fraction) == want for pid in table["prompt_id"].to_pylist()])
+        keep = heldout_mask(table["prompt_id"], manifest.heldout_fraction) == want
         table = table.filter(pa.array(keep, pa.bool_()))
     if limit_prompts is not None:
         seen: dict[str, None] = {}

@@ -72,6 +72,10 @@ class StorageRecord(BaseModel):
     With `logprobs_dtype: float16` the logprobs leaf is written PLAIN (DuckDB cannot read float16 BYTE_STREAM_SPLIT)."""
     dictionary_columns: list[str] = Field(default_factory=lambda: ["*"])
     """Dictionary-encoded leaf columns; "*" = every column without an explicit encoding."""
+    heldout_row_groups: bool = True
+    """Each shard holds its training rows first and its held-out rows (by prompt id) after them, in row
+    groups of their own, so the training stream never decodes a held-out row (False in datasets written
+    before this field existed)."""
 
     @field_validator("logprobs_step")
     @classmethod
@@ -168,6 +172,8 @@ def read_manifest(dataset_dir: Path) -> Manifest:
     if not isinstance(version, int) or version > SCHEMA_VERSION:
         raise ValueError(f"{path}: schema_version {version!r} is newer than this distill supports ({SCHEMA_VERSION}); upgrade distill")
     raw.setdefault("storage", None)
+    if isinstance(raw["storage"], dict):
+        raw["storage"].setdefault("heldout_row_groups", False)  # written before shards were laid out by split
     return Manifest.model_validate(raw)
 
 

@@ -18,7 +18,7 @@ import torch
 from pipeline.dataset.reader import Batch, shard_paths
 from pipeline.dataset.schema import read_manifest
 from pipeline.dataset.validate import verify_shards
-from pipeline.prompts import is_heldout
+from pipeline.prompts import heldout_mask
 
 STREAM_COLUMNS = ["prompt_token_ids", "completion_token_ids", "topk_token_ids", "topk_logprobs"]
 
@@ -147,26 +147,6 @@ def _collate(rows: Rows, idx: np.ndarray | None, pad_id: int) -> Batch:
                  torch.from_numpy(topk_lp))
 
 
-_HEX = np.full(256, -1, dtype=np.int64)
-_HEX[np.frombuffer(b"0123456789", np.uint8)] = np.arange(10)
-_HEX[np.frombuffer(b"abcdef", np.uint8)] = np.arange(10, 16)
-_HEX[np.frombuffer(b"ABCDEF", np.uint8)] = np.arange(10, 16)
-
-
-def _heldout_mask(ids: pa.Array, fraction: float) -> np.ndarray:
-    """`is_heldout` for every id of a string column, vectorised over the ids' first 8 hex digits (the rule it applies)."""
-    if fraction <= 0 or len(ids) == 0:
-        return np.zeros(len(ids), dtype=bool)
-    if pa.types.is_string(ids.type) and ids.null_count == 0:
-        offsets = np.frombuffer(ids.buffers()[1], np.int32)[ids.offset:ids.offset + len(ids) + 1]
-        if (np.diff(offsets) >= 8).all():
-            nibbles = _HEX[np.frombuffer(ids.buffers()[2], np.uint8)[offsets[:-1, None] + np.arange(8)]]
-            if (nibbles >= 0).all():
-                value = (nibbles << np.arange(28, -1, -4)).sum(axis=1)
-                return value / 0x100000000 < fraction
-    return np.fromiter((is_heldout(pid, fraction) for pid in ids.to_pylist()), bool, len(ids))  # ids it cannot parse
-
-
 @dataclass(frozen=True, eq=False)
 class _Unit:
     """One row group of one shard, and which of its rows belong to the stream's split (one byte a row)."""
@@ -225,7 +205,7 @@ class TrainStream:
     def _keep(self, table: pa.Table) -> np.ndarray:
         if self.split == "all":
             return np.ones(table.num_rows, dtype=bool)
-        held = _heldout_mask(table["prompt_id"].combine_chunks(), self.manifest.heldout_fraction)
+        held = heldout_mask(table["prompt_id"], self.manifest.heldout_fraction)
         return held if self.split == "heldout" else ~held
 
     def windows(self, epoch: int) -> list[list[_Unit]]:
@@ -248,6 +228,7 @@ class TrainStream:
     def _window(self, epoch: int, index: int, units: list[_Unit], scratch: dict | None = None) -> tuple[Rows, np.ndarray]:
         """All rows of the window's row groups (joined: one copy, into `scratch` if given) and the shuffled
         order of its split rows."""
+        units = [u for u in units if u.kept]  # a row group of the other split only is never read (order unchanged)
         parts = [self._read_unit(u) for u in units]
         kept = np.flatnonzero(np.concatenate([u.keep for u in units]))
         rows = Rows.concat(parts, scratch) if len(parts) > 1 else parts[0]
@@ -266,7 +247,7 @@ class TrainStream:
         scratch: dict[str, np.ndarray] = {}  # this generator's window buffers: batches and `pending` are copies
         for index, units in enumerate(self.windows(epoch)):
             kept = sum(u.kept for u in units)
-            if seen + kept <= skip:  # wholly before the resume point: not even read
+            if seen + kept <= skip or kept == 0:  # wholly before the resume point, or none of the split: not even read
                 seen += kept
                 continue
             rows, order = self._window(epoch, index, units, scratch)

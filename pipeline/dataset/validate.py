@@ -10,6 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.dataset.schema import arrow_schema, read_manifest, sha256_file
+from pipeline.prompts import heldout_mask
 
 LOGSUMEXP_TOL = 1e-3  # float16 storage rounds each logprob by up to ~5e-4 relative; the grid adds its own bound
 
@@ -67,6 +68,18 @@ def _check_shard(path: Path, table: pa.Table, vocab_size: int, k: int, lse_tol: 
             raise DatasetInvalid(f"{path.name}: top-k probabilities at flat token {row} sum to {np.exp(lse[row]):.4f} > 1 (logsumexp {lse[row]:.4f} > 0)")
 
 
+def _check_split_layout(path: Path, table: pa.Table, heldout_fraction: float) -> None:
+    """Training rows first, held-out rows after them, and no row group holding both (manifest's storage)."""
+    held = heldout_mask(table["prompt_id"], heldout_fraction)
+    if (np.diff(held.astype(np.int8)) < 0).any():
+        raise DatasetInvalid(f"{path.name}: a training row follows a held-out row, but the manifest says held-out rows come last")
+    meta = pq.ParquetFile(path).metadata
+    bounds = np.cumsum([0] + [meta.row_group(i).num_rows for i in range(meta.num_row_groups)])
+    for i, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:])):
+        if 0 < held[lo:hi].sum() < hi - lo:
+            raise DatasetInvalid(f"{path.name}: row group {i} mixes training and held-out rows, but the manifest says they are apart")
+
+
 def validate_dataset(dataset_dir: Path) -> ValidationReport:
     """Raise DatasetInvalid with the first problem; return a short report when all is well."""
     dataset_dir = Path(dataset_dir)
@@ -93,6 +106,8 @@ def validate_dataset(dataset_dir: Path) -> ValidationReport:
             raise DatasetInvalid(f"shard {shard.file} has {table.num_rows} rows but the manifest says {shard.rows}")
         grid = manifest.storage.max_logprob_error if manifest.storage else 0.0  # rounding can lift the sum by this
         _check_shard(path, table, manifest.teacher.vocab_size, manifest.k, LOGSUMEXP_TOL + grid)
+        if manifest.storage and manifest.storage.heldout_row_groups:
+            _check_split_layout(path, table, manifest.heldout_fraction)
         for sid in table["sample_id"].to_pylist():
             if sid in seen_ids:
                 raise DatasetInvalid(f"duplicate sample_id {sid} (in {shard.file})")

@@ -15,6 +15,7 @@ import pyarrow.parquet as pq
 
 from pipeline.dataset.schema import (MANIFEST, SHARDS_DIR, Manifest, ShardInfo, StorageRecord, arrow_schema, now,
                                      sha256_file, shard_name)
+from pipeline.prompts import heldout_mask
 
 
 def leaf_paths(schema: pa.Schema) -> list[str]:
@@ -78,14 +79,29 @@ def write_manifest(dataset_dir: Path, manifest: Manifest) -> None:
 
 
 def write_shard(dataset_dir: Path, index: int, table: pa.Table, *, prompts: int,
-                storage: StorageRecord | None = None) -> ShardInfo:
+                storage: StorageRecord | None = None, heldout_fraction: float = 0.0) -> ShardInfo:
     """Write shard `index` atomically, encoded as `storage` (default: `StorageRecord()`, what a new
-    manifest records), and return its record (not yet committed)."""
+    manifest records), and return its record (not yet committed). With `storage.heldout_row_groups`, the
+    rows held out at `heldout_fraction` go after the others, in row groups of their own."""
+    storage = storage or StorageRecord()
     shards = Path(dataset_dir) / SHARDS_DIR
     shards.mkdir(parents=True, exist_ok=True)
     final = shards / shard_name(index)
     tmp = shards / f".{final.name}.tmp-{os.getpid()}"
-    pq.write_table(table, tmp, **parquet_options(storage or StorageRecord(), table.schema))
+    options = parquet_options(storage, table.schema)
+    row_group_size = options.pop("row_group_size")
+    parts = [table]
+    if storage.heldout_row_groups and heldout_fraction > 0:
+        held = heldout_mask(table["prompt_id"], heldout_fraction)
+        parts = [table.filter(pa.array(~held)), table.filter(pa.array(held))]
+    try:
+        with pq.ParquetWriter(tmp, table.schema, **options) as writer:
+            for part in parts:
+                if part.num_rows or len(parts) == 1:
+                    writer.write_table(part, row_group_size=row_group_size)  # each call starts a new row group
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a full disk leaves no half file behind
+        raise
     with open(tmp, "rb+") as f:
         os.fsync(f.fileno())
     os.replace(tmp, final)

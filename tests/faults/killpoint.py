@@ -17,7 +17,6 @@ write past it fails with the OS error EFBIG, as on a full quota.
 
 from __future__ import annotations
 
-import io
 import os
 import resource
 import signal
@@ -58,21 +57,21 @@ def install(point: str, nth: int) -> None:
     elif point == "shard_write":
         import pyarrow.parquet as pq
 
-        original_write = pq.write_table
+        original_close = pq.ParquetWriter.close
 
-        def write_table(table, where, *args, **kwargs):
-            if not due():
-                return original_write(table, where, *args, **kwargs)
-            buf = io.BytesIO()
-            original_write(table, buf, *args, **kwargs)
-            data = buf.getvalue()
-            with open(where, "wb") as f:
-                f.write(data[: len(data) // 2])
-                f.flush()
-                os.fsync(f.fileno())
-            die()
+        def close(self):  # every Parquet file is finished here (pq.write_table goes through it too)
+            was_open = self.is_open
+            original_close(self)
+            if was_open and isinstance(self.where, (str, os.PathLike)) and due():
+                path = Path(self.where)
+                data = path.read_bytes()
+                with open(path, "r+b") as f:
+                    f.truncate(len(data) // 2)
+                    f.flush()
+                    os.fsync(f.fileno())
+                die()
 
-        pq.write_table = write_table
+        pq.ParquetWriter.close = close
     elif point in ("shard_renamed", "manifest_rename"):
         original_replace = os.replace
 
