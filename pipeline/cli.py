@@ -150,7 +150,8 @@ def print_summary(out: dict) -> None:
 
 
 def print_metrics(metrics: dict) -> None:
-    keys = ["accuracy", "greedy_accuracy", "kl", "kl_uncertain", "kl_deterministic", "top1_agreement", "ce", "perplexity"]
+    keys = ["accuracy", "greedy_accuracy", "kl", "kl_uncertain", "kl_deterministic", "top1_agreement", "topk_mass", "ce",
+            "perplexity"]
     table = Table(title="held-out: teacher vs student")
     table.add_column("metric")
     table.add_column("teacher", justify="right")

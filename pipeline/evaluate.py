@@ -34,8 +34,8 @@ def _checker(task: str):
 
 @torch.inference_mode()
 def teacher_forced(model, samples, pad_id: int, batch_size: int, device) -> dict[str, float]:
-    """Per-position KL, top-1 agreement and CE of the student on the teacher's samples."""
-    kl, agree, ce, ent = [], [], [], []
+    """Per-position KL, top-1 agreement, CE and mass on the teacher's top-k of the student on the teacher's samples."""
+    kl, agree, ce, ent, mass = [], [], [], [], []
     trunk = getattr(model, model.base_model_prefix)
     head = model.get_output_embeddings()
     for lo in range(0, len(samples), batch_size):
@@ -46,15 +46,17 @@ def teacher_forced(model, samples, pad_id: int, batch_size: int, device) -> dict
             ids, lp = batch.topk_ids[c:c + 4096], batch.topk_logprobs[c:c + 4096]
             kl.append(topk_divergence(logits, ids, lp, kind="forward_kl").cpu())
             agree.append((logits.argmax(-1) == ids[:, 0]).cpu())
+            on_topk = logits.log_softmax(-1).gather(1, ids).exp()  # missing entries (-inf teacher logprob) do not count
+            mass.append(torch.where(torch.isfinite(lp), on_topk, 0.0).sum(-1).cpu())
             ce.append(torch.nn.functional.cross_entropy(logits, batch.labels[c:c + 4096], reduction="none").cpu())
             p = torch.softmax(lp.float(), -1)
             ent.append(-(p * torch.log(p.clamp_min(1e-30))).sum(-1).cpu())
-    kl_, agree_, ce_, ent_ = (torch.cat(x).double() for x in (kl, agree, ce, ent))
+    kl_, agree_, ce_, ent_, mass_ = (torch.cat(x).double() for x in (kl, agree, ce, ent, mass))
     unc = ent_ > UNCERTAIN_NATS
     mean = lambda x, m: float(x[m].mean()) if m.any() else None  # noqa: E731  (None: no such positions)
     return {"kl": float(kl_.mean()), "kl_uncertain": mean(kl_, unc), "kl_deterministic": mean(kl_, ~unc),
             "top1_agreement": float(agree_.mean()), "ce": float(ce_.mean()), "perplexity": float(torch.exp(ce_.mean())),
-            "positions": int(len(kl_)), "uncertain_positions": int(unc.sum())}
+            "topk_mass": float(mass_.mean()), "positions": int(len(kl_)), "uncertain_positions": int(unc.sum())}
 
 
 @torch.inference_mode()
@@ -101,8 +103,10 @@ def evaluate(cfg: RunConfig, *, dataset_dir: Path | None = None, student_dir: Pa
     student = teacher_forced(model, samples, tokenizer.pad_token_id, cfg.eval.batch_size, device)
     teacher_ce = float(-np.concatenate(samples.token_logprobs).astype(np.float64).mean())
     lp = np.concatenate(samples.topk_logprobs).astype(np.float64)
-    kl_floor = float(-np.logaddexp.reduce(lp, axis=1).mean())  # the teacher itself scores -log(top-k mass)
-    teacher = {"ce": teacher_ce, "perplexity": float(np.exp(teacher_ce)), "kl": kl_floor, "top1_agreement": 1.0}
+    log_mass = np.logaddexp.reduce(lp, axis=1)
+    kl_floor = float(-log_mass.mean())  # the teacher itself scores -log(top-k mass)
+    teacher = {"ce": teacher_ce, "perplexity": float(np.exp(teacher_ce)), "kl": kl_floor, "top1_agreement": 1.0,
+               "topk_mass": float(np.exp(log_mass).mean())}
     check = _checker(cfg.eval.task)
     if check is not None:
         first = {}

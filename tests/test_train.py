@@ -1,6 +1,7 @@
 """The train stage: loss falls, alpha=1 is plain CE, tokenizer mismatch stops before any step, eval writes metrics."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -60,6 +61,10 @@ def test_eval_reports_teacher_and_student(generated, tmp_path):
     assert m["student"]["kl"] > 0 and 0 <= m["student"]["top1_agreement"] <= 1
     assert 0 <= m["student"]["accuracy"] <= 1 and 0 <= m["teacher"]["accuracy"] <= 1
     assert m["teacher"]["ce"] > 0 and m["student"]["positions"] > 0
+    # mass on the teacher's top-k: KL(p~ || q) >= -log(sum of q over the top-k) per position, then Jensen over positions
+    s, t = m["student"], m["teacher"]
+    assert 0 < s["topk_mass"] < 1 and s["kl"] >= -math.log(s["topk_mass"]) - 1e-9
+    assert math.exp(-t["kl"]) - 1e-9 <= t["topk_mass"] <= 1 + 1e-3  # the teacher's floor is -log of its own mass
     on_disk = json.loads((tmp_path / "metrics.json").read_text())
     assert on_disk["student"]["kl"] == pytest.approx(m["student"]["kl"])
     assert (tmp_path / "student/metrics.json").is_file()
