@@ -53,8 +53,10 @@ browser:
 		&& $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; } \
 		|| echo "warning: could not install chromium; the HTML report browser test will be skipped"
 
+# Two xdist workers, a test file each at a time: most of the suite's time is vLLM and Prefect servers starting,
+# which leaves a core idle; a test file's module fixtures (one vLLM server, one Prefect API) stay in one worker.
 test: $(STAMP) $(TEACHER_STAMP) browser
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile
 
 clean-runs:
 	rm -rf data/runs

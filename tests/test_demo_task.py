@@ -27,7 +27,6 @@ def tok(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def teacher(tmp_path_factory) -> tuple[Path, dict]:
-    torch.set_num_threads(2)
     out = tmp_path_factory.mktemp("teachers") / "demo"
     marker = build.build_teacher(out, max_steps=20, eval_prompts=40)
     return out, marker
