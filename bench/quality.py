@@ -75,7 +75,8 @@ def write_topk_subset(src: Path, dst: Path, k: int) -> Path:
         for name in ("topk_token_ids", "topk_logprobs"):
             table = table.set_column(table.schema.get_field_index(name), table.schema.field(name),
                                      _topk_prefix(table[name], k))
-        out = commit_shard(dst, out, write_shard(dst, shard.index, table, prompts=shard.prompts, storage=out.storage))
+        out = commit_shard(dst, out, write_shard(dst, shard.index, table, prompts=shard.prompts, storage=out.storage,
+                                                          heldout_fraction=out.heldout_fraction))
     validate_dataset(dst)
     return dst
 

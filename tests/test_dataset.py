@@ -42,7 +42,8 @@ def test_round_trip_within_stated_bound(tmp_path, dtype):
     manifest = _manifest()
     manifest.logprobs_dtype = dtype
     write_manifest(tmp_path, manifest)
-    commit_shard(tmp_path, manifest, write_shard(tmp_path, 0, table, prompts=3))
+    commit_shard(tmp_path, manifest, write_shard(tmp_path, 0, table, prompts=3,
+                                                 heldout_fraction=manifest.heldout_fraction))
     samples = load_samples(tmp_path)
     flat = [g for per in gens for g in per]
     assert len(samples) == 6 and samples.prompt_ids == ["a", "a", "b", "b", "c", "c"]
@@ -109,7 +110,8 @@ def test_manifest_records_the_encoding_and_shards_use_it(tmp_path):
     manifest = _manifest()
     manifest.storage = storage
     write_manifest(tmp_path, manifest)
-    commit_shard(tmp_path, manifest, write_shard(tmp_path, 0, table, prompts=3, storage=storage))
+    commit_shard(tmp_path, manifest, write_shard(tmp_path, 0, table, prompts=3, storage=storage,
+                                                 heldout_fraction=manifest.heldout_fraction))
     back = read_manifest(tmp_path).storage
     assert back == storage and back.logprobs_step == 2.0 ** -7
     md = pq.ParquetFile(tmp_path / "shards/part-00000.parquet").metadata
@@ -128,7 +130,8 @@ def test_float16_logprobs_are_written_plain_for_duckdb(tmp_path):
     manifest = _manifest()
     manifest.logprobs_dtype = "float16"
     write_manifest(tmp_path, manifest)
-    commit_shard(tmp_path, manifest, write_shard(tmp_path, 0, table, prompts=1))
+    commit_shard(tmp_path, manifest, write_shard(tmp_path, 0, table, prompts=1,
+                                                 heldout_fraction=manifest.heldout_fraction))
     path = tmp_path / "shards/part-00000.parquet"
     cols = {c.path_in_schema: c for c in (pq.ParquetFile(path).metadata.row_group(0).column(i) for i in range(10))}
     assert "BYTE_STREAM_SPLIT" not in cols[LP_LEAF].encodings and "BYTE_STREAM_SPLIT" in cols[IDS_LEAF].encodings
@@ -233,6 +236,7 @@ def test_validate_checks_invariants(tmp_path, damage, message):
     table = build_table(prompt_ids=["a"], prompts=["p"], prompt_token_ids=[[1]], generations=[[g]], completions=[["c"]], seed=0)
     manifest = _manifest()
     write_manifest(tmp_path, manifest)
-    commit_shard(tmp_path, manifest, write_shard(tmp_path, 0, table, prompts=1))
+    commit_shard(tmp_path, manifest, write_shard(tmp_path, 0, table, prompts=1,
+                                                 heldout_fraction=manifest.heldout_fraction))
     with pytest.raises(DatasetInvalid, match=message):
         validate_dataset(tmp_path)

@@ -61,7 +61,8 @@ def _write_hand_dataset(path: Path, dtype: str = "float32") -> Path:
     for index, (rows, finish) in enumerate([([0, 1], "stop"), ([2], "length")]):
         table = build_table(prompt_ids=[f"p{index}"], prompts=[f"prompt {index}"], prompt_token_ids=[[1, 2]],
                             generations=[[_generation(rows, finish)]], completions=[["c"]], seed=0, logprobs_dtype=dtype)
-        manifest = commit_shard(path, manifest, write_shard(path, index, table, prompts=1))
+        manifest = commit_shard(path, manifest, write_shard(path, index, table, prompts=1,
+                                                            heldout_fraction=manifest.heldout_fraction))
     return path
 
 

@@ -78,11 +78,11 @@ def write_manifest(dataset_dir: Path, manifest: Manifest) -> None:
     atomic_write_bytes(Path(dataset_dir) / MANIFEST, (manifest.model_dump_json(indent=2) + "\n").encode())
 
 
-def write_shard(dataset_dir: Path, index: int, table: pa.Table, *, prompts: int,
-                storage: StorageRecord | None = None, heldout_fraction: float = 0.0) -> ShardInfo:
+def write_shard(dataset_dir: Path, index: int, table: pa.Table, *, prompts: int, heldout_fraction: float,
+                storage: StorageRecord | None = None) -> ShardInfo:
     """Write shard `index` atomically, encoded as `storage` (default: `StorageRecord()`, what a new
     manifest records), and return its record (not yet committed). With `storage.heldout_row_groups`, the
-    rows held out at `heldout_fraction` go after the others, in row groups of their own."""
+    rows held out at `heldout_fraction` (the manifest's) go after the others, in row groups of their own."""
     storage = storage or StorageRecord()
     shards = Path(dataset_dir) / SHARDS_DIR
     shards.mkdir(parents=True, exist_ok=True)
