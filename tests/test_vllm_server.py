@@ -67,6 +67,31 @@ def test_managed_servers_get_disjoint_gpus(tmp_path):
     assert env["CUDA_VISIBLE_DEVICES"] == "6,7" and "PYTHONPATH" not in env
 
 
+def test_guard_stops_as_soon_as_its_server_exits():
+    """SIGTERM to the group: the guard waits for the server only while it runs, not the whole grace period
+    (it once polled a Popen whose wait lock its own interrupted wait() held, and always waited 15 s)."""
+    import subprocess
+    import sys
+    import time
+
+    from pipeline.teachers import server_guard
+
+    guard = Path(server_guard.__file__)
+    proc = subprocess.Popen([sys.executable, str(guard), str(os.getpid()), "--", sys.executable, "-c",
+                             "import time; print('up', flush=True); time.sleep(120)"],
+                            stdout=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        assert proc.stdout.readline().strip() == "up"
+        t0 = time.monotonic()
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=server_guard.GRACE_S + 10)
+        assert time.monotonic() - t0 < server_guard.GRACE_S / 2, "the guard waited out its grace period"
+        assert not _group_alive(proc.pid)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
 @needs_vllm
 def test_parity_with_transformers_log_softmax(server, tiny_teacher, prompts_file):
     """vLLM's raw top-k logprobs equal the transformers log-softmax at the same positions (fp32)."""
