@@ -86,6 +86,41 @@ def run_flow(cfg: RunConfig) -> dict:
             "generate_cached": gen.get("cached"), "inside_tasks": inside}
 
 
+def task_costs(n: int = 8) -> dict[str, float]:
+    """Seconds per no-op Prefect task run, one after another in one flow: plain, with a persisted result and a
+    cache key (what a shard task adds), and with a tag that has a concurrency limit of 1 (the teacher tag's
+    mechanism; no other task holds a slot). Isolates the fixed cost per shard task from the stage work."""
+    from prefect import flow, task
+    from prefect.client.orchestration import get_client
+
+    @task
+    def plain(i: int) -> int:
+        return i
+
+    @task(persist_result=True, cache_key_fn=lambda ctx, params: f"bench-noop-{params['i']}-{time.time_ns()}")
+    def persisted(i: int) -> int:
+        return i
+
+    @task(tags=["bench-limited"])
+    def limited(i: int) -> int:
+        return i
+
+    @flow(name="bench-task-costs")
+    def costs(n: int) -> dict[str, float]:
+        out = {}
+        for name, fn in (("plain", plain), ("persisted_result_and_cache_key", persisted), ("tag_concurrency_limit_1", limited)):
+            fn(-1)  # warm
+            t0 = time.perf_counter()
+            for i in range(n):
+                fn(i)
+            out[name] = (time.perf_counter() - t0) / n
+        return out
+
+    with get_client(sync_client=True) as client:
+        client.create_concurrency_limit(tag="bench-limited", concurrency_limit=1)
+    return costs(n)
+
+
 def pct(a: float, b: float) -> float:
     return 100.0 * (a - b) / b
 
@@ -115,6 +150,7 @@ def main() -> None:
         res["order"] = order
         rounds.append(res)
 
+    per_task = task_costs()
     direct = statistics.median(r["direct"]["total"] for r in rounds)
     flow = statistics.median(r["flow"]["total"] for r in rounds)
     same_work = all(r["direct"]["samples"] == r["flow"]["samples"] and r["direct"]["tokens"] == r["flow"]["tokens"]
@@ -124,7 +160,8 @@ def main() -> None:
     summary = {"direct_total_s": direct, "flow_total_s": flow, "ephemeral_server_start_s": server_start,
                "overhead_pct": pct(flow, direct), "overhead_pct_with_server_start": pct(flow + server_start, direct),
                "flow_inside_tasks_s": inside, "flow_outside_tasks_s": flow - inside,
-               "flow_outside_tasks_pct": 100.0 * (flow - inside) / inside, "same_work": same_work}
+               "flow_outside_tasks_pct": 100.0 * (flow - inside) / inside, "same_work": same_work,
+               "seconds_per_noop_task": per_task}
     result = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "config": args.config,
               "overrides": args.overrides, "repeats": args.repeats,
               "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
@@ -141,6 +178,7 @@ def main() -> None:
     print(f"{'total':10s} {direct:10.1f} {flow:10.1f} {summary['overhead_pct']:+8.1f}")
     print(f"inside the flow's task bodies {inside:.1f}s, outside them {flow - inside:.1f}s "
           f"({summary['flow_outside_tasks_pct']:+.1f}% of the stage work)")
+    print("seconds per no-op task run: " + ", ".join(f"{k} {v:.3f}" for k, v in per_task.items()))
     print(f"ephemeral API start (once): {server_start:.1f}s -> overhead incl. start {summary['overhead_pct_with_server_start']:+.1f}%")
     print(f"same samples/tokens in both and generate not served from cache: {same_work}; load average {load_before} -> {os.getloadavg()}")
     print(f"wrote {args.json}")

@@ -113,15 +113,16 @@ def _shard_states(cfg: RunConfig, plan: GeneratePlan, endpoints: list[str], serv
 
     A cached result can only be right if its file is still there, so shards without a file skip the
     cache (the flow validates the others before trusting them). hf shards run one after another (one
-    model in this process); served shards are submitted to the task runner and spread over the endpoints.
+    model in this process) without the teacher tag; served shards are submitted to the task runner, spread
+    over the endpoints and capped by the tag's concurrency limit.
     """
     def options(index: int):
         orphan = (plan.dataset_dir / SHARDS_DIR / shard_name(index)).is_file()
         return shard_task.with_options(refresh_cache=not orphan)
 
-    if not endpoints:
+    if not endpoints:  # no tag: one model in this process, shards in sequence; a slot would cost ~2 s a shard
         for index in plan.todo:
-            yield index, options(index)(cfg, plan.fingerprint, index, [], None, return_state=True)
+            yield index, options(index).with_options(tags=set())(cfg, plan.fingerprint, index, [], None, return_state=True)
         return
     futures = {options(i).submit(cfg, plan.fingerprint, i, endpoints, served): i for i in plan.todo}
     for future in as_completed(list(futures)):
