@@ -2,9 +2,14 @@
 
 Every config trains on the same demo dataset (k=4 variant: the first 4 of each sorted top-20, written as a
 validated copy) with the same steps, batch, lr and seeds. One full run per (config, seed) writes checkpoints
-every `--eval-every` steps (the lr schedule depends on max_steps, so no shorter runs); each checkpoint is
+every `--eval-every` steps (the lr schedule depends on max_steps, so one run gives the whole curve); each checkpoint is
 evaluated like `distill eval` on the k=20 held-out split: teacher-forced KL, top-1 agreement, sampled and
 greedy task accuracy.
+
+"Steps to reach CE-only's final accuracy" on one run's curve mostly measures that run's lr schedule (the
+cosine decays at its end), so the KD configs in `--short-configs` also train runs of their own at
+`--short-fraction` of the steps (warmup + cosine over the shorter run, same data and seeds), evaluated at
+their end: does KD with 60% of the steps reach what CE-only reaches with all of them?
 
     .venv/bin/python bench/quality.py [--steps 600] [--seeds 0 1 2] [--eval-every 60] [--eval-prompts 500]
 """
@@ -102,7 +107,9 @@ def _eval_model(model_dir: Path, cfg, samples, sampling, device) -> dict:
 
 
 def _run_file(job: dict) -> Path:
-    return Path(job["work"]) / "runs" / f"{job['config']}-seed{job['seed']}.json"
+    """Full-length runs keep their original names (finished ones are reused); short-budget runs name their steps."""
+    suffix = f"-steps{job['steps']}" if job.get("short") else ""
+    return Path(job["work"]) / "runs" / f"{job['config']}-seed{job['seed']}{suffix}.json"
 
 
 def _cached(job: dict) -> dict | None:
@@ -111,7 +118,7 @@ def _cached(job: dict) -> dict | None:
     if not path.is_file():
         return None
     run = json.loads(path.read_text())
-    same = all(run["job"].get(k) == job[k] for k in ("config", "seed", "steps", "eval_every", "eval_prompts"))
+    same = all(run["job"].get(k) == job.get(k) for k in ("config", "seed", "steps", "eval_every", "eval_prompts", "short"))
     return run if same else None
 
 
@@ -173,10 +180,25 @@ def first_reach(steps: np.ndarray, values: np.ndarray, target: float) -> int | N
 
 
 def summarise(runs: list[dict], total_steps: int) -> dict:
-    """Per config: final metrics mean/sd over seeds and steps to reach the CE-only final accuracy."""
+    """Per config: final metrics mean/sd over seeds and steps to reach the CE-only final accuracy; for the
+    short-budget runs, their final metrics against that target."""
+    short = [r for r in runs if r["job"].get("short")]
+    runs = [r for r in runs if not r["job"].get("short")]
     _, base = curves(runs, BASELINE, "accuracy")
     target = float(base[:, -1].mean())
-    out = {"target_accuracy": target, "configs": {}}
+    out = {"target_accuracy": target, "configs": {}, "short": {}}
+    for name in CONFIGS:
+        mine = [r for r in short if r["config"] == name]
+        if not mine:
+            continue
+        row = {"seeds": len(mine), "steps": mine[0]["job"]["steps"], "fraction": mine[0]["job"]["steps"] / total_steps}
+        for key in ("accuracy", "greedy_accuracy", "kl", "top1_agreement", "topk_mass"):
+            final = np.array([r["points"][-1][key] for r in sorted(mine, key=lambda r: r["seed"])])
+            row[key] = {"mean": float(final.mean()), "sd": float(final.std(ddof=1)) if len(final) > 1 else None,
+                        "per_seed": final.tolist()}
+        row["reaches_target"] = row["accuracy"]["mean"] >= target
+        row["per_seed_reaches_target"] = [a >= target for a in row["accuracy"]["per_seed"]]
+        out["short"][name] = row
     for name in CONFIGS:
         if not any(r["config"] == name for r in runs):
             continue
@@ -207,6 +229,15 @@ def format_table(summary: dict, total_steps: int) -> str:
         per = ", ".join("never" if s is None else str(s) for s in row["per_seed_steps_to_target"])
         lines.append(f"| {name} | {row['seeds']} | {pm(row['accuracy'])} | {pm(row['greedy_accuracy'])} | {pm(row['kl'])} | "
                      f"{pm(row['top1_agreement'])} | {pm(row['topk_mass'])} | {reach} | {per} |")
+    if summary.get("short"):
+        lines += ["", "Runs of their own at a fraction of the steps (warmup + cosine over the shorter run), final metrics:", "",
+                  "| config | steps | seeds | accuracy (T=1) | greedy accuracy | held-out KL | top-1 agreement | "
+                  "reaches CE-only's final accuracy (mean) | per seed |", "|---|---:|---:|---:|---:|---:|---:|---|---|"]
+        for name, row in summary["short"].items():
+            per = ", ".join("yes" if ok else "no" for ok in row["per_seed_reaches_target"])
+            lines.append(f"| {name} | {row['steps']} ({row['fraction']:.0%}) | {row['seeds']} | {pm(row['accuracy'])} | "
+                         f"{pm(row['greedy_accuracy'])} | {pm(row['kl'])} | {pm(row['top1_agreement'])} | "
+                         f"{'yes' if row['reaches_target'] else 'no'} | {per} |")
     return "\n".join(lines)
 
 
@@ -220,12 +251,16 @@ def plot(runs: list[dict], summary: dict, teacher_accuracy: float, path: Path) -
     panels = [("accuracy", "task accuracy (sampled, T=1)"), ("greedy_accuracy", "task accuracy (greedy)"),
               ("kl", "held-out KL(teacher top-20 ‖ student)")]
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2), dpi=100)
+    runs = [r for r in runs if not r["job"].get("short")]
     for ax, (key, title) in zip(axes, panels):
         for name in summary["configs"]:
             steps, vals = curves(runs, name, key)
             mean, sd = vals.mean(0), vals.std(0, ddof=1) if len(vals) > 1 else np.zeros(vals.shape[1])
             line, = ax.plot(steps, mean, marker="o", ms=3, label=name)
             ax.fill_between(steps, mean - sd, mean + sd, color=line.get_color(), alpha=0.2)
+        for name, row in summary.get("short", {}).items():  # the short runs' final points, with their sd
+            ax.errorbar([row["steps"]], [row[key]["mean"]], yerr=[row[key]["sd"] or 0.0], fmt="*", ms=10, capsize=3,
+                        label=f"{name}, own {row['steps']}-step run")
         if key == "accuracy":
             ax.axhline(summary["target_accuracy"], color="grey", ls="--", lw=1, label="CE-only final")
             ax.axhline(teacher_accuracy, color="black", ls=":", lw=1, label="teacher")
@@ -251,11 +286,15 @@ def main() -> None:
     ap.add_argument("--eval-every", type=int, default=60, help="60 of 600 puts the target's 60%% mark on the grid")
     ap.add_argument("--eval-prompts", type=int, default=500)
     ap.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    ap.add_argument("--short-configs", nargs="*", default=["ce+fkl", "ce+fkl+tail_k4"], choices=list(CONFIGS),
+                    help="configs that also train runs of their own at --short-fraction of the steps")
+    ap.add_argument("--short-fraction", type=float, default=0.6)
     ap.add_argument("--workers", type=int, default=2, help="runs in parallel, each with cores/workers threads")
     ap.add_argument("--work-dir", default=None, help="students and the k=4 dataset (default: a temporary dir)")
     ap.add_argument("--summarise-only", action="store_true",
                     help="no training: table, JSON and PNG from the runs already finished in --work-dir")
     ap.add_argument("--out", default=str(RESULTS))
+    ap.add_argument("--tag", default="", help="results go to quality-TAG.json/png (another step budget beside the default)")
     args = ap.parse_args()
     if args.summarise_only and args.work_dir is None:
         raise SystemExit("--summarise-only needs --work-dir (where the finished runs are)")
@@ -280,6 +319,11 @@ def main() -> None:
              "config_path": str(Path(args.config).resolve()), "train_dataset": str(datasets[CONFIGS[c][1]]),
              "eval_dataset": str(dataset), "work": str(work), "threads": threads}
             for s in args.seeds for c in args.configs]
+    short_steps = round(args.short_fraction * args.steps)
+    if args.short_configs and not 0 < short_steps < args.steps:
+        raise SystemExit("--short-fraction must leave between 1 and --steps - 1 steps")
+    jobs += [job | {"steps": short_steps, "eval_every": short_steps, "short": True}  # evaluated at its end only
+             for job in jobs if job["config"] in args.short_configs]
     runs = [r for r in map(_cached, jobs) if r is not None]
     todo = [] if args.summarise_only else [j for j in jobs if _cached(j) is None]
     print(f"{len(runs)} runs already finished in {work}, {len(todo)} to do", flush=True)
@@ -307,9 +351,10 @@ def main() -> None:
             "args": {k: v for k, v in vars(args).items() if k != "work_dir"}, "workers": args.workers, "threads": threads,
             "configs": {c: {"overrides": CONFIGS[c][0], "k": CONFIGS[c][1]} for c in args.configs},
             "teacher_accuracy": teacher_acc, "heldout_prompts": len(set(held.prompt_ids))}
-    (out_dir / "quality.json").write_text(json.dumps({"meta": meta, "summary": summary, "runs": runs}, indent=2))
-    plot(runs, summary, teacher_acc, out_dir / "quality.png")
-    print(f"\nwrote {out_dir / 'quality.json'} and {out_dir / 'quality.png'} in {time.time() - start:.0f}s")
+    stem = out_dir / ("quality-" + args.tag if args.tag else "quality")
+    stem.with_suffix(".json").write_text(json.dumps({"meta": meta, "summary": summary, "runs": runs}, indent=2))
+    plot(runs, summary, teacher_acc, stem.with_suffix(".png"))
+    print(f"\nwrote {stem.with_suffix('.json')} and {stem.with_suffix('.png')} in {time.time() - start:.0f}s")
     if tmp is not None:
         tmp.cleanup()
 
