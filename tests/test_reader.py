@@ -221,3 +221,28 @@ def test_manifests_from_before_the_split_layout_read_as_interleaved(tmp_path):
     del raw["storage"]["heldout_row_groups"]
     (tmp_path / "manifest.json").write_text(json.dumps(raw))
     assert read_manifest(tmp_path).storage.heldout_row_groups is False
+
+
+@pytest.mark.parametrize("split_layout", [True, False])
+def test_split_masks_from_footer_statistics_equal_reading_the_ids(tmp_path, monkeypatch, split_layout):
+    """A row group whose prompt_id min/max fall on one side of the split is classified from the footer; mixed
+    ones are read. Either way the masks equal the ids' own `heldout_mask`."""
+    import pyarrow.parquet as pq
+
+    from pipeline.prompts import heldout_mask
+
+    manifest = _dataset(tmp_path, split_layout=split_layout)
+    reads = []
+    real = pq.ParquetFile.read_row_group
+    monkeypatch.setattr(pq.ParquetFile, "read_row_group", lambda self, i, columns=None, **kw: (
+        reads.append(columns), real(self, i, columns=columns, **kw))[1])
+    for split in ("train", "heldout"):
+        reads.clear()
+        stream = TrainStream(tmp_path, split=split, batch_size=4, pad_id=0)
+        for unit in stream.units:
+            ids = real(pq.ParquetFile(unit.path), unit.row_group, columns=["prompt_id"])["prompt_id"]
+            held = heldout_mask(ids, manifest.heldout_fraction)
+            assert unit.keep.tolist() == (held if split == "heldout" else ~held).tolist()
+        mixed = sum(0 < u.kept < u.rows for u in stream.units)
+        assert len(reads) == mixed  # only row groups holding both splits are read
+        assert (mixed == 0) if split_layout else (mixed >= 5)

@@ -6,6 +6,7 @@ Memory is bounded by one shuffle window whatever the dataset size, the order is 
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +21,7 @@ from pipeline.dataset.schema import read_manifest
 from pipeline.dataset.validate import verify_shards
 from pipeline.prompts import heldout_mask
 
+_LOWER_HEX = re.compile(r"^[0-9a-f]{8}")
 STREAM_COLUMNS = ["prompt_token_ids", "completion_token_ids", "topk_token_ids", "topk_logprobs"]
 
 
@@ -109,10 +111,12 @@ def collate_rows(rows: Rows, pad_id: int) -> Batch:
 def _collate(rows: Rows, idx: np.ndarray | None, pad_id: int) -> Batch:
     """Padded batch of the samples `idx` of `rows` (all of them if None), gathered straight into the batch
     tensors: the stream's path, with no intermediate per-batch `Rows`. Outputs never share memory with `rows`."""
-    p_start, c_start = rows.prompt_offsets[:-1], rows.completion_offsets[:-1]
-    p_len, c_len = rows.prompt_offsets[1:] - p_start, rows.completion_offsets[1:] - c_start
-    if idx is not None:
-        p_start, c_start, p_len, c_len = p_start[idx], c_start[idx], p_len[idx], c_len[idx]
+    if idx is None:
+        p_start, c_start = rows.prompt_offsets[:-1], rows.completion_offsets[:-1]
+        p_len, c_len = rows.prompt_offsets[1:] - p_start, rows.completion_offsets[1:] - c_start
+    else:  # only the batch's samples (not the whole window's offsets)
+        p_start, c_start = rows.prompt_offsets[idx], rows.completion_offsets[idx]
+        p_len, c_len = rows.prompt_offsets[idx + 1] - p_start, rows.completion_offsets[idx + 1] - c_start
     n = len(p_len)
     if n and p_len.min() < 1:
         raise ValueError("every sample needs at least one prompt token (the position that predicts its first completion token)")
@@ -194,18 +198,29 @@ class TrainStream:
         for path in shard_paths(self.dataset_dir, self.manifest):
             pf = pq.ParquetFile(path)
             self._footers[path] = pf.metadata
-            self.units += [_Unit(path, rg, self._keep(pf.read_row_group(rg, columns=["prompt_id"], use_threads=False)))
-                           for rg in range(pf.metadata.num_row_groups)]
+            self.units += [_Unit(path, rg, self._row_group_keep(pf, rg)) for rg in range(pf.metadata.num_row_groups)]
         self.num_samples = sum(u.kept for u in self.units)
         if self.num_samples == 0:
             raise ValueError(f"{dataset_dir}: no {split} samples (all prompts on the other side of the split?)")
         self.batches_per_epoch = -(-self.num_samples // batch_size)
         self.position: dict = {"epoch": 0, "batch": 0}
 
-    def _keep(self, table: pa.Table) -> np.ndarray:
+    def _row_group_keep(self, pf: pq.ParquetFile, rg: int) -> np.ndarray:
+        """Which rows of row group `rg` belong to the split. Held-out is a threshold on a prompt id's first 8 hex
+        digits, and lowercase hex ids (as `stable_id` writes them) sort as those digits do, so a row group whose
+        smallest and largest prompt_id (footer statistics) fall on one side holds only that split: no read.
+        Otherwise (a mixed row group, as in interleaved datasets, or no statistics) the column is read."""
+        meta = pf.metadata.row_group(rg)
         if self.split == "all":
-            return np.ones(table.num_rows, dtype=bool)
-        held = heldout_mask(table["prompt_id"], self.manifest.heldout_fraction)
+            return np.ones(meta.num_rows, dtype=bool)
+        col = next(meta.column(i) for i in range(meta.num_columns) if meta.column(i).path_in_schema == "prompt_id")
+        stats = col.statistics
+        if stats is not None and stats.has_min_max and all(_LOWER_HEX.match(str(v)) for v in (stats.min, stats.max)):
+            bounds = heldout_mask(pa.array([stats.min, stats.max], pa.string()), self.manifest.heldout_fraction)
+            if bounds[0] == bounds[1]:
+                return np.full(meta.num_rows, bounds[0] == (self.split == "heldout"))
+        held = heldout_mask(pf.read_row_group(rg, columns=["prompt_id"], use_threads=False)["prompt_id"],
+                            self.manifest.heldout_fraction)
         return held if self.split == "heldout" else ~held
 
     def windows(self, epoch: int) -> list[list[_Unit]]:
