@@ -1,7 +1,10 @@
 """Training checkpoints: student weights, optimizer, RNG and data position, written atomically with checksums.
 
-A checkpoint is a directory `checkpoints/step-0000500/` holding `model.safetensors`, `optimizer.pt`,
-`rng.pt` and `state.json`. It is assembled in a `.tmp` directory and renamed into place once every
+A checkpoint is a directory `checkpoints/step-0000500/` holding `model.safetensors` (the student's full,
+unsharded weights under their HF names), `optimizer.pt` (the full optimizer state, keyed by parameter
+name so that DDP, FSDP and single-process runs read each other's checkpoints), `rng.pt` and `state.json`.
+The caller gathers both state dicts (pipeline/train.py; under FSDP every rank takes part) and rank 0
+writes them here. It is assembled in a `.tmp` directory and renamed into place once every
 file is on disk, and `state.json` lists each file's sha256, so a kill mid-save or a damaged file is
 detected on resume and the previous good checkpoint is used instead.
 """
@@ -17,7 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_model, save_model
+from safetensors import safe_open
+from safetensors.torch import _remove_duplicate_names, load_file, save_file
 
 from pipeline.dataset.schema import sha256_file
 from pipeline.dataset.writer import fsync_dir
@@ -44,16 +48,28 @@ def checkpoint_root(student_dir: Path) -> Path:
     return Path(student_dir) / CHECKPOINTS
 
 
-def save_checkpoint(root: Path, step: int, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                    state: dict, keep: int) -> Path:
-    """Write checkpoint `step` under `root` atomically, then delete all but the newest `keep`."""
+def tied_names(model: torch.nn.Module) -> dict[str, list[str]]:
+    """{kept name: [tied aliases]} of a plain (unsharded) module, chosen as safetensors' save_model chooses."""
+    return _remove_duplicate_names(model.state_dict())
+
+
+def save_checkpoint(root: Path, step: int, *, model_state: dict[str, torch.Tensor], optimizer_state: dict,
+                    state: dict, keep: int, tied: dict[str, list[str]] | None = None) -> Path:
+    """Write checkpoint `step` under `root` atomically, then delete all but the newest `keep`.
+
+    `model_state`: the student's full weights; tied aliases (`tied_names`) are dropped as safetensors'
+    save_model drops them, so the file is the one save_model(student) writes in a single process.
+    `optimizer_state`: a full optimizer state dict.
+    """
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:07d}"
     tmp = root / f"step-{step:07d}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    save_model(model, str(tmp / "model.safetensors"))  # handles tied weights (shared storage)
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    aliases = {alias: kept for kept, group in (tied or {}).items() for alias in group}
+    save_file({k: v.contiguous() for k, v in model_state.items() if k not in aliases}, str(tmp / "model.safetensors"),
+              metadata=aliases or None)
+    torch.save(optimizer_state, tmp / "optimizer.pt")
     rng = {"cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
         rng["cuda"] = torch.stack(torch.cuda.get_rng_state_all())
@@ -111,14 +127,33 @@ def latest_checkpoint(root: Path) -> Checkpoint | None:
     return None
 
 
-def restore(ckpt: Checkpoint, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
-    """Load weights, optimizer state and RNG from a verified checkpoint (tensors only: weights_only=True)."""
-    try:
-        load_model(model, str(ckpt.path / "model.safetensors"), strict=True)  # tied weights are matched by safetensors
-    except RuntimeError as err:
-        raise CheckpointMismatchError(f"{ckpt.path} does not fit this student: {str(err).splitlines()[0]}") from None
-    device = next(model.parameters()).device
-    optimizer.load_state_dict(torch.load(ckpt.path / "optimizer.pt", map_location=device, weights_only=True))
+def read_weights(ckpt: Checkpoint, tied: dict[str, list[str]] | None = None) -> dict[str, torch.Tensor]:
+    """The checkpoint's full student weights, tied aliases filled in from the tensor they share."""
+    weights = load_file(str(ckpt.path / "model.safetensors"))
+    for kept, group in (tied or {}).items():
+        for alias in group:
+            if kept in weights:
+                weights.setdefault(alias, weights[kept])
+    return weights
+
+
+def weight_shapes(ckpt: Checkpoint, tied: dict[str, list[str]] | None = None) -> dict[str, tuple[int, ...]]:
+    """{name: shape} of the checkpoint's weights (tied aliases included), from the file header only."""
+    with safe_open(str(ckpt.path / "model.safetensors"), framework="pt") as fh:
+        shapes = {k: tuple(fh.get_slice(k).get_shape()) for k in fh.keys()}
+    for kept, group in (tied or {}).items():
+        for alias in group:
+            if kept in shapes:
+                shapes.setdefault(alias, shapes[kept])
+    return shapes
+
+
+def read_optimizer(ckpt: Checkpoint) -> dict:
+    """The checkpoint's full optimizer state dict, on CPU (tensors only: weights_only=True)."""
+    return torch.load(ckpt.path / "optimizer.pt", map_location="cpu", weights_only=True)
+
+
+def restore_rng(ckpt: Checkpoint) -> None:
     rng = torch.load(ckpt.path / "rng.pt", weights_only=True)
     torch.set_rng_state(rng["cpu"])
     if "cuda" in rng and torch.cuda.is_available() and len(rng["cuda"]) == torch.cuda.device_count():

@@ -5,6 +5,9 @@ denominator, clipping, optional gradient checkpointing, and resumable checkpoint
 only on completion positions, in chunks (see losses.py), so no B x T x V logits tensor exists. The same
 function runs single-process or under `accelerate launch` / `torchrun` (DDP: each rank takes every
 world-th micro-batch of one seeded, resumable stream (pipeline/dataset/stream.py), so N ranks equal one rank with N-times the accumulation).
+FSDP2 (accelerate's `--use_fsdp --fsdp_version 2`, or ACCELERATE_USE_FSDP=true FSDP_VERSION=2 under torchrun)
+shards the student; checkpoints and the saved student are then gathered to full state dicts, so they
+are the same files a single process writes.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import contextlib
 import json
 import logging
 import math
+import os
 import random
 import time
 from dataclasses import asdict, dataclass
@@ -21,8 +25,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.checkpoint import (CheckpointMismatchError, checkpoint_root, clear, latest_checkpoint, restore,
-                                 save_checkpoint)
+from pipeline.checkpoint import (Checkpoint, CheckpointMismatchError, checkpoint_root, clear, latest_checkpoint,
+                                 read_optimizer, read_weights, restore_rng, save_checkpoint, tied_names, weight_shapes)
 from pipeline.config import RunConfig, StudentConfig, TrainConfig
 from pipeline.dataset.reader import Batch
 from pipeline.dataset.stream import TrainStream
@@ -107,10 +111,13 @@ class DistillObjective(torch.nn.Module):
     def __init__(self, student: torch.nn.Module, t: TrainConfig):
         super().__init__()
         self.student, self.t = student, t
+        # accelerate's FSDP TRANSFORMER_BASED_WRAP shards each decoder layer on its own when these are known
+        self._no_split_modules = getattr(student, "_no_split_modules", None)
 
     def forward(self, input_ids, attention_mask, loss_mask, labels, topk_ids, topk_logprobs):
         sums = loss_sums(self.student, Batch(input_ids, attention_mask, loss_mask, labels, topk_ids, topk_logprobs), self.t)
-        return sums.ce_sum, sums.kd_sum
+        # clones, not views of one [2] tensor: FSDP2 hooks its backward on the outputs and warns about views
+        return sums.ce_sum.clone(), sums.kd_sum.clone()
 
 
 def loss_sums(model, batch: Batch, t):
@@ -132,8 +139,118 @@ def make_optimizer(model: torch.nn.Module, t: TrainConfig, device: torch.device)
                              lr=t.lr, betas=(0.9, 0.95), fused=device.type == "cuda")
 
 
-def _resume_point(root: Path, fingerprint: str, student, opt) -> dict | None:
-    """State of the newest good checkpoint, restored into student and optimizer; None to start fresh."""
+class FSDPSetupError(ValueError):
+    """FSDP was asked for in a form this loop does not support."""
+
+
+PREFIX = "student."  # DistillObjective's name for the student: state-dict keys below the wrapper
+
+
+def make_accelerator(t: TrainConfig):
+    """accelerate's Accelerator for this process: DDP, FSDP2 or one process, as the launcher's environment says."""
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedType
+
+    accelerator = Accelerator(cpu=t.device == "cpu")
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and \
+            accelerator.distributed_type == DistributedType.MULTI_CPU:
+        _fsdp_on_cpu(accelerator)
+    if accelerator.distributed_type == DistributedType.FSDP and not accelerator.is_fsdp2:
+        raise FSDPSetupError("FSDP version 1 is not supported by the train loop: use FSDP2 "
+                             "(`accelerate launch --use_fsdp --fsdp_version 2 ...`, or FSDP_VERSION=2)")
+    return accelerator
+
+
+def _fsdp_on_cpu(accelerator) -> None:
+    """Honour ACCELERATE_USE_FSDP on CPU processes (gloo), where accelerate would silently run DDP.
+
+    accelerate 1.15 turns the request into DistributedType.FSDP only for accelerator devices
+    (accelerate/state.py, AcceleratorState.__init__: the switch sits in the MULTI_GPU/MULTI_XPU/...
+    branch; MULTI_CPU is not in it), and `accelerate launch` refuses `--cpu` with `--use_fsdp`.
+    torch's FSDP2 (`fully_shard`) runs on CPU with gloo, and accelerate's FSDP2 code paths (prepare,
+    no_sync, clip_grad_norm_) are device-agnostic, so this makes the switch accelerate makes on GPU:
+    the plugin read from the same FSDP_* variables, and the distributed type on both shared states.
+    """
+    from accelerate.state import PartialState
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    state = accelerator.state
+    state.fsdp_plugin = FullyShardedDataParallelPlugin()
+    state.distributed_type = DistributedType.FSDP
+    PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+    log.info("FSDP on CPU (gloo): accelerate's FSDP%d plugin applied to MULTI_CPU processes",
+             state.fsdp_plugin.fsdp_version)
+
+
+def _is_fsdp(accelerator) -> bool:
+    from accelerate.utils import DistributedType
+
+    return accelerator.distributed_type == DistributedType.FSDP
+
+
+def full_weights(accelerator, model, student) -> dict[str, torch.Tensor]:
+    """The student's full (unsharded) weights under their HF names on rank 0, {} elsewhere.
+
+    Collective under FSDP: every rank must call it.
+    """
+    if _is_fsdp(accelerator):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        return {k.removeprefix(PREFIX): v for k, v in full.items()}
+    return student.state_dict() if accelerator.is_main_process else {}
+
+
+def _rekey_optimizer(osd: dict, rename) -> dict:
+    return {"state": {rename(k): v for k, v in osd["state"].items()},
+            "param_groups": [{**g, "params": [rename(p) for p in g["params"]]} for g in osd["param_groups"]]}
+
+
+def full_optimizer_state(accelerator, model, opt) -> dict:
+    """The full optimizer state keyed by the student's parameter names (rank 0; {} elsewhere). Collective."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    inner = getattr(opt, "optimizer", opt)  # accelerate's AcceleratedOptimizer wraps the torch one
+    osd = get_optimizer_state_dict(model, inner, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if not accelerator.is_main_process:
+        return {}
+    return _rekey_optimizer(osd, lambda k: k.removeprefix(PREFIX))
+
+
+def _load_checkpoint(ckpt: Checkpoint, accelerator, model, student, opt, *, tied, shapes) -> None:
+    """Weights, optimizer and RNG of `ckpt` into the prepared model and optimizer (any mode wrote it)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
+
+    found = weight_shapes(ckpt, tied)  # header only: every rank checks, so no rank waits in a collective alone
+    if found != shapes:
+        diff = sorted(set(found) ^ set(shapes)) or sorted(k for k in shapes if found[k] != shapes[k])
+        raise CheckpointMismatchError(f"{ckpt.path} does not fit this student: {', '.join(diff[:3])} differ")
+    fsdp, main = _is_fsdp(accelerator), accelerator.is_main_process
+    inner = getattr(opt, "optimizer", opt)
+    osd = read_optimizer(ckpt) if main or not fsdp else {}
+    legacy = bool(osd) and any(isinstance(k, int) for k in osd["state"])  # opt.state_dict() of older versions
+    if fsdp:
+        if accelerator.reduce(torch.tensor(int(legacy), device=accelerator.device), "sum").item():
+            raise CheckpointMismatchError(f"{ckpt.path} has an index-keyed optimizer state (an older version wrote "
+                                          "it); resume it without FSDP once, or train without --resume")
+        weights = {PREFIX + k: v for k, v in read_weights(ckpt, tied).items()} if main else {}
+        # rank 0 reads the files; each rank receives only its shards
+        options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+        set_model_state_dict(model, weights, options=options)
+        set_optimizer_state_dict(model, inner, _rekey_optimizer(osd, lambda k: PREFIX + k) if main else {},
+                                 options=options)
+    else:
+        student.load_state_dict(read_weights(ckpt, tied), strict=True)
+        if legacy:
+            inner.load_state_dict(osd)
+        else:
+            set_optimizer_state_dict(model, inner, _rekey_optimizer(osd, lambda k: PREFIX + k),
+                                     options=StateDictOptions(full_state_dict=True))
+    restore_rng(ckpt)
+
+
+def _resume_point(root: Path, fingerprint: str, load) -> dict | None:
+    """State of the newest good checkpoint, restored by `load(ckpt)`; None to start fresh."""
     ckpt = latest_checkpoint(root)
     if ckpt is None:
         log.warning("no usable checkpoint under %s; training starts from step 0", root)
@@ -142,7 +259,7 @@ def _resume_point(root: Path, fingerprint: str, student, opt) -> dict | None:
         raise CheckpointMismatchError(
             f"checkpoints in {root} come from a run with other student/training settings or another dataset; "
             "train without --resume (they are replaced) or restore the original config")
-    restore(ckpt, model=student, optimizer=opt)
+    load(ckpt)
     log.info("resuming from %s (step %d)", ckpt.path, ckpt.step)
     return ckpt.state
 
@@ -154,8 +271,6 @@ def train_student(cfg: RunConfig, *, dataset_dir: Path | None = None, student_di
     With `resume`, continue from the newest good checkpoint in `<student_dir>/checkpoints` (weights,
     optimizer, RNG and data position), giving the same result as an uninterrupted run.
     """
-    from accelerate import Accelerator
-
     t = cfg.train
     dataset_dir = Path(dataset_dir or cfg.dataset_dir)
     student_dir = Path(student_dir or cfg.student_dir)
@@ -164,7 +279,7 @@ def train_student(cfg: RunConfig, *, dataset_dir: Path | None = None, student_di
     # streamed one row group at a time: memory does not grow with the dataset
     stream = TrainStream(dataset_dir, split="train", batch_size=t.batch_size, pad_id=tokenizer.pad_token_id, seed=t.seed)
     # picks up `accelerate launch` / torchrun's environment; a plain call is one process
-    accelerator = Accelerator(cpu=t.device == "cpu")
+    accelerator = make_accelerator(t)
     device = accelerator.device if t.device == "auto" else resolve_device(t.device)
     world, rank, main = accelerator.num_processes, accelerator.process_index, accelerator.is_main_process
     seed_everything(t.seed)
@@ -177,16 +292,18 @@ def train_student(cfg: RunConfig, *, dataset_dir: Path | None = None, student_di
             student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         student.config.use_cache = False
     student = student.to(device).train()
-    opt = make_optimizer(student, t, device)
+    tied, shapes = tied_names(student), {k: tuple(v.shape) for k, v in student.state_dict().items()}
+    # optimizer and model prepared together: FSDP replaces the parameters with sharded ones (DDP keeps them)
+    model, opt = accelerator.prepare(DistillObjective(student, t), make_optimizer(student, t, device))
     fingerprint = stable_id(cfg.train_fingerprint(), manifest.generate_fingerprint)
     root = checkpoint_root(student_dir)
-    state = _resume_point(root, fingerprint, student, opt) if resume else None
+    load = lambda ckpt: _load_checkpoint(ckpt, accelerator, model, student, opt, tied=tied, shapes=shapes)  # noqa: E731
+    state = _resume_point(root, fingerprint, load) if resume else None
     if state is None and main:
         clear(root)  # checkpoints of an earlier run must not be resumed into this one
     start_step = state["step"] if state else 0
     history = state["history"] if state else []
     tokens_before = state["tokens_seen"] if state else 0
-    model = accelerator.prepare(DistillObjective(student, t))  # DDP wrapper when several processes
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
     batch_iter = stream.batches(start=state["data"] if state else None)
     tokens_seen, start = 0, time.perf_counter()
@@ -208,7 +325,7 @@ def train_student(cfg: RunConfig, *, dataset_dir: Path | None = None, student_di
                                                batch.topk_ids, batch.topk_logprobs)
                     loss, ce, kd = combine(LossSums(ce_sum, kd_sum, batch.n_tokens), alpha=t.alpha,
                                            temperature=t.temperature, n_tokens_global=n_global)
-                    accelerator.backward(loss * world)  # DDP averages gradients over ranks; we want the global sum
+                    accelerator.backward(loss * world)  # DDP/FSDP average gradients over ranks; we want the global sum
                 parts += torch.stack([loss.detach(), ce, kd])
             grad_norm = float(accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm))
             opt.step()
@@ -223,23 +340,35 @@ def train_student(cfg: RunConfig, *, dataset_dir: Path | None = None, student_di
                 log.info("step %d/%d loss %.4f ce %.4f kd %.4f %.0f tok/s", step + 1, t.max_steps, loss_v, ce_v, kd_v, rate)
             if t.checkpoint_every and (step + 1) % t.checkpoint_every == 0 and not last:
                 accelerator.wait_for_everyone()
+                # gathered on every rank (collective under FSDP), written by rank 0
+                weights, optim_state = full_weights(accelerator, model, student), full_optimizer_state(accelerator, model, opt)
                 if main:
-                    save_checkpoint(root, step + 1, model=student, optimizer=opt, keep=t.keep_checkpoints, state={
-                        "fingerprint": fingerprint, "data": stream.position, "history": history,
-                        "tokens_seen": tokens_before + tokens_seen})
+                    save_checkpoint(root, step + 1, model_state=weights, optimizer_state=optim_state, tied=tied,
+                                    keep=t.keep_checkpoints, state={
+                                        "fingerprint": fingerprint, "data": stream.position, "history": history,
+                                        "tokens_seen": tokens_before + tokens_seen})
+                del weights, optim_state
                 accelerator.wait_for_everyone()
             advance(1, info=f"loss {float(parts[0]):.4f} (ce {float(parts[1]):.3f} kd {float(parts[2]):.4f})")
     seconds = time.perf_counter() - start
     last_log = history[-1]
     result = TrainResult(str(student_dir), t.max_steps, last_log["loss"], last_log["ce"], last_log["kd"],
                          tokens_seen / seconds if seconds > 0 else 0.0, seconds, stream.num_samples, start_step)
+    distributed = {"type": accelerator.distributed_type.value, "processes": world,
+                   "fsdp_version": accelerator.state.fsdp_plugin.fsdp_version if _is_fsdp(accelerator) else None}
+    weights = full_weights(accelerator, model, student) if _is_fsdp(accelerator) else None  # collective
+    for kept, group in tied.items() if weights else ():
+        for alias in group:  # gathered copies of one tied tensor: share it again so transformers drops the alias
+            weights[alias] = weights[kept]
     if main:
         student.eval()
         student_dir.mkdir(parents=True, exist_ok=True)
-        student.save_pretrained(student_dir, safe_serialization=True)
+        # under FSDP the module holds shards: save the gathered full weights (same files as one process)
+        student.save_pretrained(student_dir, state_dict=weights, safe_serialization=True)
         tokenizer.save_pretrained(student_dir)
         (student_dir / "train_log.json").write_text(json.dumps({"result": asdict(result), "history": history,
-                                                                "config": cfg.train.model_dump()}, indent=2))
+                                                                "config": cfg.train.model_dump(),
+                                                                "distributed": distributed}, indent=2))
         plot_curves(history, student_dir / "loss_curves.png")
     accelerator.wait_for_everyone()
     return result

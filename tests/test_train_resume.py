@@ -1,7 +1,7 @@
 """Checkpoints and --resume: an interrupted run resumed equals an uninterrupted one; damaged checkpoints fall back.
 
-Also: gradient checkpointing changes memory, not the numbers; two DDP processes (gloo, CPU) equal one
-process with twice the gradient accumulation.
+Also: gradient checkpointing changes memory, not the numbers; two DDP or FSDP2 processes (gloo, CPU)
+equal one process with twice the gradient accumulation, and FSDP checkpoints resume.
 """
 
 import json
@@ -147,25 +147,88 @@ def test_gradient_checkpointing_gives_the_same_numbers(generated, tmp_path):
     _assert_same_weights(tmp_path / "gc", tmp_path / "plain", atol=1e-5)
 
 
-def test_two_ddp_processes_equal_one_process_with_double_accumulation(generated, tmp_path):
-    """`torchrun --nproc_per_node 2` (gloo on CPU) runs the same CLI; rank r takes micro-batches r, r+2, ..."""
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+# what `accelerate launch --use_fsdp --fsdp_version 2 --fsdp_auto_wrap_policy TRANSFORMER_BASED_WRAP` exports
+FSDP_ENV = {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2", "FSDP_AUTO_WRAP_POLICY": "TRANSFORMER_BASED_WRAP"}
+
+
+def _train_cli(config: Path, dataset: str, *, launcher=(sys.executable,), env=None, resume=False):
+    cmd = [*launcher, "-m", "pipeline.cli", "train", str(config), "--dataset", dataset, *(["--resume"] if resume else [])]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", **(env or {})}
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+def _history(student_dir: Path) -> list[dict]:
+    return json.loads((student_dir / "train_log.json").read_text())["history"]
+
+
+@pytest.fixture(scope="module")
+def one_process(generated, tmp_path_factory):
+    """The reference for the 2-process runs: 4 steps of one process with grad_accum 2, a checkpoint at step 2.
+
+    Returns (the base raw config, the student directory).
+    """
     base = generated.model_dump(mode="json")
     base["train"].update(max_steps=4, batch_size=8, checkpoint_every=2, device="cpu")
-    one = {**base, "output_dir": str(tmp_path / "one"), "train": {**base["train"], "grad_accum": 2}}
+    tmp = tmp_path_factory.mktemp("one")
+    one = {**base, "output_dir": str(tmp), "train": {**base["train"], "grad_accum": 2}}
+    (tmp / "one.yaml").write_text(yaml.safe_dump(one))
+    _train_cli(tmp / "one.yaml", str(generated.dataset_dir))
+    return base, tmp / "student"
+
+
+def _two_processes_vs_one(one_process, dataset: Path, tmp_path, env=None) -> tuple[Path, Path, Path]:
+    """Two processes (gloo, CPU) with grad_accum 1, the same global batch as `one_process`: same numbers.
+
+    Returns (the one-process student directory, the two-process one, the two-process config).
+    """
+    base, one_dir = one_process
     two = {**base, "output_dir": str(tmp_path / "two"), "train": {**base["train"], "grad_accum": 1}}
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    for name, raw in (("one", one), ("two", two)):
-        (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(raw))
-    dataset = str(generated.dataset_dir)
-    single = subprocess.run([sys.executable, "-m", "pipeline.cli", "train", str(tmp_path / "one.yaml"), "--dataset", dataset],
-                            env=env, capture_output=True, text=True, timeout=300)
-    assert single.returncode == 0, single.stderr[-2000:]
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    ddp = subprocess.run([*torchrun, "-m", "pipeline.cli", "train", str(tmp_path / "two.yaml"), "--dataset", dataset],
-                         env=env, capture_output=True, text=True, timeout=300)
-    assert ddp.returncode == 0, ddp.stderr[-3000:]
-    _assert_same_weights(tmp_path / "two" / "student", tmp_path / "one" / "student", atol=1e-5)
-    log_one = json.loads((tmp_path / "one/student/train_log.json").read_text())["history"]
-    log_two = json.loads((tmp_path / "two/student/train_log.json").read_text())["history"]
-    assert [h["loss"] for h in log_two] == pytest.approx([h["loss"] for h in log_one], rel=1e-5)
-    assert sorted(p.name for p in checkpoint_root(tmp_path / "two/student").iterdir()) == ["step-0000002"]
+    (tmp_path / "two.yaml").write_text(yaml.safe_dump(two))
+    _train_cli(tmp_path / "two.yaml", str(dataset), launcher=TORCHRUN, env=env)
+    two_dir = tmp_path / "two" / "student"
+    _assert_same_weights(two_dir, one_dir, atol=1e-5)
+    assert [h["loss"] for h in _history(two_dir)] == pytest.approx([h["loss"] for h in _history(one_dir)], rel=1e-5)
+    assert sorted(p.name for p in checkpoint_root(two_dir).iterdir()) == ["step-0000002"]
+    return one_dir, two_dir, tmp_path / "two.yaml"
+
+
+def test_two_ddp_processes_equal_one_process_with_double_accumulation(one_process, generated, tmp_path):
+    """`torchrun --nproc_per_node 2` (gloo on CPU) runs the same CLI; rank r takes micro-batches r, r+2, ..."""
+    _, two, _ = _two_processes_vs_one(one_process, generated.dataset_dir, tmp_path)
+    assert json.loads((two / "train_log.json").read_text())["distributed"]["type"] == "MULTI_CPU"
+
+
+def test_two_fsdp_processes_equal_one_process_and_resume(one_process, generated, tmp_path):
+    """FSDP2 through accelerate's environment (gloo on CPU): same numbers as one process, a normal HF
+    student directory, full-state checkpoints, and a resume from the step-2 checkpoint that ends the same."""
+    from transformers import AutoModelForCausalLM
+
+    one, two, two_yaml = _two_processes_vs_one(one_process, generated.dataset_dir, tmp_path, env=FSDP_ENV)
+    assert json.loads((two / "train_log.json").read_text())["distributed"] == {
+        "type": "FSDP", "processes": 2, "fsdp_version": 2}
+    assert sorted(p.name for p in two.iterdir()) == sorted(p.name for p in one.iterdir())
+    assert json.loads((two / "config.json").read_text()) == json.loads((one / "config.json").read_text())
+    student = AutoModelForCausalLM.from_pretrained(two)
+    ref = _weights(one)
+    for name, tensor in student.state_dict().items():
+        torch.testing.assert_close(tensor, ref[name], rtol=0, atol=1e-5, msg=name)
+    # the checkpoint holds full tensors under the student's names, as a single process writes them
+    step2 = checkpoint_root(two) / "step-0000002"
+    assert {k: v.shape for k, v in load_file(str(step2 / "model.safetensors")).items()} == {
+        k: v.shape for k, v in load_file(str(checkpoint_root(one) / "step-0000002" / "model.safetensors")).items()}
+    optim = torch.load(step2 / "optimizer.pt", weights_only=True)
+    assert set(optim["state"]) == set(ref) and optim["state"]["lm_head.weight"]["exp_avg"].shape == ref["lm_head.weight"].shape
+
+    # resume: the final student is gone, training continues from step 2 and ends as before
+    final = _weights(two)
+    (two / "model.safetensors").unlink()
+    done = _train_cli(two_yaml, str(generated.dataset_dir), launcher=TORCHRUN, env=FSDP_ENV, resume=True)
+    assert "resumed from the checkpoint at step 2" in done.stdout + done.stderr
+    resumed = _weights(two)
+    for name in final:
+        torch.testing.assert_close(resumed[name], final[name], rtol=0, atol=1e-6, msg=name)
+    assert [h["step"] for h in _history(two)] == [1, 2, 3, 4]
+    assert [h["loss"] for h in _history(two)] == pytest.approx([h["loss"] for h in _history(one)], rel=1e-5)
