@@ -1,0 +1,128 @@
+"""Multi-process training plumbing: the Accelerator (one process, DDP or FSDP2, as the launcher's environment
+says) and full, unsharded state dicts for checkpoints and the saved student, whatever the mode.
+
+Under FSDP every rank holds shards, so gathering (`full_weights`, `full_optimizer_state`) and loading
+(`load_checkpoint`) are collectives: every rank calls them, rank 0 reads and writes the files.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+
+from pipeline.checkpoint import Checkpoint, CheckpointMismatchError, read_optimizer, read_weights, restore_rng, weight_shapes
+from pipeline.config import TrainConfig
+
+log = logging.getLogger(__name__)
+
+
+class FSDPSetupError(ValueError):
+    """FSDP was asked for in a form this loop does not support."""
+
+
+PREFIX = "student."  # DistillObjective's name for the student: state-dict keys below the wrapper
+
+
+def make_accelerator(t: TrainConfig):
+    """accelerate's Accelerator for this process: DDP, FSDP2 or one process, as the launcher's environment says."""
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedType
+
+    accelerator = Accelerator(cpu=t.device == "cpu")
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and \
+            accelerator.distributed_type == DistributedType.MULTI_CPU:
+        _fsdp_on_cpu(accelerator)
+    if accelerator.distributed_type == DistributedType.FSDP and not accelerator.is_fsdp2:
+        raise FSDPSetupError("FSDP version 1 is not supported by the train loop: use FSDP2 "
+                             "(`accelerate launch --use_fsdp --fsdp_version 2 ...`, or FSDP_VERSION=2)")
+    return accelerator
+
+
+def _fsdp_on_cpu(accelerator) -> None:
+    """Honour ACCELERATE_USE_FSDP on CPU processes (gloo), where accelerate would silently run DDP.
+
+    accelerate 1.15 turns the request into DistributedType.FSDP only for accelerator devices
+    (accelerate/state.py, AcceleratorState.__init__: the switch sits in the MULTI_GPU/MULTI_XPU/...
+    branch; MULTI_CPU is not in it), and `accelerate launch` refuses `--cpu` with `--use_fsdp`.
+    torch's FSDP2 (`fully_shard`) runs on CPU with gloo, and accelerate's FSDP2 code paths (prepare,
+    no_sync, clip_grad_norm_) are device-agnostic, so this makes the switch accelerate makes on GPU:
+    the plugin read from the same FSDP_* variables, and the distributed type on both shared states.
+    """
+    from accelerate.state import PartialState
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    state = accelerator.state
+    state.fsdp_plugin = FullyShardedDataParallelPlugin()
+    state.distributed_type = DistributedType.FSDP
+    PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+    log.info("FSDP on CPU (gloo): accelerate's FSDP%d plugin applied to MULTI_CPU processes",
+             state.fsdp_plugin.fsdp_version)
+
+
+def is_fsdp(accelerator) -> bool:
+    from accelerate.utils import DistributedType
+
+    return accelerator.distributed_type == DistributedType.FSDP
+
+
+def full_weights(accelerator, model, student) -> dict[str, torch.Tensor]:
+    """The student's full (unsharded) weights under their HF names on rank 0, {} elsewhere.
+
+    Collective under FSDP: every rank must call it.
+    """
+    if is_fsdp(accelerator):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        return {k.removeprefix(PREFIX): v for k, v in full.items()}
+    return student.state_dict() if accelerator.is_main_process else {}
+
+
+def _rekey_optimizer(osd: dict, rename) -> dict:
+    return {"state": {rename(k): v for k, v in osd["state"].items()},
+            "param_groups": [{**g, "params": [rename(p) for p in g["params"]]} for g in osd["param_groups"]]}
+
+
+def full_optimizer_state(accelerator, model, opt) -> dict:
+    """The full optimizer state keyed by the student's parameter names (rank 0; {} elsewhere). Collective."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    inner = getattr(opt, "optimizer", opt)  # accelerate's AcceleratedOptimizer wraps the torch one
+    osd = get_optimizer_state_dict(model, inner, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if not accelerator.is_main_process:
+        return {}
+    return _rekey_optimizer(osd, lambda k: k.removeprefix(PREFIX))
+
+
+def load_checkpoint(ckpt: Checkpoint, accelerator, model, student, opt, *, tied, shapes) -> None:
+    """Weights, optimizer and RNG of `ckpt` into the prepared model and optimizer (any mode wrote it)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
+
+    found = weight_shapes(ckpt, tied)  # header only: every rank checks, so no rank waits in a collective alone
+    if found != shapes:
+        diff = sorted(set(found) ^ set(shapes)) or sorted(k for k in shapes if found[k] != shapes[k])
+        raise CheckpointMismatchError(f"{ckpt.path} does not fit this student: {', '.join(diff[:3])} differ")
+    fsdp, main = is_fsdp(accelerator), accelerator.is_main_process
+    inner = getattr(opt, "optimizer", opt)
+    osd = read_optimizer(ckpt) if main or not fsdp else {}
+    legacy = bool(osd) and any(isinstance(k, int) for k in osd["state"])  # opt.state_dict() of older versions
+    if fsdp:
+        if accelerator.reduce(torch.tensor(int(legacy), device=accelerator.device), "sum").item():
+            raise CheckpointMismatchError(f"{ckpt.path} has an index-keyed optimizer state (an older version wrote "
+                                          "it); resume it without FSDP once, or train without --resume")
+        weights = {PREFIX + k: v for k, v in read_weights(ckpt, tied).items()} if main else {}
+        # rank 0 reads the files; each rank receives only its shards
+        options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+        set_model_state_dict(model, weights, options=options)
+        set_optimizer_state_dict(model, inner, _rekey_optimizer(osd, lambda k: PREFIX + k) if main else {},
+                                 options=options)
+    else:
+        student.load_state_dict(read_weights(ckpt, tied), strict=True)
+        if legacy:
+            inner.load_state_dict(osd)
+        else:
+            set_optimizer_state_dict(model, inner, _rekey_optimizer(osd, lambda k: PREFIX + k),
+                                     options=StateDictOptions(full_state_dict=True))
+    restore_rng(ckpt)
