@@ -127,25 +127,24 @@ def latest_checkpoint(root: Path) -> Checkpoint | None:
     return None
 
 
-def read_weights(ckpt: Checkpoint, tied: dict[str, list[str]] | None = None) -> dict[str, torch.Tensor]:
-    """The checkpoint's full student weights, tied aliases filled in from the tensor they share."""
-    weights = load_file(str(ckpt.path / "model.safetensors"))
+def _with_aliases(by_name: dict, tied: dict[str, list[str]] | None) -> dict:
+    """`by_name` with each tied alias (dropped on save) mapped to the entry of the name it shares."""
     for kept, group in (tied or {}).items():
         for alias in group:
-            if kept in weights:
-                weights.setdefault(alias, weights[kept])
-    return weights
+            if kept in by_name:
+                by_name.setdefault(alias, by_name[kept])
+    return by_name
+
+
+def read_weights(ckpt: Checkpoint, tied: dict[str, list[str]] | None = None) -> dict[str, torch.Tensor]:
+    """The checkpoint's full student weights, tied aliases filled in from the tensor they share."""
+    return _with_aliases(load_file(str(ckpt.path / "model.safetensors")), tied)
 
 
 def weight_shapes(ckpt: Checkpoint, tied: dict[str, list[str]] | None = None) -> dict[str, tuple[int, ...]]:
     """{name: shape} of the checkpoint's weights (tied aliases included), from the file header only."""
     with safe_open(str(ckpt.path / "model.safetensors"), framework="pt") as fh:
-        shapes = {k: tuple(fh.get_slice(k).get_shape()) for k in fh.keys()}
-    for kept, group in (tied or {}).items():
-        for alias in group:
-            if kept in shapes:
-                shapes.setdefault(alias, shapes[kept])
-    return shapes
+        return _with_aliases({k: tuple(fh.get_slice(k).get_shape()) for k in fh.keys()}, tied)
 
 
 def read_optimizer(ckpt: Checkpoint) -> dict:

@@ -67,16 +67,21 @@ def is_fsdp(accelerator) -> bool:
     return accelerator.distributed_type == DistributedType.FSDP
 
 
-def full_weights(accelerator, model, student) -> dict[str, torch.Tensor]:
+def full_weights(accelerator, model, student, tied: dict[str, list[str]] | None = None) -> dict[str, torch.Tensor]:
     """The student's full (unsharded) weights under their HF names on rank 0, {} elsewhere.
 
-    Collective under FSDP: every rank must call it.
+    Collective under FSDP: every rank must call it. The gathered copies of a tied tensor (`tied`) are made
+    one tensor again, so `save_pretrained` drops the alias as it does for the unsharded student.
     """
     if is_fsdp(accelerator):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
         full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        return {k.removeprefix(PREFIX): v for k, v in full.items()}
+        weights = {k.removeprefix(PREFIX): v for k, v in full.items()}
+        for kept, group in (tied or {}).items() if weights else ():
+            for alias in group:
+                weights[alias] = weights[kept]
+        return weights
     return student.state_dict() if accelerator.is_main_process else {}
 
 

@@ -245,10 +245,7 @@ def train_student(cfg: RunConfig, *, dataset_dir: Path | None = None, student_di
                          tokens_seen / seconds if seconds > 0 else 0.0, seconds, stream.num_samples, start_step)
     distributed = {"type": accelerator.distributed_type.value, "processes": world,
                    "fsdp_version": accelerator.state.fsdp_plugin.fsdp_version if is_fsdp(accelerator) else None}
-    weights = full_weights(accelerator, model, student) if is_fsdp(accelerator) else None  # collective
-    for kept, group in tied.items() if weights else ():
-        for alias in group:  # gathered copies of one tied tensor: share it again so transformers drops the alias
-            weights[alias] = weights[kept]
+    weights = full_weights(accelerator, model, student, tied) if is_fsdp(accelerator) else None  # collective
     if main:
         student.eval()
         student_dir.mkdir(parents=True, exist_ok=True)
