@@ -57,7 +57,7 @@ def _topk_prefix(col: pa.ChunkedArray, k: int) -> pa.Array:
     """list<list<x>> with every inner list cut to its first k entries (the top-k of a sorted top-K)."""
     arr = col.combine_chunks()
     inner = pc.list_slice(arr.flatten(), 0, k)
-    return pa.ListArray.from_arrays(arr.offsets, inner.cast(pa.list_(arr.type.value_type.value_type)))
+    return pa.ListArray.from_arrays(arr.offsets, inner.cast(arr.type.value_type), type=arr.type)
 
 
 def write_topk_subset(src: Path, dst: Path, k: int) -> Path:

@@ -139,9 +139,11 @@ def stored_table(table: pa.Table, c: Candidate) -> pa.Table:
     col = table["topk_logprobs"].combine_chunks()
     flat = col.flatten().flatten().to_numpy(zero_copy_only=False)
     values = quantize_logprobs(flat, c.storage.logprobs_step).astype(np.float16 if c.logprobs_dtype == "float16" else np.float32)
-    inner = pa.ListArray.from_arrays(col.flatten().offsets, pa.array(values))
-    nested = pa.ListArray.from_arrays(col.offsets, inner)
-    return table.set_column(table.schema.get_field_index("topk_logprobs"), "topk_logprobs", nested)
+    inner_type = pa.list_(col.type.value_type.value_field.with_type(pa.from_numpy_dtype(values.dtype)))
+    inner = pa.ListArray.from_arrays(col.flatten().offsets, pa.array(values), type=inner_type)
+    nested = pa.ListArray.from_arrays(col.offsets, inner, type=pa.list_(col.type.value_field.with_type(inner_type)))
+    field = table.schema.field("topk_logprobs").with_type(nested.type)
+    return table.set_column(table.schema.get_field_index("topk_logprobs"), field, nested)
 
 
 def measure(table: pa.Table, c: Candidate, repeats: int = 2) -> dict:

@@ -123,6 +123,37 @@ def test_manifest_records_the_encoding_and_shards_use_it(tmp_path):
     assert "RLE_DICTIONARY" in cols["finish_reason"].encodings and cols["sample_id"].compression == "ZSTD"
 
 
+def test_shards_are_required_and_older_nullable_shards_still_read(tmp_path):
+    """New shards store every field as Parquet `required` (no definition levels to decode); a dataset whose first
+    shard was written before that (nullable fields) and whose second is new validates and reads as one."""
+    from pipeline.dataset.stream import TrainStream
+
+    rng = np.random.default_rng(3)
+    manifest = _manifest(num_shards=2)
+    write_manifest(tmp_path, manifest)
+    tables = []
+    for index in range(2):
+        gens = [[_fake_generation(rng, 3 + i, 4, 50)] for i in range(3)]
+        tables.append(build_table(prompt_ids=[f"{index}a", f"{index}b", f"{index}c"], prompts=["p"] * 3,
+                                  prompt_token_ids=[[1], [2, 3], [4]], generations=gens, completions=[["x"]] * 3, seed=0))
+    old = tables[0].cast(arrow_schema(nullable=True))
+    for index, table in enumerate([old, tables[1]]):
+        manifest = commit_shard(tmp_path, manifest, write_shard(tmp_path, index, table, prompts=3,
+                                                                heldout_fraction=manifest.heldout_fraction))
+    schemas = [pq.ParquetFile(tmp_path / f"shards/part-0000{i}.parquet").schema for i in range(2)]
+    assert "optional" in str(schemas[0]) and "optional" not in str(schemas[1])  # the older layout really is written
+    assert str(schemas[1]).count("required int32 field_id=-1 element") == 3  # prompt, completion, top-k ids
+
+    assert validate_dataset(tmp_path).samples == 6
+    samples = load_samples(tmp_path)
+    assert [len(t) for t in samples.completion_tokens] == [3, 4, 5] * 2
+    stream = TrainStream(tmp_path, split="all", batch_size=6, pad_id=0)
+    batch = next(stream.batches())
+    assert batch.n_tokens == 24 and batch.topk_ids.shape == (24, 4)
+    expected = np.concatenate([t["topk_token_ids"].combine_chunks().flatten().flatten().to_numpy() for t in tables])
+    assert sorted(batch.topk_ids.numpy().ravel().tolist()) == sorted(expected.tolist())
+
+
 def test_float16_logprobs_are_written_plain_for_duckdb(tmp_path):
     rng = np.random.default_rng(3)
     table = build_table(prompt_ids=["a"], prompts=["p"], prompt_token_ids=[[1]], generations=[[_fake_generation(rng, 5, 4, 50)]],

@@ -68,7 +68,7 @@ def load_samples(dataset_dir: Path, *, split: str = "all", limit_prompts: int | 
         raise ValueError(f"{dataset_dir}: the dataset has no committed shards yet; run the generate stage")
     verify_shards(dataset_dir, manifest)
     tables = [pq.read_table(p, columns=TOKEN_COLUMNS) for p in shard_paths(dataset_dir, manifest)]
-    table = pa.concat_tables(tables)
+    table = pa.concat_tables(tables, promote_options="permissive")  # shards from before 2026-12 have nullable fields
     if split != "all":
         want = split == "heldout"
         keep = heldout_mask(table["prompt_id"], manifest.heldout_fraction) == want

@@ -34,21 +34,32 @@ def shard_name(index: int) -> str:
     return f"part-{index:05d}.parquet"
 
 
-def arrow_schema(logprobs_dtype: str = "float32") -> pa.Schema:
-    """Schema v1: one row per sampled completion; top-k columns are L x k nested lists."""
+def _list(value: pa.DataType, nullable: bool) -> pa.DataType:
+    return pa.list_(pa.field("element", value, nullable=nullable))
+
+
+def arrow_schema(logprobs_dtype: str = "float32", *, nullable: bool = False) -> pa.Schema:
+    """Schema v1: one row per sampled completion; top-k columns are L x k nested lists.
+
+    Every column and list element is non-null (Parquet `required`): nulls are never valid here, and required
+    levels decode ~1.2x faster (bench/reader.py). `nullable=True` is the same schema as shards written before
+    2026-12 stored it; readers accept both.
+    """
     lp = pa.float16() if logprobs_dtype == "float16" else pa.float32()
-    return pa.schema([
+    columns = [
         ("sample_id", pa.string()),
         ("prompt_id", pa.string()),
         ("prompt", pa.string()),
         ("completion", pa.string()),
-        ("prompt_token_ids", pa.list_(pa.int32())),
-        ("completion_token_ids", pa.list_(pa.int32())),
-        ("token_logprobs", pa.list_(pa.float32())),
-        ("topk_token_ids", pa.list_(pa.list_(pa.int32()))),
-        ("topk_logprobs", pa.list_(pa.list_(lp))),
+        ("prompt_token_ids", _list(pa.int32(), nullable)),
+        ("completion_token_ids", _list(pa.int32(), nullable)),
+        ("token_logprobs", _list(pa.float32(), nullable)),
+        ("topk_token_ids", _list(_list(pa.int32(), nullable), nullable)),
+        ("topk_logprobs", _list(_list(lp, nullable), nullable)),
         ("finish_reason", pa.string()),
-    ], metadata={b"distill_schema_version": str(SCHEMA_VERSION).encode()})
+    ]
+    return pa.schema([pa.field(name, typ, nullable=nullable) for name, typ in columns],
+                     metadata={b"distill_schema_version": str(SCHEMA_VERSION).encode()})
 
 
 class StorageRecord(BaseModel):
@@ -190,25 +201,30 @@ def stable_id(*parts: object) -> str:
     return hashlib.sha256("\x1f".join(map(str, parts)).encode()).hexdigest()[:16]
 
 
-def _list_array(arrays: list[np.ndarray], dtype: pa.DataType) -> pa.Array:
+def _list_array(arrays: list[np.ndarray], list_type: pa.ListType) -> pa.Array:
+    dtype = list_type.value_type
     lengths = np.fromiter((len(a) for a in arrays), dtype=np.int32, count=len(arrays))
     offsets = np.zeros(len(arrays) + 1, dtype=np.int32)
     np.cumsum(lengths, out=offsets[1:])
     flat = np.concatenate(arrays) if arrays else np.zeros(0)
-    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat.astype(dtype.to_pandas_dtype(), copy=False), type=dtype))
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat.astype(dtype.to_pandas_dtype(), copy=False), type=dtype),
+                                    type=list_type)
 
 
-def _nested_array(arrays: list[np.ndarray], dtype: pa.DataType) -> pa.Array:
-    """[L_i, k_i] arrays -> list<list<dtype>> without a Python loop over tokens."""
+def _nested_array(arrays: list[np.ndarray], list_type: pa.ListType) -> pa.Array:
+    """[L_i, k_i] arrays -> `list_type` (list<list<dtype>>) without a Python loop over tokens."""
+    inner_type = list_type.value_type
+    dtype = inner_type.value_type
     rows = [a.reshape(a.shape[0], -1) for a in arrays]
     inner_lengths = np.concatenate([np.full(r.shape[0], r.shape[1], dtype=np.int32) for r in rows]) if rows else np.zeros(0, np.int32)
     inner_offsets = np.zeros(len(inner_lengths) + 1, dtype=np.int32)
     np.cumsum(inner_lengths, out=inner_offsets[1:])
     flat = np.concatenate([r.ravel() for r in rows]) if rows else np.zeros(0)
-    inner = pa.ListArray.from_arrays(pa.array(inner_offsets), pa.array(flat.astype(dtype.to_pandas_dtype(), copy=False), type=dtype))
+    inner = pa.ListArray.from_arrays(pa.array(inner_offsets), pa.array(flat.astype(dtype.to_pandas_dtype(), copy=False), type=dtype),
+                                     type=inner_type)
     outer_offsets = np.zeros(len(rows) + 1, dtype=np.int32)
     np.cumsum([r.shape[0] for r in rows], out=outer_offsets[1:])
-    return pa.ListArray.from_arrays(pa.array(outer_offsets), inner)
+    return pa.ListArray.from_arrays(pa.array(outer_offsets), inner, type=list_type)
 
 
 def build_table(
@@ -228,17 +244,17 @@ def build_table(
     """
     rows = [(i, j, g) for i, gens in enumerate(generations) for j, g in enumerate(gens)]
     schema = arrow_schema(logprobs_dtype)
-    lp_type = schema.field("topk_logprobs").type.value_type.value_type
+    typ = {f.name: f.type for f in schema}
     cols = {
         "sample_id": pa.array([stable_id(prompt_ids[i], j, seed) for i, j, _ in rows], pa.string()),
         "prompt_id": pa.array([prompt_ids[i] for i, _, _ in rows], pa.string()),
         "prompt": pa.array([prompts[i] for i, _, _ in rows], pa.string()),
         "completion": pa.array([completions[i][j] for i, j, _ in rows], pa.string()),
-        "prompt_token_ids": _list_array([np.asarray(prompt_token_ids[i], np.int32) for i, _, _ in rows], pa.int32()),
-        "completion_token_ids": _list_array([g.completion_token_ids for _, _, g in rows], pa.int32()),
-        "token_logprobs": _list_array([quantize_logprobs(g.token_logprobs, logprobs_step) for _, _, g in rows], pa.float32()),
-        "topk_token_ids": _nested_array([g.topk_token_ids for _, _, g in rows], pa.int32()),
-        "topk_logprobs": _nested_array([quantize_logprobs(g.topk_logprobs, logprobs_step) for _, _, g in rows], lp_type),
+        "prompt_token_ids": _list_array([np.asarray(prompt_token_ids[i], np.int32) for i, _, _ in rows], typ["prompt_token_ids"]),
+        "completion_token_ids": _list_array([g.completion_token_ids for _, _, g in rows], typ["completion_token_ids"]),
+        "token_logprobs": _list_array([quantize_logprobs(g.token_logprobs, logprobs_step) for _, _, g in rows], typ["token_logprobs"]),
+        "topk_token_ids": _nested_array([g.topk_token_ids for _, _, g in rows], typ["topk_token_ids"]),
+        "topk_logprobs": _nested_array([quantize_logprobs(g.topk_logprobs, logprobs_step) for _, _, g in rows], typ["topk_logprobs"]),
         "finish_reason": pa.array([g.finish_reason for _, _, g in rows], pa.string()),
     }
     return pa.table(cols, schema=schema)

@@ -87,7 +87,8 @@ def validate_dataset(dataset_dir: Path) -> ValidationReport:
         manifest = read_manifest(dataset_dir)
     except (FileNotFoundError, ValueError) as err:
         raise DatasetInvalid(str(err).splitlines()[0]) from None
-    expected = arrow_schema(manifest.logprobs_dtype)
+    # shards written before 2026-12 have the same columns with nullable fields
+    expected = [arrow_schema(manifest.logprobs_dtype, nullable=n).remove_metadata() for n in (False, True)]
     seen_ids: set[str] = set()
     samples = tokens = 0
     for shard in manifest.shards:
@@ -100,7 +101,7 @@ def validate_dataset(dataset_dir: Path) -> ValidationReport:
             table = pq.read_table(path)
         except (pa.ArrowInvalid, OSError) as err:
             raise DatasetInvalid(f"shard {shard.file} is not readable Parquet: {err}") from None
-        if not table.schema.remove_metadata().equals(expected.remove_metadata()):
+        if not any(table.schema.remove_metadata().equals(e) for e in expected):
             raise DatasetInvalid(f"shard {shard.file} does not have the schema v{manifest.schema_version} columns/types")
         if table.num_rows != shard.rows:
             raise DatasetInvalid(f"shard {shard.file} has {table.num_rows} rows but the manifest says {shard.rows}")
