@@ -42,7 +42,7 @@ def arrow_schema(logprobs_dtype: str = "float32", *, nullable: bool = False) -> 
     """Schema v1: one row per sampled completion; top-k columns are L x k nested lists.
 
     Every column and list element is non-null (Parquet `required`): nulls are never valid here, and required
-    levels decode ~1.2x faster (bench/reader.py). `nullable=True` is the same schema as shards written before
+    levels decode ~1.5x faster (bench/reader.py). `nullable=True` is the same schema as shards written before
     2026-12 stored it; readers accept both.
     """
     lp = pa.float16() if logprobs_dtype == "float16" else pa.float32()
