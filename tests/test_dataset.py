@@ -271,3 +271,20 @@ def test_validate_checks_invariants(tmp_path, damage, message):
                                                  heldout_fraction=manifest.heldout_fraction))
     with pytest.raises(DatasetInvalid, match=message):
         validate_dataset(tmp_path)
+
+
+def test_validate_refuses_a_shard_with_other_column_types(tmp_path):
+    """Nullable or required fields are both schema v1; a different column type is not."""
+    import pyarrow as pa
+
+    rng = np.random.default_rng(4)
+    table = build_table(prompt_ids=["a"], prompts=["p"], prompt_token_ids=[[1]], generations=[[_fake_generation(rng, 4, 4, 50)]],
+                        completions=[["c"]], seed=0)
+    wide = pa.list_(pa.field("element", pa.list_(pa.field("element", pa.int64(), nullable=False)), nullable=False))
+    i = table.schema.get_field_index("topk_token_ids")
+    table = table.set_column(i, table.schema.field(i).with_type(wide), table["topk_token_ids"].cast(wide))
+    manifest = _manifest()
+    write_manifest(tmp_path, manifest)
+    commit_shard(tmp_path, manifest, write_shard(tmp_path, 0, table, prompts=1, heldout_fraction=manifest.heldout_fraction))
+    with pytest.raises(DatasetInvalid, match="part-00000.parquet does not have the schema v1 columns/types"):
+        validate_dataset(tmp_path)
