@@ -26,8 +26,8 @@ import pyarrow.parquet as pq
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.dataset.schema import (IDS_LEAF, LP_LEAF, StorageRecord, build_table, quantize_logprobs,  # noqa: E402
-                                     stable_id)
+from pipeline.dataset.schema import (IDS_LEAF, LP_LEAF, StorageRecord, arrow_schema, build_table,  # noqa: E402
+                                     quantize_logprobs, stable_id)
 from pipeline.dataset.reader import shard_paths  # noqa: E402
 from pipeline.dataset.writer import parquet_options  # noqa: E402
 from pipeline.teachers.base import Generation  # noqa: E402
@@ -37,12 +37,12 @@ TOPK = ("topk_token_ids", "topk_logprobs")
 
 
 def demo_table(dataset_dir: Path) -> pa.Table:
-    """The demo dataset as one table with float32 logprobs (the reference values)."""
-    table = pa.concat_tables(pq.read_table(p) for p in shard_paths(dataset_dir))
+    """The demo dataset as one table with float32 logprobs (the reference values), in the current writer's schema."""
+    table = pa.concat_tables((pq.read_table(p) for p in shard_paths(dataset_dir)), promote_options="permissive")
     lp = table["topk_logprobs"].type.value_type.value_type
     if lp != pa.float32():
         raise SystemExit(f"{dataset_dir}: reference logprobs must be float32, found {lp}")
-    return table
+    return table.cast(arrow_schema())
 
 
 def realistic_table(samples: int, length: int, *, vocab: int, zipf: float, seed: int, k: int = 20) -> pa.Table:
@@ -139,11 +139,10 @@ def stored_table(table: pa.Table, c: Candidate) -> pa.Table:
     col = table["topk_logprobs"].combine_chunks()
     flat = col.flatten().flatten().to_numpy(zero_copy_only=False)
     values = quantize_logprobs(flat, c.storage.logprobs_step).astype(np.float16 if c.logprobs_dtype == "float16" else np.float32)
-    inner_type = pa.list_(col.type.value_type.value_field.with_type(pa.from_numpy_dtype(values.dtype)))
-    inner = pa.ListArray.from_arrays(col.flatten().offsets, pa.array(values), type=inner_type)
-    nested = pa.ListArray.from_arrays(col.offsets, inner, type=pa.list_(col.type.value_field.with_type(inner_type)))
-    field = table.schema.field("topk_logprobs").with_type(nested.type)
-    return table.set_column(table.schema.get_field_index("topk_logprobs"), field, nested)
+    lp_field = arrow_schema(c.logprobs_dtype).field("topk_logprobs")
+    inner = pa.ListArray.from_arrays(col.flatten().offsets, pa.array(values), type=lp_field.type.value_type)
+    nested = pa.ListArray.from_arrays(col.offsets, inner, type=lp_field.type)
+    return table.set_column(table.schema.get_field_index("topk_logprobs"), lp_field, nested)
 
 
 def measure(table: pa.Table, c: Candidate, repeats: int = 2) -> dict:
