@@ -34,7 +34,8 @@ import pyarrow.parquet as pq
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.config import load_config  # noqa: E402
-from pipeline.dataset.schema import StorageRecord, read_manifest, stable_id  # noqa: E402
+from pipeline.core import stable_id  # noqa: E402
+from pipeline.dataset.schema import StorageRecord, read_manifest  # noqa: E402
 from pipeline.dataset.validate import validate_dataset  # noqa: E402
 from pipeline.dataset.writer import commit_shard, write_manifest, write_shard  # noqa: E402
 

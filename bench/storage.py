@@ -30,7 +30,7 @@ from pipeline.dataset.schema import (IDS_LEAF, LP_LEAF, StorageRecord, arrow_sch
                                      quantize_logprobs, stable_id)
 from pipeline.dataset.reader import shard_paths  # noqa: E402
 from pipeline.dataset.writer import parquet_options  # noqa: E402
-from pipeline.teachers.base import Generation  # noqa: E402
+from pipeline.dataset.schema import Generation  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 TOPK = ("topk_token_ids", "topk_logprobs")

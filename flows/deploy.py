@@ -17,9 +17,10 @@ from prefect.settings import PREFECT_API_URL
 
 from flows.distill import distill_flow
 from pipeline.config import RunConfig
+from pipeline.core import UserError
 
 
-class ScheduleError(ValueError):
+class ScheduleError(UserError):
     """A schedule the user asked for cannot be built (bad cron, both or neither of cron/interval)."""
 
 

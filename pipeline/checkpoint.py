@@ -23,8 +23,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import _remove_duplicate_names, load_file, save_file
 
-from pipeline.dataset.schema import sha256_file
-from pipeline.dataset.writer import fsync_dir
+from pipeline.core import UserError, fsync_dir, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -33,8 +32,12 @@ _STEP_DIR = re.compile(r"^step-(\d{7,})$")
 _FILES = ("model.safetensors", "optimizer.pt", "rng.pt")
 
 
-class CheckpointMismatchError(ValueError):
+class CheckpointMismatchError(UserError):
     """The checkpoints on disk were made by a run with other student/training settings."""
+
+
+class _Damaged(Exception):
+    """A checkpoint directory that fails its checks (resume falls back to the previous one)."""
 
 
 @dataclass
@@ -100,18 +103,18 @@ def _step_dirs(root: Path) -> list[Path]:
 
 
 def _verify(path: Path) -> dict:
-    """state.json of a checkpoint whose files all match their checksums; raises ValueError otherwise."""
+    """state.json of a checkpoint whose files all match their checksums; raises _Damaged otherwise."""
     try:
         state = json.loads((path / "state.json").read_text())
     except (OSError, json.JSONDecodeError) as err:
-        raise ValueError(f"state.json unreadable ({err})") from None
+        raise _Damaged(f"state.json unreadable ({err})") from None
     for name, digest in state.get("files", {}).items():
         if not (path / name).is_file():
-            raise ValueError(f"{name} missing")
+            raise _Damaged(f"{name} missing")
         if sha256_file(path / name) != digest:
-            raise ValueError(f"{name} fails its checksum")
+            raise _Damaged(f"{name} fails its checksum")
     if set(state.get("files", {})) != set(_FILES):
-        raise ValueError("incomplete file list")
+        raise _Damaged("incomplete file list")
     return state
 
 
@@ -120,7 +123,7 @@ def latest_checkpoint(root: Path) -> Checkpoint | None:
     for path in _step_dirs(root):
         try:
             state = _verify(path)
-        except ValueError as err:
+        except _Damaged as err:
             log.warning("checkpoint %s is damaged (%s); trying the previous one", path.name, err)
             continue
         return Checkpoint(path, int(state["step"]), state)

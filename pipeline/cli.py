@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import errno
 import json
 import logging
 import math
@@ -31,29 +30,19 @@ def _fail(message: str) -> None:
 
 
 def _run(fn, *args, **kwargs):
-    """Call a stage; known user errors become one line and exit 1 (a traceback only with --debug)."""
-    from pipeline.config import ConfigError
-    from pipeline.dataset.validate import DatasetInvalid
-    from pipeline.generate import DatasetMismatchError
-    from pipeline.models import ModelLoadError
-    from pipeline.prompts import PromptsError
-    from pipeline.teachers.vllm_server import TeacherRequestError, TeacherServerError
-    from pipeline.train import TokenizerMismatchError
+    """Call a stage; a user error (`pipeline.core.UserError`, a full disk) becomes one line and exit 1.
 
-    user_errors = (ConfigError, PromptsError, ModelLoadError, DatasetInvalid, DatasetMismatchError,
-                   TokenizerMismatchError, FileNotFoundError, TeacherServerError, TeacherRequestError, ValueError)
+    Anything else is a bug and keeps its traceback; `--debug` shows the traceback of user errors too.
+    """
+    from pipeline.core import as_user_error
+
     try:
         return fn(*args, **kwargs)
-    except user_errors as err:
-        if _state["debug"]:
+    except Exception as err:
+        user = as_user_error(err)
+        if user is None or _state["debug"]:
             raise
-        _fail(str(err).splitlines()[0] if str(err) else type(err).__name__)
-    except OSError as err:
-        if err.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) or _state["debug"]:
-            raise
-        where = f" {err.filename}" if err.filename else " to disk"
-        _fail(f"cannot write{where}: {os.strerror(err.errno)} (disk full or over a size limit); what was committed "
-              "is kept: free some space and rerun the same command to resume")
+        _fail(str(user).splitlines()[0] if str(user) else type(user).__name__)
     except KeyboardInterrupt:
         _fail("interrupted; committed shards are kept and the next run resumes from them")
 
@@ -76,7 +65,7 @@ def main(debug: Annotated[bool, typer.Option("--debug", help="Show full tracebac
 
 def _stages(stages: str) -> list[str]:
     """The comma-separated --stages list, each checked against the flow's stages."""
-    from flows.distill import STAGES
+    from pipeline.config import STAGES
 
     wanted = [s.strip() for s in stages.split(",") if s.strip()]
     bad = [s for s in wanted if s not in STAGES]
@@ -224,11 +213,13 @@ def inspect(dataset: Annotated[Path, typer.Argument(help="Dataset directory.")],
             json_: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")] = False) -> None:
     """Summarize a dataset (lengths, teacher entropy, top-k coverage, sampled ranks); one sample; an HTML report."""
     from pipeline.dataset.schema import read_manifest
-    from pipeline.dataset.stats import sample_view, summarize, token_decoder
+    from pipeline.dataset.stats import sample_view, summarize
+    from pipeline.models import token_decoder
 
     view = None
     if sample is not None or report is not None:
-        decoder = token_decoder(_run(read_manifest, dataset))
+        manifest = _run(read_manifest, dataset)
+        decoder = token_decoder(manifest.teacher.model, manifest.tokenizer_fingerprint)
         view = _run(sample_view, dataset, sample or 0, decoder=decoder)
     if sample is not None and report is None:
         if json_:

@@ -16,8 +16,13 @@ from typing import Annotated, Any, Literal, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from pipeline.core import UserError
 
-class ConfigError(ValueError):
+STAGES = ("generate", "train", "eval")
+"""The stages of a run, in order; `distill run --stages` picks a subset."""
+
+
+class ConfigError(UserError):
     """A configuration problem, stated in one line for the user."""
 
 

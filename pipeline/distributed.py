@@ -14,11 +14,12 @@ import torch
 
 from pipeline.checkpoint import Checkpoint, CheckpointMismatchError, read_optimizer, read_weights, restore_rng, weight_shapes
 from pipeline.config import TrainConfig
+from pipeline.core import UserError
 
 log = logging.getLogger(__name__)
 
 
-class FSDPSetupError(ValueError):
+class FSDPSetupError(UserError):
     """FSDP was asked for in a form this loop does not support."""
 
 

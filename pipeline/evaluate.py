@@ -17,7 +17,7 @@ import torch
 
 from pipeline.config import RunConfig
 from pipeline.dataset.reader import collate, load_samples
-from pipeline.dataset.schema import read_manifest
+from pipeline.dataset.schema import DatasetError, read_manifest
 from pipeline.losses import topk_divergence
 from pipeline.models import load_causal_lm, load_tokenizer, resolve_device
 
@@ -91,12 +91,12 @@ def evaluate(cfg: RunConfig, *, dataset_dir: Path | None = None, student_dir: Pa
     student_dir = Path(student_dir or cfg.student_dir)
     manifest = read_manifest(dataset_dir)
     if manifest.heldout_fraction <= 0:
-        raise ValueError(f"{dataset_dir} has no held-out prompts (prompts.heldout_fraction was 0); evaluation on "
+        raise DatasetError(f"{dataset_dir} has no held-out prompts (prompts.heldout_fraction was 0); evaluation on "
                          "training prompts would not be honest: regenerate with heldout_fraction > 0")
     split = "heldout"
     samples = load_samples(dataset_dir, split=split, limit_prompts=cfg.eval.max_prompts)
     if len(samples) == 0:
-        raise ValueError(f"{dataset_dir}: no held-out samples to evaluate on; set prompts.heldout_fraction > 0")
+        raise DatasetError(f"{dataset_dir}: no held-out samples to evaluate on; set prompts.heldout_fraction > 0")
     device = resolve_device(cfg.train.device)
     tokenizer = load_tokenizer(str(student_dir))
     model = load_causal_lm(str(student_dir), device=str(device))

@@ -22,8 +22,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipeline.config import RunConfig
+from pipeline.core import UserError, path_fingerprint, sha256_file, stable_id
 from pipeline.dataset.schema import (MANIFEST, Manifest, SamplingRecord, ShardInfo, TeacherRecord, build_table,
-                                     read_manifest, sha256_file, stable_id)
+                                     read_manifest)
 from pipeline.dataset.writer import commit_shard, remove_stray_files, write_manifest, write_shard
 from pipeline.models import load_tokenizer, tokenizer_fingerprint
 from pipeline.progress import progress_bar
@@ -33,7 +34,7 @@ from pipeline.teachers import SamplingSpec, Teacher, TeacherInfo, load_teacher
 log = logging.getLogger(__name__)
 
 
-class DatasetMismatchError(ValueError):
+class DatasetMismatchError(UserError):
     """An existing dataset directory was made with other teacher/prompts/sampling settings."""
 
 
@@ -67,25 +68,6 @@ class GeneratePlan:
     @property
     def complete(self) -> bool:
         return self.manifest is not None and self.manifest.complete and not self.todo
-
-
-def path_fingerprint(name: str) -> str:
-    """Content fingerprint of a local file or model/prompts directory; '' for a hub id.
-
-    Weight files count by name, size and their first MiB, so a retrained model at the same path is a new
-    teacher without hashing gigabytes; everything else is hashed whole.
-    """
-    path = Path(name)
-    if not path.exists():
-        return ""
-    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
-    parts = []
-    for f in files:
-        heavy = f.suffix in (".safetensors", ".bin", ".pt", ".gguf") or f.stat().st_size > (64 << 20)
-        with open(f, "rb") as fh:
-            head = fh.read(1 << 20) if heavy else fh.read()
-        parts.append((str(f.relative_to(path)) if f != path else f.name, f.stat().st_size, hashlib.sha256(head).hexdigest()))
-    return stable_id(*parts)
 
 
 def generate_key(cfg: RunConfig) -> str:

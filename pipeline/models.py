@@ -8,9 +8,15 @@ from pathlib import Path
 
 import torch
 
+from pipeline.core import UserError, looks_local
 
-class ModelLoadError(ValueError):
+
+class ModelLoadError(UserError):
     """A model or tokenizer that cannot be loaded, stated in one line."""
+
+
+class TokenizerMismatchError(UserError):
+    """Student and teacher tokenizers differ: top-k ids would point at the wrong tokens."""
 
 
 def resolve_device(device: str) -> torch.device:
@@ -21,8 +27,7 @@ def resolve_device(device: str) -> torch.device:
 
 def _check_local(name: str, what: str) -> None:
     # A path-looking name that does not exist would otherwise become a confusing hub lookup error.
-    looks_local = name.startswith((".", "/", "~")) or Path(name).parts[:1] == ("data",)
-    if looks_local and not Path(name).expanduser().exists():
+    if looks_local(name) and not Path(name).expanduser().exists():
         raise ModelLoadError(f"{what} path {name!r} does not exist; check the config (or run `make demo` to build the demo teacher)")
 
 
@@ -77,3 +82,14 @@ def eos_ids(tokenizer, model_config=None) -> list[int]:
     if gen_eos is not None:
         ids.update(gen_eos if isinstance(gen_eos, list) else [gen_eos])
     return sorted(ids)
+
+
+def token_decoder(model: str, fingerprint: str):
+    """`id -> text` with the tokenizer of `model` when it loads locally and has `fingerprint`; else None."""
+    try:
+        tok = load_tokenizer(model)
+    except (OSError, UserError):
+        return None
+    if tokenizer_fingerprint(tok) != fingerprint:
+        return None
+    return lambda token_id: tok.decode([token_id])

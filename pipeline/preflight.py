@@ -5,14 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 
 from pipeline.config import ConfigError, RunConfig
+from pipeline.core import looks_local
 from pipeline.dataset.schema import MANIFEST, read_manifest
-from pipeline.models import load_tokenizer, tokenizer_fingerprint
+from pipeline.models import TokenizerMismatchError, load_tokenizer, tokenizer_fingerprint
 from pipeline.prompts import read_prompts
-from pipeline.train import TokenizerMismatchError
 
 
 def _local_missing(name: str) -> bool:
-    return name.startswith((".", "/", "~", "data/")) and not Path(name).expanduser().exists()
+    return looks_local(name) and not Path(name).expanduser().exists()
 
 
 def preflight(cfg: RunConfig, stages: list[str] | tuple[str, ...]) -> None:

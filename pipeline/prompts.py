@@ -8,14 +8,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import pyarrow as pa
 
 from pipeline.config import PromptsConfig
-from pipeline.dataset.schema import stable_id
+from pipeline.core import UserError, stable_id
 
 
-class PromptsError(ValueError):
+class PromptsError(UserError):
     """A problem with the prompts source, stated in one line."""
 
 
@@ -131,32 +129,3 @@ def load_prompt_set(cfg: PromptsConfig, tokenizer) -> PromptSet:
         raise PromptsError(f"{cfg.path}: every prompt was skipped ({skipped}); nothing to generate")
     fingerprint = hashlib.sha256("\n".join(ids).encode()).hexdigest()[:16]
     return PromptSet(texts, token_ids, ids, fingerprint, {k: v for k, v in skipped.items() if v})
-
-
-def is_heldout(prompt_id: str, fraction: float) -> bool:
-    """Deterministic split by prompt id: the same prompt is held out in every run and stage."""
-    if fraction <= 0:
-        return False
-    return int(prompt_id[:8], 16) / 0x100000000 < fraction
-
-
-_HEX = np.full(256, -1, dtype=np.int64)
-_HEX[np.frombuffer(b"0123456789", np.uint8)] = np.arange(10)
-_HEX[np.frombuffer(b"abcdef", np.uint8)] = np.arange(10, 16)
-_HEX[np.frombuffer(b"ABCDEF", np.uint8)] = np.arange(10, 16)
-
-
-def heldout_mask(ids: pa.Array | pa.ChunkedArray, fraction: float) -> np.ndarray:
-    """`is_heldout` for every id of a string column, vectorised over the ids' first 8 hex digits (the rule it applies)."""
-    if isinstance(ids, pa.ChunkedArray):
-        ids = ids.combine_chunks()
-    if fraction <= 0 or len(ids) == 0:
-        return np.zeros(len(ids), dtype=bool)
-    if pa.types.is_string(ids.type) and ids.null_count == 0:
-        offsets = np.frombuffer(ids.buffers()[1], np.int32)[ids.offset:ids.offset + len(ids) + 1]
-        if (np.diff(offsets) >= 8).all():
-            nibbles = _HEX[np.frombuffer(ids.buffers()[2], np.uint8)[offsets[:-1, None] + np.arange(8)]]
-            if (nibbles >= 0).all():
-                value = (nibbles << np.arange(28, -1, -4)).sum(axis=1)
-                return value / 0x100000000 < fraction
-    return np.fromiter((is_heldout(pid, fraction) for pid in ids.to_pylist()), bool, len(ids))  # ids it cannot parse

@@ -28,17 +28,14 @@ from pipeline.checkpoint import CheckpointMismatchError, checkpoint_root, clear,
 from pipeline.config import RunConfig, StudentConfig, TrainConfig
 from pipeline.dataset.reader import Batch
 from pipeline.dataset.stream import TrainStream
-from pipeline.dataset.schema import read_manifest, stable_id
+from pipeline.core import stable_id
+from pipeline.dataset.schema import read_manifest
 from pipeline.distributed import full_optimizer_state, full_weights, is_fsdp, load_checkpoint, make_accelerator
 from pipeline.losses import LossSums, chunked_distill_loss_sums, combine
-from pipeline.models import ModelLoadError, load_tokenizer, resolve_device, tokenizer_fingerprint
+from pipeline.models import ModelLoadError, TokenizerMismatchError, load_tokenizer, resolve_device, tokenizer_fingerprint
 from pipeline.progress import progress_bar
 
 log = logging.getLogger(__name__)
-
-
-class TokenizerMismatchError(ValueError):
-    """Student and teacher tokenizers differ: top-k ids would point at the wrong tokens."""
 
 
 @dataclass

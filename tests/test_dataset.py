@@ -12,7 +12,7 @@ from pipeline.dataset.schema import (IDS_LEAF, LP_LEAF, TOKEN_LP_LEAF, Manifest,
                                      arrow_schema, build_table, quantize_logprobs, read_manifest)
 from pipeline.dataset.validate import DatasetInvalid, validate_dataset
 from pipeline.dataset.writer import commit_shard, write_manifest, write_shard
-from pipeline.teachers.base import Generation
+from pipeline.dataset.schema import Generation
 
 
 def _fake_generation(rng, length, k, vocab):

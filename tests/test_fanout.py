@@ -11,7 +11,8 @@ from prefect.testing.utilities import prefect_test_harness
 
 from flows.distill import distill_flow
 from pipeline.config import ConfigError
-from pipeline.dataset.schema import read_manifest, sha256_file
+from pipeline.core import sha256_file
+from pipeline.dataset.schema import read_manifest
 from pipeline.dataset.validate import validate_dataset
 from pipeline.generate import generate_key
 

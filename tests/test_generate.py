@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from pipeline.dataset.reader import load_samples
-from pipeline.dataset.schema import read_manifest, sha256_file
+from pipeline.core import sha256_file
+from pipeline.dataset.schema import read_manifest
 from pipeline.dataset.validate import validate_dataset
 from pipeline.generate import DatasetMismatchError, generate_dataset
 from pipeline.models import load_causal_lm

@@ -16,10 +16,9 @@ from typer.testing import CliRunner
 
 from pipeline.cli import app
 from pipeline.dataset.report import render_report
-from pipeline.dataset.schema import Manifest, SamplingRecord, TeacherRecord, build_table, read_manifest
+from pipeline.dataset.schema import DatasetError, Generation, Manifest, SamplingRecord, TeacherRecord, build_table, read_manifest
 from pipeline.dataset.stats import DatasetSummary, sample_view, summarize, summary_rows
 from pipeline.dataset.writer import commit_shard, write_manifest, write_shard
-from pipeline.teachers.base import Generation
 
 runner = CliRunner()
 CHROMIUM = "/usr/bin/chromium"
@@ -123,7 +122,7 @@ def test_sample_view(hand):
     assert [c[2] for c in t.candidates] == pytest.approx(TOPK_P[2], abs=1e-6)
     first = sample_view(hand, 0, top=2)
     assert [tok.rank for tok in first.tokens] == [2, 1] and len(first.tokens[0].candidates) == 2
-    with pytest.raises(ValueError, match=r"sample 2 is out of range: the dataset has 2 samples \(0..1\)"):
+    with pytest.raises(DatasetError, match=r"sample 2 is out of range: the dataset has 2 samples \(0..1\)"):
         sample_view(hand, 2)
 
 

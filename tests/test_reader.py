@@ -8,11 +8,11 @@ import torch
 
 from pipeline.dataset.reader import collate, load_samples
 from pipeline.dataset.stream import Rows, TrainStream, collate_rows
-from pipeline.dataset.schema import (Manifest, SamplingRecord, StorageRecord, TeacherRecord, build_table, read_manifest,
-                                     stable_id)
+from pipeline.core import stable_id
+from pipeline.dataset.schema import (DatasetError, Generation, Manifest, SamplingRecord, StorageRecord, TeacherRecord,
+                                     build_table, read_manifest)
 from pipeline.dataset.writer import commit_shard, write_manifest, write_shard
-from pipeline.prompts import is_heldout
-from pipeline.teachers.base import Generation
+from pipeline.core import is_heldout
 
 FIELDS = ("input_ids", "attention_mask", "loss_mask", "labels", "topk_ids", "topk_logprobs")
 
@@ -127,9 +127,9 @@ def test_resume_from_any_position_gives_the_same_batches(tmp_path):
 def test_bad_position_and_empty_split_are_one_line_errors(tmp_path):
     _dataset(tmp_path, heldout=0.0)
     stream = TrainStream(tmp_path, batch_size=5, pad_id=0)
-    with pytest.raises(ValueError, match="outside an epoch"):
+    with pytest.raises(DatasetError, match="outside an epoch"):
         next(stream.batches(start={"epoch": 0, "batch": stream.batches_per_epoch + 1}))
-    with pytest.raises(ValueError, match="no heldout samples"):
+    with pytest.raises(DatasetError, match="no heldout samples"):
         TrainStream(tmp_path, split="heldout", batch_size=5, pad_id=0)
 
 
@@ -156,7 +156,7 @@ def test_seeded_batch_order_is_pinned(tmp_path):
 def test_vectorised_heldout_mask_matches_is_heldout():
     import pyarrow as pa
 
-    from pipeline.prompts import heldout_mask
+    from pipeline.core import heldout_mask
 
     ids = [stable_id("p", i) for i in range(500)] + ["FFFFFFFF00", "00000000", "abc", "7fffffff"]  # "abc": too short, per id
     for fraction in (0.0, 0.1, 0.3, 0.5, 1.0):
@@ -189,7 +189,7 @@ def test_split_layout_puts_heldout_rows_in_row_groups_of_their_own(tmp_path):
     import pyarrow.parquet as pq
 
     from pipeline.dataset.validate import DatasetInvalid, validate_dataset
-    from pipeline.prompts import heldout_mask
+    from pipeline.core import heldout_mask
 
     manifest = _dataset(tmp_path / "split")
     for shard in manifest.shards:
@@ -229,7 +229,7 @@ def test_split_masks_from_footer_statistics_equal_reading_the_ids(tmp_path, monk
     ones are read. Either way the masks equal the ids' own `heldout_mask`."""
     import pyarrow.parquet as pq
 
-    from pipeline.prompts import heldout_mask
+    from pipeline.core import heldout_mask
 
     manifest = _dataset(tmp_path, split_layout=split_layout)
     reads = []

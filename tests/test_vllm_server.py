@@ -141,7 +141,8 @@ def test_k_above_max_logprobs_is_one_clear_error(server, tiny_teacher):
 @needs_vllm
 def test_server_crash_mid_run_keeps_shards_and_a_rerun_finishes(server, make_config, tmp_path):
     """A managed server killed after the first shard: clear error, shard 0 kept, no orphan; rerun completes."""
-    from pipeline.dataset.schema import read_manifest, sha256_file
+    from pipeline.core import sha256_file
+from pipeline.dataset.schema import read_manifest
     from pipeline.dataset.validate import validate_dataset
     from pipeline.generate import generate_dataset
     from pipeline.teachers import load_teacher

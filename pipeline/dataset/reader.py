@@ -13,9 +13,9 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
-from pipeline.dataset.schema import Manifest, read_manifest
+from pipeline.dataset.schema import DatasetError, Manifest, read_manifest
 from pipeline.dataset.validate import verify_shards
-from pipeline.prompts import heldout_mask
+from pipeline.core import heldout_mask
 
 TOKEN_COLUMNS = ["prompt_id", "prompt", "prompt_token_ids", "completion_token_ids", "token_logprobs",
                  "topk_token_ids", "topk_logprobs"]
@@ -65,7 +65,7 @@ def load_samples(dataset_dir: Path, *, split: str = "all", limit_prompts: int | 
     dataset_dir = Path(dataset_dir)
     manifest = read_manifest(dataset_dir)
     if not manifest.shards:
-        raise ValueError(f"{dataset_dir}: the dataset has no committed shards yet; run the generate stage")
+        raise DatasetError(f"{dataset_dir}: the dataset has no committed shards yet; run the generate stage")
     verify_shards(dataset_dir, manifest)
     tables = [pq.read_table(p, columns=TOKEN_COLUMNS) for p in shard_paths(dataset_dir, manifest)]
     table = pa.concat_tables(tables, promote_options="permissive")  # shards from before 2026-12 have nullable fields

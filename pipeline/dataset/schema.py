@@ -6,9 +6,8 @@ the manifest count; the manifest records how the numbers were made (teacher, k, 
 
 from __future__ import annotations
 
-import hashlib
 import json
-from datetime import datetime, timezone
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -16,7 +15,11 @@ import numpy as np
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from pipeline.teachers.base import Generation
+from pipeline.core import UserError, stable_id, utc_now
+
+class DatasetError(UserError):
+    """A dataset that cannot be used as asked (missing, incomplete, newer, made with other settings)."""
+
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
@@ -165,40 +168,37 @@ class Manifest(BaseModel):
     total_samples: int = 0
     total_tokens: int = 0
     complete: bool = False
-    created_at: str = Field(default_factory=lambda: now())
-    updated_at: str = Field(default_factory=lambda: now())
-
-
-def now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+    created_at: str = Field(default_factory=utc_now)
+    updated_at: str = Field(default_factory=utc_now)
 
 
 def read_manifest(dataset_dir: Path) -> Manifest:
     """Load and check the manifest; a newer schema version is refused with a clear message."""
     path = Path(dataset_dir) / MANIFEST
     if not path.is_file():
-        raise FileNotFoundError(f"{dataset_dir}: no {MANIFEST} (not a distill dataset, or generation never committed a shard)")
+        raise DatasetError(f"{dataset_dir}: no {MANIFEST} (not a distill dataset, or generation never committed a shard)")
     raw = json.loads(path.read_text())
     version = raw.get("schema_version")
     if not isinstance(version, int) or version > SCHEMA_VERSION:
-        raise ValueError(f"{path}: schema_version {version!r} is newer than this distill supports ({SCHEMA_VERSION}); upgrade distill")
+        raise DatasetError(f"{path}: schema_version {version!r} is newer than this distill supports ({SCHEMA_VERSION}); upgrade distill")
     raw.setdefault("storage", None)
     if isinstance(raw["storage"], dict):
         raw["storage"].setdefault("heldout_row_groups", False)  # written before shards were laid out by split
     return Manifest.model_validate(raw)
 
 
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+@dataclass
+class Generation:
+    """One completion as a backend hands it to the writer: the teacher's raw (T=1) top-k at every token.
 
+    Shapes: L completion tokens (the EOS token included when generation stopped on it), k candidates.
+    """
 
-def stable_id(*parts: object) -> str:
-    """A short stable hash used for prompt and sample ids."""
-    return hashlib.sha256("\x1f".join(map(str, parts)).encode()).hexdigest()[:16]
+    completion_token_ids: np.ndarray  # int32 [L]
+    token_logprobs: np.ndarray  # float32 [L], logprob of the sampled token, even outside the top-k
+    topk_token_ids: np.ndarray  # int32 [L, k], sorted by logprob descending
+    topk_logprobs: np.ndarray  # float32 [L, k]
+    finish_reason: str  # "stop" | "length"
 
 
 def _list_array(arrays: list[np.ndarray], list_type: pa.ListType) -> pa.Array:

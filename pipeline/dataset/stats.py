@@ -25,7 +25,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from pydantic import BaseModel
 
-from pipeline.dataset.schema import Manifest, SamplingRecord, TeacherRecord, read_manifest
+from pipeline.dataset.schema import DatasetError, Manifest, SamplingRecord, TeacherRecord, read_manifest
 
 MASS_LEVELS = (0.9, 0.95, 0.99)
 STAT_COLUMNS = ["prompt_id", "completion_token_ids", "token_logprobs", "topk_token_ids", "topk_logprobs", "finish_reason"]
@@ -113,7 +113,7 @@ def topk_matrix(arr: pa.Array, k: int, dtype: type) -> np.ndarray:
     """A batch's `L x k` column as one [positions, k] matrix (rows of every sample, concatenated)."""
     flat = flat_values(arr, dtype)
     if flat.size % k:
-        raise ValueError(f"top-k rows are not all of length k={k}; run `distill validate` on the dataset")
+        raise DatasetError(f"top-k rows are not all of length k={k}; run `distill validate` on the dataset")
     return flat.reshape(-1, k)
 
 
@@ -172,7 +172,7 @@ class _Accumulator:
         ids = topk_matrix(batch.column("topk_token_ids"), self.k, np.int64)
         lps = topk_matrix(batch.column("topk_logprobs"), self.k, np.float32)
         if ids.shape[0] != sampled.size or lps.shape[0] != sampled.size:
-            raise ValueError("top-k rows and completion tokens disagree in length; run `distill validate` on the dataset")
+            raise DatasetError("top-k rows and completion tokens disagree in length; run `distill validate` on the dataset")
         stats = position_stats(lps)
         for name, edges in self.edges.items():
             values = np.clip(stats[name], edges[0], edges[-1])
@@ -202,7 +202,7 @@ class _Accumulator:
 def committed_shards(dataset_dir: Path, manifest: Manifest) -> list[Path]:
     """The shards the manifest lists, in order; a dataset with none yet is a user error."""
     if not manifest.shards:
-        raise ValueError(f"{dataset_dir}: the dataset has no committed shards yet; run the generate stage")
+        raise DatasetError(f"{dataset_dir}: the dataset has no committed shards yet; run the generate stage")
     return [Path(dataset_dir) / s.file for s in manifest.shards]
 
 
@@ -210,7 +210,7 @@ def summarize(dataset_dir: Path, *, batch_rows: int = 128) -> DatasetSummary:
     """One streaming pass over the committed shards; `batch_rows` bounds memory (rows per Arrow batch)."""
     dataset_dir = Path(dataset_dir)
     if not dataset_dir.is_dir():
-        raise FileNotFoundError(f"{dataset_dir}: no such dataset directory")
+        raise DatasetError(f"{dataset_dir}: no such dataset directory")
     manifest = read_manifest(dataset_dir)
     acc = _Accumulator(manifest.k)
     for path in committed_shards(dataset_dir, manifest):
@@ -323,7 +323,7 @@ def _locate(dataset_dir: Path, manifest: Manifest, index: int) -> pa.Table:
     paths = committed_shards(dataset_dir, manifest)
     total = sum(s.rows for s in manifest.shards)
     if not 0 <= index < total:
-        raise ValueError(f"sample {index} is out of range: the dataset has {total} samples (0..{total - 1})")
+        raise DatasetError(f"sample {index} is out of range: the dataset has {total} samples (0..{total - 1})")
     for path, shard in zip(paths, manifest.shards):
         if index >= shard.rows:
             index -= shard.rows
@@ -334,27 +334,14 @@ def _locate(dataset_dir: Path, manifest: Manifest, index: int) -> pa.Table:
             if index < rows:
                 return pf.read_row_group(group).slice(index, 1)
             index -= rows
-    raise ValueError(f"{dataset_dir}: shard row counts disagree with the manifest; run `distill validate`")
-
-
-def token_decoder(manifest: Manifest):
-    """`id -> text` using the teacher's tokenizer when it is available locally and matches; else None."""
-    try:
-        from pipeline.models import load_tokenizer, tokenizer_fingerprint
-
-        tok = load_tokenizer(manifest.teacher.model)
-    except (OSError, ValueError, ImportError):
-        return None
-    if tokenizer_fingerprint(tok) != manifest.tokenizer_fingerprint:
-        return None
-    return lambda token_id: tok.decode([token_id])
+    raise DatasetError(f"{dataset_dir}: shard row counts disagree with the manifest; run `distill validate`")
 
 
 def sample_view(dataset_dir: Path, index: int, *, decoder=None, top: int | None = None) -> SampleView:
     """Sample `index` with per-token teacher statistics; `top` limits the candidates kept (default: all k)."""
     dataset_dir = Path(dataset_dir)
     if not dataset_dir.is_dir():
-        raise FileNotFoundError(f"{dataset_dir}: no such dataset directory")
+        raise DatasetError(f"{dataset_dir}: no such dataset directory")
     manifest = read_manifest(dataset_dir)
     row = _locate(dataset_dir, manifest, index)
     k = manifest.k

@@ -17,9 +17,9 @@ import pyarrow.parquet as pq
 import torch
 
 from pipeline.dataset.reader import Batch, shard_paths
-from pipeline.dataset.schema import read_manifest
+from pipeline.dataset.schema import DatasetError, read_manifest
 from pipeline.dataset.validate import verify_shards
-from pipeline.prompts import heldout_mask
+from pipeline.core import heldout_mask
 
 _LOWER_HEX = re.compile(r"^[0-9a-f]{8}")
 STREAM_COLUMNS = ["prompt_token_ids", "completion_token_ids", "topk_token_ids", "topk_logprobs"]
@@ -119,7 +119,7 @@ def _collate(rows: Rows, idx: np.ndarray | None, pad_id: int) -> Batch:
         p_len, c_len = rows.prompt_offsets[idx + 1] - p_start, rows.completion_offsets[idx + 1] - c_start
     n = len(p_len)
     if n and p_len.min() < 1:
-        raise ValueError("every sample needs at least one prompt token (the position that predicts its first completion token)")
+        raise DatasetError("every sample needs at least one prompt token (the position that predicts its first completion token)")
     seq = p_len + c_len
     width = int(seq.max()) if n else 0
     p_row, c_row = np.repeat(np.arange(n), p_len), np.repeat(np.arange(n), c_len)
@@ -189,7 +189,7 @@ class TrainStream:
         self.dataset_dir = Path(dataset_dir)
         self.manifest = read_manifest(self.dataset_dir)
         if not self.manifest.shards:
-            raise ValueError(f"{dataset_dir}: the dataset has no committed shards yet; run the generate stage")
+            raise DatasetError(f"{dataset_dir}: the dataset has no committed shards yet; run the generate stage")
         verify_shards(self.dataset_dir, self.manifest)
         self.split, self.batch_size, self.pad_id, self.seed, self.shuffle_rows = split, batch_size, pad_id, seed, shuffle_rows
         self.k = self.manifest.k
@@ -201,7 +201,7 @@ class TrainStream:
             self.units += [_Unit(path, rg, self._row_group_keep(pf, rg)) for rg in range(pf.metadata.num_row_groups)]
         self.num_samples = sum(u.kept for u in self.units)
         if self.num_samples == 0:
-            raise ValueError(f"{dataset_dir}: no {split} samples (all prompts on the other side of the split?)")
+            raise DatasetError(f"{dataset_dir}: no {split} samples (all prompts on the other side of the split?)")
         self.batches_per_epoch = -(-self.num_samples // batch_size)
         self.position: dict = {"epoch": 0, "batch": 0}
 
@@ -295,7 +295,7 @@ class TrainStream:
         """Batches forever, epoch after epoch, from `start` (a saved `position`) or the beginning."""
         epoch, batch = (int(start["epoch"]), int(start["batch"])) if start else (0, 0)
         if not 0 <= batch <= self.batches_per_epoch:
-            raise ValueError(f"position {start} is outside an epoch of {self.batches_per_epoch} batches (another dataset or batch size?)")
+            raise DatasetError(f"position {start} is outside an epoch of {self.batches_per_epoch} batches (another dataset or batch size?)")
         self.position = {"epoch": epoch, "batch": batch}
         while True:
             yield from self._epoch(epoch, batch)

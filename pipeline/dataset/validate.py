@@ -9,13 +9,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.dataset.schema import arrow_schema, read_manifest, sha256_file
-from pipeline.prompts import heldout_mask
+from pipeline.core import heldout_mask, sha256_file
+from pipeline.dataset.schema import DatasetError, arrow_schema, read_manifest
 
 LOGSUMEXP_TOL = 1e-3  # float16 storage rounds each logprob by up to ~5e-4 relative; the grid adds its own bound
 
 
-class DatasetInvalid(ValueError):
+class DatasetInvalid(DatasetError):
     """The first problem found in a dataset, in one line."""
 
 
@@ -85,7 +85,7 @@ def validate_dataset(dataset_dir: Path) -> ValidationReport:
     dataset_dir = Path(dataset_dir)
     try:
         manifest = read_manifest(dataset_dir)
-    except (FileNotFoundError, ValueError) as err:
+    except DatasetError as err:
         raise DatasetInvalid(str(err).splitlines()[0]) from None
     # shards written before 2026-12 have the same columns with nullable fields
     expected = [arrow_schema(manifest.logprobs_dtype, nullable=n).remove_metadata() for n in (False, True)]

@@ -13,9 +13,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline.dataset.schema import (MANIFEST, SHARDS_DIR, Manifest, ShardInfo, StorageRecord, arrow_schema, now,
-                                     sha256_file, shard_name)
-from pipeline.prompts import heldout_mask
+from pipeline.core import atomic_write_bytes, fsync_dir, fsync_file, heldout_mask, sha256_file, utc_now
+from pipeline.dataset.schema import MANIFEST, SHARDS_DIR, Manifest, ShardInfo, StorageRecord, arrow_schema, shard_name
 
 
 def leaf_paths(schema: pa.Schema) -> list[str]:
@@ -53,28 +52,8 @@ def parquet_options(storage: StorageRecord, schema: pa.Schema | None = None) -> 
             "column_encoding": dict(explicit) or None}
 
 
-def fsync_dir(path: Path) -> None:
-    """Make a rename in `path` durable (the directory entry itself is fsynced)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write `data` to `path` so that readers see the old file or the new one, never a half."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
-
-
 def write_manifest(dataset_dir: Path, manifest: Manifest) -> None:
-    manifest.updated_at = now()
+    manifest.updated_at = utc_now()
     atomic_write_bytes(Path(dataset_dir) / MANIFEST, (manifest.model_dump_json(indent=2) + "\n").encode())
 
 
@@ -102,8 +81,7 @@ def write_shard(dataset_dir: Path, index: int, table: pa.Table, *, prompts: int,
     except BaseException:
         tmp.unlink(missing_ok=True)  # a full disk leaves no half file behind
         raise
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
+    fsync_file(tmp)
     os.replace(tmp, final)
     fsync_dir(shards)
     tokens = int(pc.sum(pc.list_value_length(table["completion_token_ids"])).as_py() or 0)

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from pipeline.teachers.base import Generation, SamplingSpec, Teacher, TeacherInfo
+from pipeline.dataset.schema import Generation
+from pipeline.teachers.base import SamplingSpec, Teacher, TeacherInfo
 
 __all__ = ["Generation", "SamplingSpec", "Teacher", "TeacherInfo", "load_teacher"]
 

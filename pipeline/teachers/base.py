@@ -1,11 +1,11 @@
-"""The Teacher protocol every backend implements, and the record it returns per sampled completion."""
+"""The Teacher protocol every backend implements; a backend returns `Generation` records of the dataset contract."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Protocol
 
-import numpy as np
+from pipeline.dataset.schema import Generation
 
 
 @dataclass(frozen=True)
@@ -18,20 +18,6 @@ class SamplingSpec:
     max_new_tokens: int
     k: int
     seed: int
-
-
-@dataclass
-class Generation:
-    """One sampled completion with the teacher's raw (T=1) top-k logprobs at every generated token.
-
-    Shapes: L generated tokens (the EOS token included when generation stopped on it), k candidates.
-    """
-
-    completion_token_ids: np.ndarray  # int32 [L]
-    token_logprobs: np.ndarray  # float32 [L], logprob of the sampled token, even outside the top-k
-    topk_token_ids: np.ndarray  # int32 [L, k], sorted by logprob descending
-    topk_logprobs: np.ndarray  # float32 [L, k]
-    finish_reason: str  # "stop" | "length"
 
 
 @dataclass(frozen=True)

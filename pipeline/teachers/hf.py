@@ -11,7 +11,8 @@ import torch
 
 from pipeline.config import HFTeacherConfig
 from pipeline.models import eos_ids, load_causal_lm, load_tokenizer
-from pipeline.teachers.base import Generation, SamplingSpec, TeacherInfo
+from pipeline.dataset.schema import Generation
+from pipeline.teachers.base import SamplingSpec, TeacherInfo
 
 
 class HFTeacher:

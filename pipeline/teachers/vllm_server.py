@@ -22,15 +22,16 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-from pipeline.dataset.schema import stable_id
-from pipeline.teachers.base import Generation, SamplingSpec, TeacherInfo
+from pipeline.core import UserError, stable_id
+from pipeline.dataset.schema import Generation
+from pipeline.teachers.base import SamplingSpec, TeacherInfo
 
 
-class TeacherServerError(RuntimeError):
+class TeacherServerError(UserError):
     """The teacher server could not start, died, or kept failing; one line with where to look."""
 
 
-class TeacherRequestError(ValueError):
+class TeacherRequestError(UserError):
     """The server refused a request (HTTP 4xx): a setting is wrong, retrying will not help."""
 
 

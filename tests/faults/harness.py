@@ -11,7 +11,8 @@ from pathlib import Path
 
 import yaml
 
-from pipeline.dataset.schema import MANIFEST, sha256_file
+from pipeline.core import sha256_file
+from pipeline.dataset.schema import MANIFEST
 
 ROOT = Path(__file__).resolve().parents[2]
 KILLPOINT = Path(__file__).with_name("killpoint.py")

@@ -13,7 +13,8 @@ import signal
 
 import pyarrow.parquet as pq
 
-from pipeline.dataset.schema import MANIFEST, sha256_file
+from pipeline.core import sha256_file
+from pipeline.dataset.schema import MANIFEST
 from pipeline.dataset.validate import validate_dataset
 from tests.faults.harness import distill, files_on_disk, listed_shards, write_config
 
