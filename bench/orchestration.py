@@ -78,12 +78,12 @@ def run_flow(cfg: RunConfig) -> dict:
     t0 = time.perf_counter()
     out = distill_flow(cfg, stages=STAGES)
     total = time.perf_counter() - t0
-    gen = out.get("generate", {})
+    gen = out.generate
     # time spent inside the task bodies (teacher shards, training loop, evaluation), as the stages report it
-    inside = {"generate": gen.get("teacher_seconds"), "train": out["train"].get("seconds"), "eval": out["eval"].get("seconds")}
-    return {"seconds": {s: out["seconds"][s] for s in STAGES}, "total": total, "samples": gen.get("samples"),
-            "tokens": gen.get("tokens"), "final_loss": out.get("train", {}).get("final_loss"),
-            "generate_cached": gen.get("cached"), "inside_tasks": inside}
+    inside = {"generate": gen.teacher_seconds, "train": out.train.seconds, "eval": out.eval.get("seconds")}
+    return {"seconds": {s: out.seconds[s] for s in STAGES}, "total": total, "samples": gen.samples,
+            "tokens": gen.tokens, "final_loss": out.train.final_loss, "generate_cached": gen.cached,
+            "inside_tasks": inside}
 
 
 def task_costs(n: int = 8) -> dict[str, float]:

@@ -1,42 +1,47 @@
-"""The `distill` Prefect flow: generate -> train -> eval, each stage calling the plain stage functions.
+"""The `distill` Prefect flow: generate -> train -> eval, each stage one library call.
 
-Tasks pass paths and hashes, never models or tables. Generation fans out as one task per shard (a fixed
-slice of prompts), cached on the teacher + prompts + sampling key (`generate_key`) and the shard index,
-with results persisted; the flow body alone commits finished shards to the manifest, so concurrent
-shards never race on it. A rerun that changes only training settings, or `stages=["train", "eval"]`,
-submits no shard task and never starts the teacher.
+Tasks pass paths and hashes, never models or tables. The generate stage is the library's orchestrator
+(`pipeline.generate.generate_dataset`) with `PrefectShards` as its executor: one task per shard, cached on
+the generate key and the shard index, retried on infrastructure errors on the next endpoint. A rerun that
+changes only training settings, or `stages=["train", "eval"]`, submits no shard task and starts no teacher.
 """
 
 from __future__ import annotations
 
 import json
 import time
-from collections import Counter
 from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
-from prefect.runtime import task_run as current_task_run
 from prefect.client.orchestration import get_client
 from prefect.context import TaskRunContext
 from prefect.exceptions import ObjectNotFound
 from prefect.futures import as_completed
-from prefect.states import State
+from prefect.runtime import task_run as current_task_run
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from pipeline.config import RunConfig
+from pipeline.config import STAGES, ConfigError, RunConfig
+from pipeline.core import as_user_error
+from pipeline.dataset.schema import SHARDS_DIR, shard_name
 from pipeline.dataset.stats import summarize, summary_rows
-from pipeline.dataset.schema import SHARDS_DIR, ShardInfo, shard_name
-from pipeline.dataset.writer import commit_shard, remove_stray_files
 from pipeline.evaluate import evaluate
-from pipeline.generate import GeneratePlan, generate_shard, open_manifest, prepare_dataset, shard_is_intact
-from pipeline.teachers import TeacherInfo, load_teacher
-from pipeline.train import train_student
+from pipeline.generate import (
+    GeneratePlan,
+    GenerateResult,
+    ShardDone,
+    ShardEvent,
+    ShardFailed,
+    generate_dataset,
+    run_shard,
+    shard_is_intact,
+)
+from pipeline.teachers import Endpoint, open_teacher
+from pipeline.train import TrainResult, train_student
 
-STAGES = ("generate", "train", "eval")
 TEACHER_TAG = "distill-teacher"
 """Tag of the shard tasks; a Prefect concurrency limit on it caps the shards calling teachers at once."""
 
@@ -45,56 +50,28 @@ def _retry_on_infrastructure(task, task_run, state) -> bool:
     """Retry crashes and connection trouble, not user errors (bad input fails the same way again)."""
     try:
         state.result()
-    except ValueError:
-        return False
-    except Exception:
-        return True
+    except Exception as err:
+        return as_user_error(err) is None
     return False
-
-
-def _open_teacher(cfg: RunConfig, endpoint: str | None, served_model_name: str | None):
-    if endpoint is None:  # hf: the model is loaded in this process
-        return load_teacher(cfg.teacher, workdir=Path(cfg.output_dir), k=cfg.generate.k)
-    attach = cfg.teacher.model_copy(update={"url": endpoint, "urls": [], "num_servers": 1,
-                                            "served_model_name": served_model_name or cfg.teacher.served_model_name})
-    return load_teacher(attach, k=cfg.generate.k)
 
 
 @task(name="generate-shard", tags=[TEACHER_TAG], persist_result=True, retries=2, retry_delay_seconds=10,
       retry_condition_fn=_retry_on_infrastructure, task_run_name="generate-shard-{index}",
       cache_key_fn=lambda ctx, params: f"distill-shard-{params['key']}-{params['index']}")
-def shard_task(cfg: RunConfig, key: str, index: int, endpoints: list[str], served_model_name: str | None = None) -> dict:
-    """The teacher completes shard `index` and its file is written; the flow commits it to the manifest.
+def shard_task(cfg: RunConfig, key: str, index: int, urls: list[str], served_model_name: str | None = None) -> dict:
+    """The teacher completes shard `index` and its file is written; the orchestrator commits it.
 
     `key` is `generate_key(cfg)`: with the index it is the cache key. Endpoints are not part of it; shard i
-    goes to endpoints[i % n] and each retry moves on to the next server.
+    goes to urls[i % n] and each retry moves on to the next server ([] = the model in this process).
     """
-    attempt = TaskRunContext.get().task_run.run_count
-    endpoint = endpoints[(index + max(attempt, 1) - 1) % len(endpoints)] if endpoints else None
-    start = time.perf_counter()
-    teacher = _open_teacher(cfg, endpoint, served_model_name)
+    run = TaskRunContext.get().task_run
+    endpoint = Endpoint(urls[(index + max(run.run_count, 1) - 1) % len(urls)], served_model_name) if urls else Endpoint()
+    teacher = open_teacher(cfg, endpoint)
     try:
-        info = generate_shard(cfg, index, teacher)
+        done = run_shard(cfg, index, teacher, endpoint)
     finally:
         teacher.close()
-    return {"shard": info.model_dump(), "teacher": asdict(teacher.info), "endpoint": endpoint or "in-process",
-            "seconds": time.perf_counter() - start}
-
-
-@contextmanager
-def teacher_endpoints(cfg: RunConfig) -> Iterator[tuple[list[str], str | None]]:
-    """(server URLs, served model name) for the shard tasks: attached, or managed servers started here and
-    always stopped; ([], None) for the in-process hf backend."""
-    t = cfg.teacher
-    if t.backend != "vllm_server":
-        yield [], None
-    elif t.endpoints():
-        yield t.endpoints(), t.served_model_name
-    else:
-        from pipeline.teachers.vllm_server import managed_servers
-
-        with managed_servers(t, count=t.num_servers, max_logprobs=max(cfg.generate.k, 20), workdir=Path(cfg.output_dir)) as servers:
-            yield [s.url for s in servers], servers[0].model_name
+    return {**done.model_dump(), "task_run_id": str(run.id)}
 
 
 def ensure_teacher_limit(slots: int) -> int:
@@ -108,129 +85,134 @@ def ensure_teacher_limit(slots: int) -> int:
             return slots
 
 
-def _shard_states(cfg: RunConfig, plan: GeneratePlan, endpoints: list[str], served: str | None) -> Iterator[tuple[int, State]]:
-    """Run the plan's shard tasks and yield (index, final state) as they finish.
+@dataclass
+class PrefectShards:
+    """Shard executor of the flow: a Prefect task per shard, yielding each as it finishes.
 
-    A cached result can only be right if its file is still there, so shards without a file skip the
-    cache (the flow validates the others before trusting them). hf shards run one after another (one
-    model in this process) without the teacher tag; served shards are submitted to the task runner, spread
-    over the endpoints and capped by the tag's concurrency limit.
+    Served teachers: the tasks are submitted to the flow's task runner, spread over the endpoints and capped by
+    the tag's concurrency limit. The in-process model: tasks run one after another in this thread, without the
+    tag (a slot costs ~2 s a task and one model cannot run two shards at once). A cached result counts only
+    while its file matches it; otherwise the shard runs again.
     """
-    def options(index: int):
+
+    parallel: ClassVar[bool] = True
+
+    def __call__(self, cfg: RunConfig, plan: GeneratePlan, endpoints: list[Endpoint]) -> Iterator[ShardEvent]:
+        urls = [e.url for e in endpoints if e.url]
+        served = endpoints[0].model_name if urls else None
+        if not urls:
+            for index in plan.todo:
+                yield self._outcome(plan, index, self._task(plan, index, tags=set())(cfg, plan.fingerprint, index, [],
+                                                                                   return_state=True), cfg, urls, served)
+            return
+        slots = ensure_teacher_limit(len(urls))
+        get_run_logger().info("%d shard(s) to generate over %d endpoint(s), concurrency limit tag:%s = %d",
+                              len(plan.todo), len(urls), TEACHER_TAG, slots)
+        futures = {self._task(plan, i).submit(cfg, plan.fingerprint, i, urls, served): i for i in plan.todo}
+        for future in as_completed(list(futures)):
+            future.wait()  # sets the future's final state; `.state` alone may re-read it from the API
+            yield self._outcome(plan, futures[future], future.state, cfg, urls, served, run_id=str(future.task_run_id))
+
+    @staticmethod
+    def _task(plan: GeneratePlan, index: int, **options):
+        # a cached result can only be right if its file is there: shards without a file skip the cache
         orphan = (plan.dataset_dir / SHARDS_DIR / shard_name(index)).is_file()
-        return shard_task.with_options(refresh_cache=not orphan)
+        return shard_task.with_options(refresh_cache=not orphan, **options)
 
-    if not endpoints:  # no tag: one model in this process, shards in sequence; a slot would cost ~2 s a shard
-        for index in plan.todo:
-            yield index, options(index).with_options(tags=set())(cfg, plan.fingerprint, index, [], None, return_state=True)
-        return
-    futures = {options(i).submit(cfg, plan.fingerprint, i, endpoints, served): i for i in plan.todo}
-    for future in as_completed(list(futures)):
-        future.wait()  # sets the future's final state; `.state` alone may re-read it from the API
-        yield futures[future], future.state
+    def _outcome(self, plan, index, state, cfg, urls, served, run_id: str | None = None) -> ShardEvent:
+        if state.is_failed() or state.is_crashed():
+            try:
+                state.result()
+            except BaseException as err:  # noqa: B036  (handed to the orchestrator, which raises it)
+                return ShardFailed(index, err)
+        result = state.result()
+        done = ShardDone.model_validate({k: v for k, v in result.items() if k != "task_run_id"})
+        run_id = run_id or str(state.state_details.task_run_id)
+        done.cached = result["task_run_id"] != run_id
+        if done.cached and not shard_is_intact(plan.dataset_dir, done.shard):
+            get_run_logger().warning("cached shard %d does not match its file; generating it again", index)
+            fresh = shard_task.with_options(refresh_cache=True)(cfg, plan.fingerprint, index, urls, served, return_state=True)
+            return self._outcome(plan, index, fresh, cfg, urls, served)
+        return done
 
 
-def _generate(cfg: RunConfig) -> dict:
-    """Fan the remaining shards out to shard tasks and commit each one as it finishes (this thread only)."""
-    logger = get_run_logger()
-    start = time.perf_counter()
-    plan = prepare_dataset(cfg)
-    ran, cached, per_endpoint, teacher_seconds, errors = 0, 0, Counter(), 0.0, []
-    started = not plan.complete
-    if started:
-        with teacher_endpoints(cfg) as (endpoints, served):
-            slots = ensure_teacher_limit(max(1, len(endpoints)))
-            logger.info("%d shard(s) to generate over %d endpoint(s), concurrency limit tag:%s = %d",
-                        len(plan.todo), len(endpoints), TEACHER_TAG, slots)
-            for index, state in _shard_states(cfg, plan, endpoints, served):
-                if state.is_failed() or state.is_crashed():
-                    errors.append(state)
-                    continue
-                result = state.result()
-                info = ShardInfo(**result["shard"])
-                if state.name == "Cached" and not shard_is_intact(plan.dataset_dir, info):
-                    logger.warning("cached shard %d does not match its file; generating it again", index)
-                    state = shard_task.with_options(refresh_cache=True)(cfg, plan.fingerprint, index, endpoints, served,
-                                                                        return_state=True)
-                    result, info = state.result(), ShardInfo(**state.result()["shard"])
-                is_cached = state.name == "Cached"
-                cached, ran = cached + is_cached, ran + (not is_cached)
-                teacher_seconds += 0.0 if is_cached else result["seconds"]
-                per_endpoint[result["endpoint"]] += not is_cached
-                manifest = open_manifest(cfg, plan, TeacherInfo(**result["teacher"]))
-                commit_shard(plan.dataset_dir, manifest, info)
-                logger.info("committed shard %d/%d (%d samples%s)", index + 1, plan.num_shards, info.rows,
-                            ", cached" if is_cached else f", {result['endpoint']}")
-        if errors:
-            errors[0].result()  # raises the first failed shard's error; committed shards stay for a rerun
-        remove_stray_files(plan.dataset_dir, plan.manifest)
-    manifest = plan.manifest
-    return {"dataset_dir": str(plan.dataset_dir), "generate_fingerprint": plan.fingerprint, "shards_written": ran,
-            "shards_cached": cached, "samples": manifest.total_samples, "tokens": manifest.total_tokens,
-            "seconds": time.perf_counter() - start, "teacher_seconds": teacher_seconds, "teacher_loaded": started,
-            "cached": ran == 0, "endpoints": dict(per_endpoint)}
+@dataclass
+class RunOutput:
+    """What one flow run did: per-stage results, seconds per stage, and the paths written."""
+
+    stages: list[str]
+    seconds: dict[str, float] = field(default_factory=dict)
+    generate: GenerateResult | None = None
+    train: TrainResult | None = None
+    eval: dict | None = None
+    paths: dict[str, str] = field(default_factory=dict)
+
+
+def _round(row: dict) -> dict:
+    return {k: round(v, 5) if isinstance(v, float) else v for k, v in row.items()}
 
 
 @task(name="train", retries=1, retry_delay_seconds=5, retry_condition_fn=_retry_on_infrastructure)
-def train_task(cfg: RunConfig, dataset_dir: str, resume: bool = False) -> dict:
+def train_task(cfg: RunConfig, dataset_dir: str, resume: bool = False) -> TrainResult:
     """Student trains on the dataset's training split; a retry (or `resume`) continues from the last checkpoint."""
     resume = resume or current_task_run.run_count > 1
     result = train_student(cfg, dataset_dir=Path(dataset_dir), resume=resume)
-    create_table_artifact(key="training-metrics", description=f"student {result.student_dir}",
-                          table=[{k: (round(v, 5) if isinstance(v, float) else v) for k, v in asdict(result).items()}])
+    create_table_artifact(key="training-metrics", description=f"student {result.student_dir}", table=[_round(asdict(result))])
     log = json.loads((Path(result.student_dir) / "train_log.json").read_text())
     create_table_artifact(key="training-curve", description="loss parts and throughput per logged step",
-                          table=[{k: round(v, 5) if isinstance(v, float) else v for k, v in h.items()} for h in log["history"]])
+                          table=[_round(h) for h in log["history"]])
     curve = (Path(result.student_dir) / "loss_curves.png").resolve()
     create_link_artifact(key="loss-curves", link=curve.as_uri(), link_text=f"loss curves ({curve})",
                          description="PNG of CE, KD and total loss against steps, written beside the student")
-    return asdict(result)
+    return result
 
 
 @task(name="eval")
 def eval_task(cfg: RunConfig, dataset_dir: str, student_dir: str) -> dict:
     """Student vs teacher on held-out prompts."""
     metrics = evaluate(cfg, dataset_dir=Path(dataset_dir), student_dir=Path(student_dir))
-    rows = [{"model": who, **{k: round(v, 5) if isinstance(v, float) else v for k, v in metrics[who].items()}}
-            for who in ("teacher", "student")]
+    rows = [{"model": who, **_round(metrics[who])} for who in ("teacher", "student")]
     create_table_artifact(key="evaluation", table=rows, description="held-out evaluation")
     return metrics
 
 
+def dataset_artifacts(cfg: RunConfig, gen: GenerateResult) -> None:
+    """The generate stage's summary and the full `distill inspect` table of the dataset."""
+    t = cfg.teacher
+    create_table_artifact(key="dataset-summary", description=f"dataset {gen.dataset_dir}", table=[
+        {"samples": gen.samples, "tokens": gen.tokens, "shards generated": gen.shards_written,
+         "shards cached": gen.shards_cached, "k": cfg.generate.k, "teacher": t.model, "backend": t.backend,
+         "temperature": cfg.generate.temperature, "seconds": round(gen.seconds, 1),
+         "teacher seconds": round(gen.teacher_seconds, 1),
+         "endpoints": ", ".join(f"{u}: {n}" for u, n in gen.endpoints.items()) or "-"}])
+    # what `distill inspect` prints: coverage, entropy, k for 90/95/99% of the mass, sampled ranks
+    create_table_artifact(key="dataset-inspect", description=f"distill inspect {gen.dataset_dir}",
+                          table=summary_rows(summarize(Path(gen.dataset_dir))))
+
+
 @flow(name="distill", log_prints=True, task_runner=ThreadPoolTaskRunner(max_workers=16))
-def distill_flow(cfg: RunConfig, stages: list[str] = list(STAGES), resume: bool = False) -> dict:
+def distill_flow(cfg: RunConfig, stages: list[str] = list(STAGES), resume: bool = False) -> RunOutput:
     """Run the requested stages of one distillation run; returns per-stage results and timings."""
-    logger = get_run_logger()
     unknown = set(stages) - set(STAGES)
     if unknown:
-        raise ValueError(f"unknown stage(s) {sorted(unknown)}; choose from {', '.join(STAGES)}")
-    out: dict = {"stages": list(stages), "seconds": {}}
+        raise ConfigError(f"unknown stage(s) {sorted(unknown)}; choose from {', '.join(STAGES)}")
+    out = RunOutput(stages=list(stages))
     dataset_dir, student_dir = str(cfg.dataset_dir), str(cfg.student_dir)
     if "generate" in stages:
         t0 = time.perf_counter()
-        gen = out["generate"] = _generate(cfg)
-        out["seconds"]["generate"] = time.perf_counter() - t0
-        t = cfg.teacher
-        create_table_artifact(key="dataset-summary", description=f"dataset {dataset_dir}", table=[
-            {"samples": gen["samples"], "tokens": gen["tokens"], "shards generated": gen["shards_written"],
-             "shards cached": gen["shards_cached"], "k": cfg.generate.k, "teacher": t.model, "backend": t.backend,
-             "temperature": cfg.generate.temperature, "seconds": round(gen["seconds"], 1),
-             "teacher seconds": round(gen["teacher_seconds"], 1),
-             "endpoints": ", ".join(f"{u}: {n}" for u, n in gen["endpoints"].items()) or "-"}])
-        # what `distill inspect` prints: coverage, entropy, k for 90/95/99% of the mass, sampled ranks
-        create_table_artifact(key="dataset-inspect", description=f"distill inspect {dataset_dir}",
-                              table=summary_rows(summarize(Path(dataset_dir))))
+        out.generate = generate_dataset(cfg, executor=PrefectShards(), progress=False)
+        out.seconds["generate"] = time.perf_counter() - t0
+        dataset_artifacts(cfg, out.generate)
     if "train" in stages:
         t0 = time.perf_counter()
-        out["train"] = train_task(cfg, dataset_dir, resume=resume)
-        out["seconds"]["train"] = time.perf_counter() - t0
-        student_dir = out["train"]["student_dir"]
+        out.train = train_task(cfg, dataset_dir, resume=resume)
+        out.seconds["train"] = time.perf_counter() - t0
+        student_dir = out.train.student_dir
     if "eval" in stages:
         t0 = time.perf_counter()
-        out["eval"] = eval_task(cfg, dataset_dir, student_dir)
-        out["seconds"]["eval"] = time.perf_counter() - t0
-    paths = {"dataset": dataset_dir, "student": student_dir, "metrics": str(cfg.metrics_path)}
-    create_markdown_artifact(key="run-outputs", markdown="\n".join(f"- **{k}**: `{v}`" for k, v in paths.items()))
-    out["paths"] = paths
-    logger.info("distill run %s finished: %s", cfg.name, out["seconds"])
+        out.eval = eval_task(cfg, dataset_dir, student_dir)
+        out.seconds["eval"] = time.perf_counter() - t0
+    out.paths = {"dataset": dataset_dir, "student": student_dir, "metrics": str(cfg.metrics_path)}
+    create_markdown_artifact(key="run-outputs", markdown="\n".join(f"- **{k}**: `{v}`" for k, v in out.paths.items()))
+    get_run_logger().info("distill run %s finished: %s", cfg.name, out.seconds)
     return out

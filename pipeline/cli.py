@@ -116,25 +116,26 @@ def schedule(config: ConfigArg,
     serve_deployment(deployment)
 
 
-def print_summary(out: dict) -> None:
-    """Stage times, teacher vs student metrics, and where everything was written."""
+def print_summary(out) -> None:
+    """Stage times, teacher vs student metrics, and where everything was written (`out`: the flow's RunOutput)."""
     table = Table(title="distill run", show_header=True)
     table.add_column("stage")
     table.add_column("seconds", justify="right")
     table.add_column("result")
-    gen = out.get("generate")
-    if gen:
-        note = "cached: teacher not started" if gen["cached"] or not gen["teacher_loaded"] else "teacher ran"
-        table.add_row("generate", f"{out['seconds']['generate']:.1f}", f"{gen['samples']} samples, {gen['tokens']} tokens, {note}")
-    if out.get("train"):
-        t = out["train"]
-        table.add_row("train", f"{out['seconds']['train']:.1f}", f"{t['steps']} steps, loss {t['final_loss']:.4f}, {t['tokens_per_s']:.0f} tok/s")
-    if out.get("eval"):
-        table.add_row("eval", f"{out['seconds']['eval']:.1f}", f"{out['eval']['heldout_prompts']} held-out prompts")
+    if out.generate:
+        g = out.generate
+        note = "cached: teacher not started" if g.cached or not g.teacher_loaded else "teacher ran"
+        table.add_row("generate", f"{out.seconds['generate']:.1f}", f"{g.samples} samples, {g.tokens} tokens, {note}")
+    if out.train:
+        t = out.train
+        table.add_row("train", f"{out.seconds['train']:.1f}",
+                      f"{t.steps} steps, loss {t.final_loss:.4f}, {t.tokens_per_s:.0f} tok/s")
+    if out.eval:
+        table.add_row("eval", f"{out.seconds['eval']:.1f}", f"{out.eval['heldout_prompts']} held-out prompts")
     console.print(table)
-    if out.get("eval"):
-        print_metrics(out["eval"])
-    for name, path in out.get("paths", {}).items():
+    if out.eval:
+        print_metrics(out.eval)
+    for name, path in out.paths.items():
         console.print(f"  {name:8s} {path}")
 
 

@@ -19,6 +19,10 @@ def preflight(cfg: RunConfig, stages: list[str] | tuple[str, ...]) -> None:
     """Raise a one-line error for missing paths, unreadable prompts or a tokenizer mismatch."""
     if _local_missing(cfg.teacher.model):
         raise ConfigError(f"teacher.model path {cfg.teacher.model!r} does not exist (run `make demo` to build the demo teacher, or fix the path)")
+    for path in (Path(cfg.output_dir), *Path(cfg.output_dir).parents):
+        if path.exists() and not path.is_dir():
+            raise ConfigError(f"output_dir {cfg.output_dir!r} cannot be a directory: {str(path)!r} is a file; "
+                              "set output_dir to a directory path")
     if "eval" in stages and "generate" in stages and cfg.prompts.heldout_fraction <= 0:
         raise ConfigError("the eval stage needs held-out prompts: set prompts.heldout_fraction > 0 (e.g. 0.05) "
                           "or run --stages generate,train")

@@ -82,6 +82,23 @@ def generated(tiny_teacher, prompts_file, tmp_path_factory):
     return cfg
 
 
+@pytest.fixture(scope="module")
+def prefect_api(tmp_path_factory):
+    """Prefect's local test API (ephemeral, SQLite) for one test module, under a PREFECT_HOME of its own."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    old = os.environ.get("PREFECT_HOME")
+    os.environ["PREFECT_HOME"] = str(tmp_path_factory.mktemp("prefect-home"))
+    try:
+        with prefect_test_harness(server_startup_timeout=120):
+            yield
+    finally:
+        if old is None:
+            os.environ.pop("PREFECT_HOME", None)
+        else:
+            os.environ["PREFECT_HOME"] = old
+
+
 def pytest_collection_modifyitems(config, items):
     """Tests marked `gpu` need CUDA; on CPU-only machines they are skipped with the reason shown."""
     if torch.cuda.is_available():

@@ -9,6 +9,7 @@ from typer.testing import CliRunner
 
 from pipeline.cli import app
 from tests.conftest import raw_config
+from tests.helpers import one_line_error
 
 runner = CliRunner()
 
@@ -19,14 +20,6 @@ def _write(tmp_path, raw, name="cfg.yaml"):
     return path
 
 
-def _one_line_error(result, fragment):
-    assert result.exit_code == 1, result.output
-    assert "Traceback" not in result.output
-    lines = [line for line in result.output.strip().splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error:"), result.output
-    assert fragment in result.output, result.output
-
-
 @pytest.fixture
 def raw(tiny_teacher, prompts_file, tmp_path):
     return raw_config(tiny_teacher, prompts_file, tmp_path / "run")
@@ -34,33 +27,33 @@ def raw(tiny_teacher, prompts_file, tmp_path):
 
 def test_unknown_key(raw, tmp_path):
     raw["generate"]["topk"] = 5
-    _one_line_error(runner.invoke(app, ["generate", str(_write(tmp_path, raw))]), "unknown config key 'generate.topk'")
+    one_line_error(runner.invoke(app, ["generate", str(_write(tmp_path, raw))]), "unknown config key 'generate.topk'")
 
 
 def test_wrong_type_via_override(raw, tmp_path):
-    _one_line_error(runner.invoke(app, ["generate", str(_write(tmp_path, raw)), "--set", "generate.n=two"]), "'generate.n'")
+    one_line_error(runner.invoke(app, ["generate", str(_write(tmp_path, raw)), "--set", "generate.n=two"]), "'generate.n'")
 
 
 def test_missing_model_path(raw, tmp_path):
     raw["teacher"]["model"] = str(tmp_path / "no-such-model")
-    _one_line_error(runner.invoke(app, ["generate", str(_write(tmp_path, raw))]), "does not exist")
+    one_line_error(runner.invoke(app, ["generate", str(_write(tmp_path, raw))]), "does not exist")
 
 
 def test_missing_config_file(tmp_path):
-    _one_line_error(runner.invoke(app, ["run", str(tmp_path / "nope.yaml")]), "not found")
+    one_line_error(runner.invoke(app, ["run", str(tmp_path / "nope.yaml")]), "not found")
 
 
 def test_empty_prompts_file(raw, tmp_path):
     (tmp_path / "empty.jsonl").write_text("")
     raw["prompts"]["path"] = str(tmp_path / "empty.jsonl")
-    _one_line_error(runner.invoke(app, ["generate", str(_write(tmp_path, raw))]), "the prompts file is empty")
+    one_line_error(runner.invoke(app, ["generate", str(_write(tmp_path, raw))]), "the prompts file is empty")
 
 
 def test_malformed_jsonl_names_the_line(raw, tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "pick: a b c d e f ="}\n{"prompt": oops}\n')
     raw["prompts"]["path"] = str(bad)
-    _one_line_error(runner.invoke(app, ["generate", str(_write(tmp_path, raw))]), "bad.jsonl:2: malformed JSON")
+    one_line_error(runner.invoke(app, ["generate", str(_write(tmp_path, raw))]), "bad.jsonl:2: malformed JSON")
 
 
 def test_tokenizer_mismatch_before_anything_runs(raw, tmp_path, generated):
@@ -73,7 +66,7 @@ def test_tokenizer_mismatch_before_anything_runs(raw, tmp_path, generated):
     raw["student"] = {"model": str(other)}
     shutil.copytree(generated.dataset_dir, tmp_path / "run/dataset")
     before = sorted(p.name for p in (tmp_path / "run/dataset/shards").iterdir())
-    _one_line_error(runner.invoke(app, ["train", str(_write(tmp_path, raw))]), "different tokenizer")
+    one_line_error(runner.invoke(app, ["train", str(_write(tmp_path, raw))]), "different tokenizer")
     assert sorted(p.name for p in (tmp_path / "run/dataset/shards").iterdir()) == before
     assert not (tmp_path / "run/student").exists()
 
@@ -86,7 +79,7 @@ def test_validate_ok_and_damaged(generated, tmp_path):
     manifest = json.loads((ds / "manifest.json").read_text())
     manifest["shards"][0]["rows"] += 1
     (ds / "manifest.json").write_text(json.dumps(manifest))
-    _one_line_error(runner.invoke(app, ["validate", str(ds)]), "rows but the manifest says")
+    one_line_error(runner.invoke(app, ["validate", str(ds)]), "rows but the manifest says")
 
 
 def test_generate_command_reuses_a_complete_dataset(raw, tmp_path, generated):
@@ -94,3 +87,30 @@ def test_generate_command_reuses_a_complete_dataset(raw, tmp_path, generated):
     result = runner.invoke(app, ["generate", str(_write(tmp_path, raw))])
     assert result.exit_code == 0, result.output
     assert "already complete, teacher not started" in result.output
+
+
+def test_k_above_the_teachers_vocabulary_is_one_line_and_writes_nothing(raw, tmp_path):
+    raw["generate"]["k"] = 500  # the tiny teacher has 287 tokens
+    one_line_error(runner.invoke(app, ["generate", str(_write(tmp_path, raw))]), "generate.k=500 is larger than the teacher's")
+    assert not (tmp_path / "run" / "dataset" / "manifest.json").exists()
+
+
+def test_output_dir_that_is_a_file_is_one_line(raw, tmp_path):
+    (tmp_path / "taken").write_text("a file, not a directory")
+    raw["output_dir"] = str(tmp_path / "taken" / "run")
+    one_line_error(runner.invoke(app, ["generate", str(_write(tmp_path, raw))]), "is a file")
+    raw["output_dir"] = str(tmp_path / "taken")
+    one_line_error(runner.invoke(app, ["run", str(_write(tmp_path, raw))]), "is a file")
+
+
+def test_a_bug_keeps_its_traceback(raw, tmp_path, monkeypatch):
+    """Only user errors become one line: anything else is a bug and must show where it happened."""
+    import pipeline.generate
+
+    def broken(*_a, **_kw):
+        raise ValueError("an internal shape bug")
+
+    monkeypatch.setattr(pipeline.generate, "plan_dataset", broken)
+    result = runner.invoke(app, ["generate", str(_write(tmp_path, raw))])
+    assert result.exit_code != 0 and isinstance(result.exception, ValueError), result.output
+    assert "error:" not in result.output

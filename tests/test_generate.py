@@ -6,19 +6,20 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.dataset.reader import load_samples
 from pipeline.core import sha256_file
 from pipeline.dataset.schema import read_manifest
 from pipeline.dataset.validate import validate_dataset
-from pipeline.generate import DatasetMismatchError, generate_dataset
+from pipeline.config import ConfigError
+from pipeline.generate import DatasetMismatchError, InSequence, generate_dataset, generate_key
 from pipeline.models import load_causal_lm
-from pipeline.teachers import load_teacher
+from pipeline.teachers.hf import HFTeacher
+from tests.helpers import read_rows
 
 
 def test_logprobs_match_a_teacher_forced_forward_pass(generated):
     """The cached top-k and sampled-token logprobs equal log_softmax of a plain forward pass (T=1, raw)."""
     model = load_causal_lm(generated.teacher.model)
-    s = load_samples(generated.dataset_dir)
+    s = read_rows(generated.dataset_dir)
     tol = 2e-4 + read_manifest(generated.dataset_dir).storage.max_logprob_error  # stored on a grid (schema.py)
     for i in range(8):
         seq = np.concatenate([s.prompt_tokens[i], s.completion_tokens[i]])
@@ -34,11 +35,11 @@ def test_logprobs_match_a_teacher_forced_forward_pass(generated):
 
 
 def test_stops_on_eos_and_records_finish_reason(generated):
-    s = load_samples(generated.dataset_dir)
+    s = read_rows(generated.dataset_dir)
     import pyarrow.parquet as pq
 
     reasons = pq.read_table(generated.dataset_dir / "shards/part-00000.parquet")["finish_reason"].to_pylist()
-    eos = load_teacher(generated.teacher).info.eos_token_ids
+    eos = HFTeacher(generated.teacher).info.eos_token_ids
     for tokens, reason in zip(s.completion_tokens, reasons):
         assert reason in ("stop", "length")
         if reason == "stop":
@@ -48,10 +49,10 @@ def test_stops_on_eos_and_records_finish_reason(generated):
 
 
 def test_complete_dataset_does_not_load_the_teacher(generated):
-    def no_teacher(_cfg, **_kw):
+    def no_teacher(_cfg, _endpoint):
         raise AssertionError("the teacher must not be loaded for a complete dataset")
 
-    res = generate_dataset(generated, progress=False, teacher_factory=no_teacher)
+    res = generate_dataset(generated, progress=False, executor=InSequence(open_teacher=no_teacher))
     assert not res.teacher_loaded and res.shards_written == 0 and res.samples == 96
 
 
@@ -71,7 +72,7 @@ def test_resume_rewrites_only_missing_shards_identically(generated, make_config,
     after = {p.name: sha256_file(p) for p in (cfg.dataset_dir / "shards").iterdir()}
     assert after == before  # same seeds per shard: byte-identical, no temp files left
     assert validate_dataset(cfg.dataset_dir).samples == 96
-    assert len(set(load_samples(cfg.dataset_dir).prompt_ids)) == 96
+    assert len(set(read_rows(cfg.dataset_dir).prompt_ids)) == 96
 
 
 def test_other_settings_refuse_to_mix_into_a_dataset(generated, make_config, tmp_path):
@@ -104,3 +105,16 @@ def test_corrupted_or_missing_committed_shards_are_regenerated(generated, make_c
     assert res.shards_written == 2 and res.teacher_loaded
     assert {p.name: sha256_file(p) for p in (cfg.dataset_dir / "shards").iterdir()} == good
     assert validate_dataset(cfg.dataset_dir).complete
+
+
+def test_endpoints_and_server_count_stay_out_of_the_cache_key(make_config, tiny_teacher):
+    base = {"backend": "vllm_server", "model": str(tiny_teacher)}
+    one = make_config(teacher=base)
+    two = make_config(teacher={**base, "urls": ["http://a:8000", "http://b:8000/"]})
+    managed = make_config(teacher={**base, "num_servers": 3})
+    assert generate_key(one) == generate_key(two) == generate_key(managed)
+    assert two.teacher.endpoints() == ["http://a:8000", "http://b:8000"] and managed.teacher.endpoints() == []
+    with pytest.raises(ConfigError, match="not both"):
+        make_config(teacher={**base, "url": "http://a:8000", "urls": ["http://b:8000"]})
+    with pytest.raises(ConfigError, match="num_servers"):
+        make_config(teacher={**base, "urls": ["http://a:8000"], "num_servers": 2})

@@ -1,4 +1,4 @@
-"""THE dataset contract (schema v1, DESIGN.md §3): the Parquet schema, the manifest, and row building.
+"""THE dataset contract (schema v1, docs/design.md): the Parquet schema, the manifest, and row building.
 
 A dataset is a directory with `manifest.json` and `shards/part-NNNNN.parquet`. Only shards listed in
 the manifest count; the manifest records how the numbers were made (teacher, k, logprobs mode, dtype).

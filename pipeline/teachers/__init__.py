@@ -1,24 +1,12 @@
-"""Teacher backends behind one protocol; `load_teacher` picks one from the config."""
+"""Teacher backends behind one protocol (base.py), and where they run for a generate run (endpoints.py).
+
+Backends: hf.py (transformers in this process) and vllm_server.py (a vLLM OpenAI-compatible server,
+managed or attached). vLLM itself is never imported here: it runs in its own environment.
+"""
 
 from __future__ import annotations
 
-from pipeline.dataset.schema import Generation
 from pipeline.teachers.base import SamplingSpec, Teacher, TeacherInfo
+from pipeline.teachers.endpoints import Endpoint, open_teacher, teacher_endpoints
 
-__all__ = ["Generation", "SamplingSpec", "Teacher", "TeacherInfo", "load_teacher"]
-
-
-def load_teacher(cfg, *, workdir=None, k: int = 20) -> Teacher:
-    """Build the backend named by `cfg.backend` (imports are lazy: vLLM lives in its own env).
-
-    `workdir` receives a managed server's log; `k` sizes the server's --max-logprobs.
-    """
-    if cfg.backend == "hf":
-        from pipeline.teachers.hf import HFTeacher
-
-        return HFTeacher(cfg)
-    if cfg.backend == "vllm_server":
-        from pipeline.teachers.vllm_server import VLLMServerTeacher
-
-        return VLLMServerTeacher(cfg, workdir=workdir, k=k)
-    raise ValueError(f"unknown teacher backend {cfg.backend!r}")
+__all__ = ["Endpoint", "SamplingSpec", "Teacher", "TeacherInfo", "open_teacher", "teacher_endpoints"]

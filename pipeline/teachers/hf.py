@@ -1,7 +1,7 @@
 """Transformers teacher: batched `generate`, top-k of the log-softmax of the raw (unprocessed) logits.
 
 This is the CPU path and the parity reference for the vLLM backends: logprobs are the teacher's
-distribution at temperature 1 before any sampling processor (DESIGN.md §3, `logprobs_mode: raw`).
+distribution at temperature 1 before any sampling processor (docs/design.md, `logprobs_mode: raw`).
 """
 
 from __future__ import annotations

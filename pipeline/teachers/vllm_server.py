@@ -164,12 +164,13 @@ def gpu_slices(count: int, tensor_parallel_size: int, visible: str | None) -> li
 @contextmanager
 def managed_servers(cfg, *, count: int, max_logprobs: int, workdir: Path) -> Iterator[list[ManagedServer]]:
     """Start `count` servers of `cfg` side by side (each on its own free port, logging to
-    `teacher_server-<i>.log`), yield them once all are healthy, and always stop all of them; a SIGTERM in
+    `teacher_server.log`, or `teacher_server-<i>.log` when there are several), yield them once all are healthy, and always stop all of them; a SIGTERM in
     the main thread becomes SystemExit."""
     devices = gpu_slices(count, cfg.tensor_parallel_size, os.environ.get("CUDA_VISIBLE_DEVICES"))
     servers: list[ManagedServer] = []
     while len(servers) < count:
-        server = ManagedServer(cfg, max_logprobs=max_logprobs, log_path=Path(workdir) / f"teacher_server-{len(servers)}.log",
+        log_name = "teacher_server.log" if count == 1 else f"teacher_server-{len(servers)}.log"
+        server = ManagedServer(cfg, max_logprobs=max_logprobs, log_path=Path(workdir) / log_name,
                                devices=devices[len(servers)])
         if server.port not in {s.port for s in servers}:  # free_port() may hand out a port twice
             servers.append(server)
@@ -228,15 +229,18 @@ def parse_choice(choice: dict, k: int) -> Generation:
 
 
 class VLLMServerTeacher:
-    """Teacher protocol over the OpenAI completions API of a vLLM server (managed or attached)."""
+    """Teacher protocol over the OpenAI completions API of a running vLLM server (`cfg.url`).
 
-    def __init__(self, cfg, *, workdir: Path | None = None, k: int = 20):
+    `server` is the managed process behind the URL when this run started it: a request that fails while it
+    is down is reported as the server's death, with its log, instead of as a connection error.
+    """
+
+    def __init__(self, cfg, *, server: ManagedServer | None = None):
         from transformers import AutoConfig
 
         from pipeline.models import eos_ids, load_tokenizer
 
-        self.cfg = cfg
-        self.server: ManagedServer | None = None
+        self.cfg, self.server = cfg, server
         tok = load_tokenizer(cfg.model, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
         try:
             vocab = AutoConfig.from_pretrained(cfg.model, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code).vocab_size
@@ -248,36 +252,14 @@ class VLLMServerTeacher:
             if not key:
                 raise TeacherServerError(f"teacher.api_key_env={cfg.api_key_env!r} is set but that environment variable is empty")
             headers["Authorization"] = f"Bearer {key}"
-        if cfg.endpoints():  # attach; the sequential path uses the first of several servers
-            self.url, self.model_name = cfg.endpoints()[0], cfg.served_model_name or cfg.model
-        else:
-            log_path = Path(workdir or ".") / "teacher_server.log"
-            self.server = ManagedServer(cfg, max_logprobs=max(k, 20), log_path=log_path)
-            self._install_sigterm()
-            try:
-                self.server.start()
-            except BaseException:
-                self.server.stop()
-                self._restore_sigterm()
-                raise
-            self.url, self.model_name = self.server.url, self.server.model_name
+        if not cfg.endpoints():
+            raise ValueError("VLLMServerTeacher needs teacher.url: start servers with teacher_endpoints()")
+        self.url, self.model_name = cfg.endpoints()[0], cfg.served_model_name or cfg.model
         self.client = httpx.Client(base_url=self.url, headers=headers, timeout=cfg.request_timeout_s,
                                    limits=httpx.Limits(max_connections=cfg.concurrency))
         self.info = TeacherInfo(model=cfg.model, backend="vllm_server", revision=cfg.revision,
                                 versions={"vllm": self._server_version()}, vocab_size=int(vocab),
                                 eos_token_ids=tuple(eos_ids(tok)))
-
-    def _install_sigterm(self) -> None:
-        # A plain SIGTERM would end us without `finally`, orphaning the server; turn it into SystemExit.
-        try:
-            self._old_sigterm = signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(SystemExit(143)))
-        except ValueError:  # not the main thread (e.g. a Prefect task thread): the caller's handler stays
-            self._old_sigterm = None
-
-    def _restore_sigterm(self) -> None:
-        if getattr(self, "_old_sigterm", None) is not None:
-            signal.signal(signal.SIGTERM, self._old_sigterm)
-            self._old_sigterm = None
 
     def _server_version(self) -> str:
         try:
@@ -335,10 +317,8 @@ class VLLMServerTeacher:
             pool.shutdown(wait=ok, cancel_futures=True)
 
     def close(self) -> None:
+        """Close the HTTP client (a managed server is stopped by whoever started it)."""
         self.client.close()
-        if self.server is not None:
-            self.server.stop()
-            self._restore_sigterm()
 
 
 def _error_message(resp: httpx.Response) -> str:

@@ -9,10 +9,10 @@ import sys
 import time
 from pathlib import Path
 
-import yaml
 
 from pipeline.core import sha256_file
 from pipeline.dataset.schema import MANIFEST
+from tests.helpers import write_config  # noqa: F401  (re-exported for the fault tests)
 
 ROOT = Path(__file__).resolve().parents[2]
 KILLPOINT = Path(__file__).with_name("killpoint.py")
@@ -24,12 +24,6 @@ def child_env(**extra: str) -> dict:
            "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PYTHONUNBUFFERED": "1", "COLUMNS": "250"}
     env.update(extra)
     return env
-
-
-def write_config(path: Path, raw: dict) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(raw))
-    return path
 
 
 def _options(kill: tuple[str, int] | None, fsize: int | None, stop: bool = False) -> list[str]:

@@ -1,9 +1,10 @@
 """Bad input the other test files do not already try: one clear line, exit 1, no traceback unless --debug.
 
-Already covered elsewhere (and listed in the README's reliability table): empty prompts file, malformed
+Already covered elsewhere (and listed in docs/reliability.md): empty prompts file, malformed
 JSONL line, wrong type, missing model path, tokenizer mismatch (tests/test_cli.py); YAML syntax error and
 unknown key with a suggestion at the API (tests/test_config.py); k above --max-logprobs
-(tests/test_vllm_server.py); damaged, truncated, missing shards and a newer schema at the API (tests/test_dataset.py).
+(tests/teachers/test_vllm_server.py); damaged, truncated, missing shards and a newer schema at the API
+(tests/dataset/test_validate.py).
 """
 
 from __future__ import annotations
@@ -17,18 +18,9 @@ from typer.testing import CliRunner
 from pipeline.cli import app
 from pipeline.config import ConfigError
 from pipeline.dataset.schema import read_manifest
-from tests.faults.harness import write_config
+from tests.helpers import one_line_error, write_config
 
 runner = CliRunner()
-
-
-def one_line_error(result, fragment: str) -> str:
-    assert result.exit_code == 1, result.output
-    assert "Traceback" not in result.output
-    lines = [ln for ln in result.output.strip().splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error:"), result.output
-    assert fragment in result.output, result.output
-    return lines[0]
 
 
 @pytest.fixture

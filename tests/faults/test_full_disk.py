@@ -17,6 +17,8 @@ from pipeline.dataset.schema import MANIFEST
 from pipeline.dataset.validate import validate_dataset
 from tests.faults.harness import copy_first_shards, distill, files_on_disk, listed_shards, one_error_line, write_config
 
+pytestmark = pytest.mark.slow  # real `distill` subprocesses
+
 PAGE = 4096
 
 

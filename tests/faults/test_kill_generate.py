@@ -17,6 +17,9 @@ from pipeline.core import sha256_file
 from pipeline.dataset.schema import MANIFEST
 from pipeline.dataset.validate import validate_dataset
 from tests.faults.harness import distill, files_on_disk, listed_shards, write_config
+import pytest
+
+pytestmark = pytest.mark.slow  # real `distill` subprocesses
 
 # (kill point, nth call, shards the manifest lists afterwards, leftovers the kill must have left)
 STEPS = [

@@ -2,7 +2,7 @@
 
 No vLLM process may outlive a killed `distill`, whether it dies during the server's start-up or mid-run;
 the API key set in the environment is really used and appears in none of the run's files. A server
-that dies by itself mid-run is covered by tests/test_vllm_server.py (clear error, shards kept, rerun).
+that dies by itself mid-run is covered by tests/teachers/test_vllm_server.py (clear error, shards kept, rerun).
 """
 
 from __future__ import annotations
@@ -21,10 +21,9 @@ from pipeline.dataset.validate import validate_dataset
 from tests.conftest import raw_config
 from tests.faults.harness import (child_env, distill, listed_shards, process_state, processes_mentioning, start_distill,
                                   wait_until, write_config)
-from tests.test_vllm_server import TEACHER_PYTHON, server_config
+from tests.helpers import needs_vllm, server_config
 
-pytestmark = [pytest.mark.slow, pytest.mark.skipif(not Path(TEACHER_PYTHON).exists(),
-                                                   reason=f"no vLLM teacher environment at {TEACHER_PYTHON} (run `make teacher-env`)")]
+pytestmark = [pytest.mark.slow, needs_vllm]
 
 
 def _vllm_config(tiny_teacher: Path, prompts: Path, out: Path, **teacher) -> dict:

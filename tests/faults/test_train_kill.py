@@ -11,6 +11,9 @@ import shutil
 import signal
 
 from tests.faults.harness import distill, write_config
+import pytest
+
+pytestmark = pytest.mark.slow  # real `distill` subprocesses
 
 TRAIN = {"max_steps": 12, "checkpoint_every": 3, "keep_checkpoints": 2, "log_every": 1}
 

@@ -3,27 +3,20 @@ one manifest writer, several vLLM servers sharing the shards, and reruns that ne
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
-from prefect.testing.utilities import prefect_test_harness
 
 from flows.distill import distill_flow
 from pipeline.config import ConfigError
 from pipeline.core import sha256_file
 from pipeline.dataset.schema import read_manifest
 from pipeline.dataset.validate import validate_dataset
-from pipeline.generate import generate_key
-
-TEACHER_PYTHON = os.environ.get("DISTILL_TEACHER_PYTHON", str(Path(__file__).parent.parent / ".venv-teacher/bin/python"))
+from tests.helpers import TEACHER_PYTHON
 
 
-@pytest.fixture(scope="module", autouse=True)
-def prefect_api(tmp_path_factory):
-    os.environ["PREFECT_HOME"] = str(tmp_path_factory.mktemp("prefect-home"))
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
+
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_api")]  # a Prefect API per module
 
 
 def _shards(dataset_dir: Path) -> dict[str, str]:
@@ -52,7 +45,7 @@ def _refuse_teacher(monkeypatch):
 def test_fanout_writes_the_same_shards_as_the_sequential_path(generated, make_config, tmp_path):
     cfg = make_config(out=tmp_path / "fan")
     out = distill_flow(cfg, stages=["generate"])
-    assert out["generate"]["shards_written"] == 3 and out["generate"]["endpoints"] == {"in-process": 3}
+    assert out.generate.shards_written == 3 and out.generate.endpoints == {"in-process": 3}
     assert _shards(cfg.dataset_dir) == _shards(generated.dataset_dir)  # same per-shard seeds, byte for byte
     fan, seq = read_manifest(cfg.dataset_dir), read_manifest(generated.dataset_dir)
     assert [s.model_dump() for s in fan.shards] == [s.model_dump() for s in seq.shards]
@@ -69,7 +62,7 @@ def test_uncommitted_shards_come_from_the_cache_only_while_their_files_are_intac
         _refuse_teacher(m)
         state = distill_flow(cfg, stages=["generate"], return_state=True)
     out = state.result()
-    assert out["generate"]["shards_cached"] == 3 and out["generate"]["shards_written"] == 0
+    assert out.generate.shards_cached == 3 and out.generate.shards_written == 0
     assert {r.state.name for r in _shard_runs(state)} == {"Cached"}
     assert validate_dataset(cfg.dataset_dir).complete and _shards(cfg.dataset_dir) == good
 
@@ -78,31 +71,29 @@ def test_uncommitted_shards_come_from_the_cache_only_while_their_files_are_intac
     damaged.write_bytes(damaged.read_bytes()[:-40])  # the cached record no longer matches this file
     (cfg.dataset_dir / "shards/part-00002.parquet").unlink()  # no file: the cache is not even consulted
     out = distill_flow(cfg, stages=["generate"])
-    assert out["generate"]["shards_cached"] == 1 and out["generate"]["shards_written"] == 2
+    assert out.generate.shards_cached == 1 and out.generate.shards_written == 2
     assert _shards(cfg.dataset_dir) == good and validate_dataset(cfg.dataset_dir).complete
 
 
-def test_a_failed_shard_keeps_the_others_and_the_rerun_redoes_only_it(make_config, tmp_path):
-    import flows.distill as fd
+def test_a_failed_shard_keeps_the_others_and_the_rerun_redoes_only_it(make_config, tmp_path, monkeypatch):
+    import pipeline.generate as gen
 
     cfg = make_config(out=tmp_path / "fail")
-    real = fd.generate_shard
+    real = gen.generate_shard
 
     def fail_shard_1(cfg_, index, teacher, **kw):
         if index == 1:
-            raise ValueError("shard 1 refused")  # a ValueError is not retried
+            raise ConfigError("shard 1 refused")  # a user error is not retried
         return real(cfg_, index, teacher, **kw)
 
-    fd.generate_shard = fail_shard_1
-    try:
-        with pytest.raises(ValueError, match="shard 1 refused"):
+    with monkeypatch.context() as m:
+        m.setattr(gen, "generate_shard", fail_shard_1)
+        with pytest.raises(ConfigError, match="shard 1 refused"):
             distill_flow(cfg, stages=["generate"])
-    finally:
-        fd.generate_shard = real
     manifest = read_manifest(cfg.dataset_dir)
     assert [s.index for s in manifest.shards] == [0, 2] and not manifest.complete
     state = distill_flow(cfg, stages=["generate"], return_state=True)
-    assert state.result()["generate"]["shards_written"] == 1
+    assert state.result().generate.shards_written == 1
     assert [r.name for r in _shard_runs(state)] == ["generate-shard-1"]
     assert validate_dataset(cfg.dataset_dir).complete
 
@@ -119,22 +110,9 @@ def test_student_only_reruns_spend_zero_seconds_in_the_teacher(make_config, tmp_
     changed = make_config(out=tmp_path / "student", train={"max_steps": 3})
     again = distill_flow(changed, return_state=True)
     out = again.result()
-    assert out["generate"]["cached"] and out["generate"]["teacher_seconds"] == 0 and out["train"]["steps"] == 3
+    assert out.generate.cached and out.generate.teacher_seconds == 0 and out.train.steps == 3
     assert _shard_runs(again) == []  # the manifest is complete: no shard task is even submitted
     assert read_manifest(cfg.dataset_dir).complete
-
-
-def test_endpoints_and_server_count_stay_out_of_the_cache_key(make_config, tiny_teacher):
-    base = {"backend": "vllm_server", "model": str(tiny_teacher)}
-    one = make_config(teacher=base)
-    two = make_config(teacher={**base, "urls": ["http://a:8000", "http://b:8000/"]})
-    managed = make_config(teacher={**base, "num_servers": 3})
-    assert generate_key(one) == generate_key(two) == generate_key(managed)
-    assert two.teacher.endpoints() == ["http://a:8000", "http://b:8000"] and managed.teacher.endpoints() == []
-    with pytest.raises(ConfigError, match="not both"):
-        make_config(teacher={**base, "url": "http://a:8000", "urls": ["http://b:8000"]})
-    with pytest.raises(ConfigError, match="num_servers"):
-        make_config(teacher={**base, "urls": ["http://a:8000"], "num_servers": 2})
 
 
 @pytest.mark.skipif(not Path(TEACHER_PYTHON).exists(), reason=f"no vLLM teacher environment at {TEACHER_PYTHON}")
@@ -144,8 +122,8 @@ def test_two_managed_vllm_servers_share_the_shards(make_config, tiny_teacher, tm
                "extra_args": ["--enforce-eager"], "concurrency": 8, "max_retries": 1, "num_servers": 2}
     cfg = make_config(out=tmp_path / "two", teacher=teacher, generate={"shard_size": 16})
     state = distill_flow(cfg, stages=["generate"], return_state=True)
-    out = state.result()["generate"]
-    assert out["shards_written"] == 6 and len(out["endpoints"]) == 2 and all(n >= 2 for n in out["endpoints"].values())
+    out = state.result().generate
+    assert out.shards_written == 6 and len(out.endpoints) == 2 and all(n >= 2 for n in out.endpoints.values())
     assert len(_shard_runs(state)) == 6 and {r.state.name for r in _shard_runs(state)} == {"Completed"}
     report = validate_dataset(cfg.dataset_dir)
     assert report.complete and report.samples == 96
@@ -154,6 +132,6 @@ def test_two_managed_vllm_servers_share_the_shards(make_config, tiny_teacher, tm
     assert logs == ["teacher_server-0.log", "teacher_server-1.log"]
     import httpx
 
-    for url in out["endpoints"]:  # both servers were stopped with the flow
+    for url in out.endpoints:  # both servers were stopped with the flow
         with pytest.raises(httpx.HTTPError):
             httpx.get(f"{url}/health", timeout=2)

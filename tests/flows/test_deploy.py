@@ -22,8 +22,9 @@ from typer.testing import CliRunner
 
 from pipeline.cli import app
 from tests.conftest import raw_config
+from tests.helpers import one_line_error
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _write_config(tiny_teacher, prompts_file, tmp_path) -> Path:
@@ -40,9 +41,7 @@ def _write_config(tiny_teacher, prompts_file, tmp_path) -> Path:
 ])
 def test_schedule_errors_are_one_line(args, fragment, tiny_teacher, prompts_file, tmp_path):
     result = CliRunner().invoke(app, ["schedule", str(_write_config(tiny_teacher, prompts_file, tmp_path)), *args])
-    assert result.exit_code == 1, result.output
-    lines = [line for line in result.output.strip().splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error:") and fragment in lines[0], result.output
+    one_line_error(result, fragment)
 
 
 def test_prefect_yaml_deploys_the_demo_config():

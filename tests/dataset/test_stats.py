@@ -15,6 +15,7 @@ import pytest
 from typer.testing import CliRunner
 
 from pipeline.cli import app
+from tests.helpers import one_line_error, read_rows
 from pipeline.dataset.report import render_report
 from pipeline.dataset.schema import DatasetError, Generation, Manifest, SamplingRecord, TeacherRecord, build_table, read_manifest
 from pipeline.dataset.stats import DatasetSummary, sample_view, summarize, summary_rows
@@ -127,7 +128,6 @@ def test_sample_view(hand):
 
 
 def test_generated_dataset_agrees_with_the_reader(generated):
-    from pipeline.dataset.reader import load_samples
 
     ds = generated.dataset_dir
     manifest = read_manifest(ds)
@@ -135,7 +135,7 @@ def test_generated_dataset_agrees_with_the_reader(generated):
     assert (s.samples, s.tokens, s.k) == (manifest.total_samples, manifest.total_tokens, manifest.k)
     assert sum(s.sampled_rank) == s.tokens and all(sum(c) == s.tokens for c in s.k_needed.values())
     assert sum(s.length.counts) == s.samples and sum(s.finish_reasons.values()) == s.samples
-    samples = load_samples(ds)
+    samples = read_rows(ds)
     ids, lps = np.concatenate(samples.topk_ids), np.concatenate(samples.topk_logprobs).astype(np.float64)
     sampled = np.concatenate(samples.completion_tokens)
     assert s.top1.mean == pytest.approx(np.exp(lps[:, 0]).mean(), abs=1e-5)
@@ -145,12 +145,6 @@ def test_generated_dataset_agrees_with_the_reader(generated):
     other = summarize(ds, batch_rows=1000)
     assert (other.sampled_rank, other.k_needed, other.length) == (s.sampled_rank, s.k_needed, s.length)
     assert other.entropy.mean == pytest.approx(s.entropy.mean, rel=1e-9)
-
-
-def _one_line_error(result, fragment):
-    assert result.exit_code == 1, result.output
-    lines = [line for line in result.output.strip().splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error:") and fragment in lines[0], result.output
 
 
 def test_cli(hand, tmp_path):
@@ -164,9 +158,9 @@ def test_cli(hand, tmp_path):
     assert json.loads(runner.invoke(app, ["inspect", str(hand), "--sample", "1", "--json"]).output)["tokens"][0]["rank"] is None
     report = runner.invoke(app, ["inspect", str(hand), "--report", str(tmp_path / "r/out.html"), "--sample", "1"])
     assert report.exit_code == 0 and (tmp_path / "r/out.html").is_file(), report.output
-    _one_line_error(runner.invoke(app, ["inspect", str(hand), "--sample", "5"]), "sample 5 is out of range")
-    _one_line_error(runner.invoke(app, ["inspect", str(tmp_path / "nope")]), "no such dataset directory")
-    _one_line_error(runner.invoke(app, ["inspect", str(tmp_path / "r")]), "no manifest.json")
+    one_line_error(runner.invoke(app, ["inspect", str(hand), "--sample", "5"]), "sample 5 is out of range")
+    one_line_error(runner.invoke(app, ["inspect", str(tmp_path / "nope")]), "no such dataset directory")
+    one_line_error(runner.invoke(app, ["inspect", str(tmp_path / "r")]), "no manifest.json")
 
 
 def test_cli_decodes_tokens_with_the_teachers_tokenizer(generated):
@@ -244,6 +238,7 @@ class DevTools:
         os.close(self.from_chrome_r)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not os.access(CHROMIUM, os.X_OK), reason=f"{CHROMIUM} not found (the Makefile installs Debian's chromium)")
 def test_report_renders_in_headless_chromium(hand, tmp_path):
     report = render_report(summarize(hand), sample_view(hand, 0), tmp_path / "report.html")

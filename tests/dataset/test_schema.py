@@ -1,4 +1,4 @@
-"""Parquet contract: round trip, invariants of generated data, validation of damaged datasets."""
+"""The Parquet contract: round trip within the stated bound, invariants of generated data, interop (datasets, pandas, DuckDB)."""
 
 import json
 import shutil
@@ -8,46 +8,30 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.dataset.reader import collate, load_samples
+from tests.helpers import fake_generation, tiny_manifest
 from pipeline.dataset.schema import (IDS_LEAF, LP_LEAF, TOKEN_LP_LEAF, Manifest, SamplingRecord, StorageRecord, TeacherRecord,
                                      arrow_schema, build_table, quantize_logprobs, read_manifest)
 from pipeline.dataset.validate import DatasetInvalid, validate_dataset
 from pipeline.dataset.writer import commit_shard, write_manifest, write_shard
-from pipeline.dataset.schema import Generation
-
-
-def _fake_generation(rng, length, k, vocab):
-    logits = rng.normal(size=(length, vocab))
-    logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
-    ids = np.argsort(-logp, axis=1)[:, :k].astype(np.int32)
-    sampled = rng.integers(0, vocab, size=length).astype(np.int32)
-    return Generation(sampled, np.take_along_axis(logp, sampled[:, None], 1)[:, 0].astype(np.float32), ids,
-                      np.take_along_axis(logp, ids, 1).astype(np.float32), "length")
-
-
-def _manifest(num_shards=1, k=4, vocab=50):
-    return Manifest(teacher=TeacherRecord(model="m", backend="hf", vocab_size=vocab), tokenizer_fingerprint="t", k=k,
-                    sampling=SamplingRecord(temperature=1, top_p=1, max_new_tokens=8, n=2, seed=0), prompts_source="p",
-                    prompts_fingerprint="p", generate_fingerprint="g", config_hash="c", num_prompts=3, shard_size=3,
-                    num_shards=num_shards)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
 def test_round_trip_within_stated_bound(tmp_path, dtype):
     """Ids exact; logprobs within the grid's half step (float32) or that plus float16's half ulp."""
     rng = np.random.default_rng(0)
-    gens = [[_fake_generation(rng, length, 4, 50) for length in (3, 5)] for _ in range(3)]
+    gens = [[fake_generation(rng, length, 4, 50) for length in (3, 5)] for _ in range(3)]
     table = build_table(prompt_ids=["a", "b", "c"], prompts=["pa", "pb", "pc"], prompt_token_ids=[[1, 2], [3], [4, 5, 6]],
                         generations=gens, completions=[["x", "y"]] * 3, seed=0, logprobs_dtype=dtype)
     assert table.schema.equals(arrow_schema(dtype), check_metadata=False)
-    manifest = _manifest()
+    manifest = tiny_manifest()
     manifest.logprobs_dtype = dtype
-    write_manifest(tmp_path, manifest)
+    writetiny_manifest(tmp_path, manifest)
     commit_shard(tmp_path, manifest, write_shard(tmp_path, 0, table, prompts=3,
                                                  heldout_fraction=manifest.heldout_fraction))
     samples = load_samples(tmp_path)
     flat = [g for per in gens for g in per]
     assert len(samples) == 6 and samples.prompt_ids == ["a", "a", "b", "b", "c", "c"]
-    bound = read_manifest(tmp_path).storage.max_logprob_error
+    bound = readtiny_manifest(tmp_path).storage.max_logprob_error
     assert bound == 2.0 ** -8
     for got_ids, got_lp, got_tok, g in zip(samples.topk_ids, samples.topk_logprobs, samples.completion_tokens, flat):
         np.testing.assert_array_equal(got_ids, g.topk_token_ids)
@@ -61,7 +45,7 @@ def test_round_trip_within_stated_bound(tmp_path, dtype):
 
 
 def test_generated_dataset_invariants(generated):
-    manifest = read_manifest(generated.dataset_dir)
+    manifest = readtiny_manifest(generated.dataset_dir)
     assert manifest.complete and manifest.k == 8 and manifest.logprobs_mode == "raw"
     assert manifest.total_samples == manifest.num_prompts == 96 and len(manifest.shards) == 3
     s = load_samples(generated.dataset_dir)
@@ -103,16 +87,16 @@ def test_quantize_logprobs_error_bound():
 
 def test_manifest_records_the_encoding_and_shards_use_it(tmp_path):
     rng = np.random.default_rng(2)
-    gens = [[_fake_generation(rng, 6, 4, 50)] for _ in range(3)]
+    gens = [[fake_generation(rng, 6, 4, 50)] for _ in range(3)]
     table = build_table(prompt_ids=["a", "b", "c"], prompts=["pa", "pb", "pc"], prompt_token_ids=[[1], [2], [3]],
                         generations=gens, completions=[["x"]] * 3, seed=0)
     storage = StorageRecord(compression_level=5, row_group_size=2)
-    manifest = _manifest()
+    manifest = tiny_manifest()
     manifest.storage = storage
-    write_manifest(tmp_path, manifest)
+    writetiny_manifest(tmp_path, manifest)
     commit_shard(tmp_path, manifest, write_shard(tmp_path, 0, table, prompts=3, storage=storage,
                                                  heldout_fraction=manifest.heldout_fraction))
-    back = read_manifest(tmp_path).storage
+    back = readtiny_manifest(tmp_path).storage
     assert back == storage and back.logprobs_step == 2.0 ** -7
     md = pq.ParquetFile(tmp_path / "shards/part-00000.parquet").metadata
     assert md.num_row_groups == 2 and md.row_group(0).num_rows == 2
@@ -129,11 +113,11 @@ def test_shards_are_required_and_older_nullable_shards_still_read(tmp_path):
     from pipeline.dataset.stream import TrainStream
 
     rng = np.random.default_rng(3)
-    manifest = _manifest(num_shards=2)
-    write_manifest(tmp_path, manifest)
+    manifest = tiny_manifest(num_shards=2)
+    writetiny_manifest(tmp_path, manifest)
     tables = []
     for index in range(2):
-        gens = [[_fake_generation(rng, 3 + i, 4, 50)] for i in range(3)]
+        gens = [[fake_generation(rng, 3 + i, 4, 50)] for i in range(3)]
         tables.append(build_table(prompt_ids=[f"{index}a", f"{index}b", f"{index}c"], prompts=["p"] * 3,
                                   prompt_token_ids=[[1], [2, 3], [4]], generations=gens, completions=[["x"]] * 3, seed=0))
     old = tables[0].cast(arrow_schema(nullable=True))
@@ -156,11 +140,11 @@ def test_shards_are_required_and_older_nullable_shards_still_read(tmp_path):
 
 def test_float16_logprobs_are_written_plain_for_duckdb(tmp_path):
     rng = np.random.default_rng(3)
-    table = build_table(prompt_ids=["a"], prompts=["p"], prompt_token_ids=[[1]], generations=[[_fake_generation(rng, 5, 4, 50)]],
+    table = build_table(prompt_ids=["a"], prompts=["p"], prompt_token_ids=[[1]], generations=[[fake_generation(rng, 5, 4, 50)]],
                         completions=[["c"]], seed=0, logprobs_dtype="float16")
-    manifest = _manifest()
+    manifest = tiny_manifest()
     manifest.logprobs_dtype = "float16"
-    write_manifest(tmp_path, manifest)
+    writetiny_manifest(tmp_path, manifest)
     commit_shard(tmp_path, manifest, write_shard(tmp_path, 0, table, prompts=1,
                                                  heldout_fraction=manifest.heldout_fraction))
     path = tmp_path / "shards/part-00000.parquet"
@@ -178,7 +162,7 @@ def test_old_manifest_without_storage_reads_as_unrecorded(generated, tmp_path):
     assert raw["storage"]["logprobs_step"] == 2.0 ** -7
     del raw["storage"]
     (ds / "manifest.json").write_text(json.dumps(raw))
-    assert read_manifest(ds).storage is None
+    assert readtiny_manifest(ds).storage is None
     assert validate_dataset(ds).samples == 96
 
 
@@ -209,82 +193,3 @@ def _copy(generated, tmp_path):
     dst = tmp_path / "ds"
     shutil.copytree(generated.dataset_dir, dst)
     return dst
-
-
-def test_validate_detects_truncated_shard(generated, tmp_path):
-    ds = _copy(generated, tmp_path)
-    shard = ds / "shards/part-00001.parquet"
-    shard.write_bytes(shard.read_bytes()[:-100])
-    with pytest.raises(DatasetInvalid, match="part-00001.parquet does not match its manifest checksum"):
-        validate_dataset(ds)
-
-
-def test_validate_detects_flipped_byte(generated, tmp_path):
-    ds = _copy(generated, tmp_path)
-    shard = ds / "shards/part-00000.parquet"
-    data = bytearray(shard.read_bytes())
-    data[len(data) // 2] ^= 0xFF
-    shard.write_bytes(bytes(data))
-    with pytest.raises(DatasetInvalid, match="checksum"):
-        validate_dataset(ds)
-
-
-def test_validate_detects_missing_shard(generated, tmp_path):
-    ds = _copy(generated, tmp_path)
-    (ds / "shards/part-00002.parquet").unlink()
-    with pytest.raises(DatasetInvalid, match="part-00002.parquet is listed in the manifest but missing"):
-        validate_dataset(ds)
-
-
-def test_validate_detects_manifest_mismatch(generated, tmp_path):
-    ds = _copy(generated, tmp_path)
-    raw = json.loads((ds / "manifest.json").read_text())
-    raw["total_samples"] += 1
-    (ds / "manifest.json").write_text(json.dumps(raw))
-    with pytest.raises(DatasetInvalid, match="total_samples"):
-        validate_dataset(ds)
-
-
-def test_validate_refuses_newer_schema(generated, tmp_path):
-    ds = _copy(generated, tmp_path)
-    raw = json.loads((ds / "manifest.json").read_text())
-    raw["schema_version"] = 99
-    (ds / "manifest.json").write_text(json.dumps(raw))
-    with pytest.raises(DatasetInvalid, match="schema_version 99 is newer"):
-        validate_dataset(ds)
-
-
-@pytest.mark.parametrize("damage,message", [("unsorted", "not sorted descending"), ("mass", "sum to"), ("vocab", "outside the teacher vocabulary")])
-def test_validate_checks_invariants(tmp_path, damage, message):
-    rng = np.random.default_rng(1)
-    g = _fake_generation(rng, 4, 4, 50)
-    if damage == "unsorted":
-        g.topk_logprobs[1] = g.topk_logprobs[1][::-1].copy()
-    elif damage == "mass":
-        g.topk_logprobs[2] = np.log(np.full(4, 0.3, np.float32))
-    else:
-        g.topk_token_ids[0, 0] = 50
-    table = build_table(prompt_ids=["a"], prompts=["p"], prompt_token_ids=[[1]], generations=[[g]], completions=[["c"]], seed=0)
-    manifest = _manifest()
-    write_manifest(tmp_path, manifest)
-    commit_shard(tmp_path, manifest, write_shard(tmp_path, 0, table, prompts=1,
-                                                 heldout_fraction=manifest.heldout_fraction))
-    with pytest.raises(DatasetInvalid, match=message):
-        validate_dataset(tmp_path)
-
-
-def test_validate_refuses_a_shard_with_other_column_types(tmp_path):
-    """Nullable or required fields are both schema v1; a different column type is not."""
-    import pyarrow as pa
-
-    rng = np.random.default_rng(4)
-    table = build_table(prompt_ids=["a"], prompts=["p"], prompt_token_ids=[[1]], generations=[[_fake_generation(rng, 4, 4, 50)]],
-                        completions=[["c"]], seed=0)
-    wide = pa.list_(pa.field("element", pa.list_(pa.field("element", pa.int64(), nullable=False)), nullable=False))
-    i = table.schema.get_field_index("topk_token_ids")
-    table = table.set_column(i, table.schema.field(i).with_type(wide), table["topk_token_ids"].cast(wide))
-    manifest = _manifest()
-    write_manifest(tmp_path, manifest)
-    commit_shard(tmp_path, manifest, write_shard(tmp_path, 0, table, prompts=1, heldout_fraction=manifest.heldout_fraction))
-    with pytest.raises(DatasetInvalid, match="part-00000.parquet does not have the schema v1 columns/types"):
-        validate_dataset(tmp_path)

@@ -3,18 +3,11 @@
 import json
 
 import pytest
-from prefect.testing.utilities import prefect_test_harness
 
 from flows.distill import distill_flow
 
 
-@pytest.fixture(scope="module", autouse=True)
-def prefect_api(tmp_path_factory):
-    import os
-
-    os.environ["PREFECT_HOME"] = str(tmp_path_factory.mktemp("prefect-home"))
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_api")]  # a Prefect API per module
 
 
 def _artifacts() -> dict:
@@ -37,8 +30,8 @@ def _no_teacher(monkeypatch):
 def test_flow_end_to_end_then_student_only_reruns(make_config, tmp_path, monkeypatch):
     cfg = make_config(out=tmp_path / "run")
     out = distill_flow(cfg)
-    assert out["generate"]["samples"] == 96 and not out["generate"]["cached"]
-    assert out["train"]["steps"] == 6
+    assert out.generate.samples == 96 and not out.generate.cached
+    assert out.train.steps == 6
     metrics = json.loads(cfg.metrics_path.read_text())
     assert metrics["student"]["kl"] > 0 and "accuracy" in metrics["teacher"]
     assert (cfg.student_dir / "model.safetensors").is_file() and (cfg.dataset_dir / "manifest.json").is_file()
@@ -53,12 +46,12 @@ def test_flow_end_to_end_then_student_only_reruns(make_config, tmp_path, monkeyp
     _no_teacher(monkeypatch)  # from here on, starting the teacher fails the test
     first_weights = (cfg.student_dir / "model.safetensors").read_bytes()
     out = distill_flow(cfg, stages=["train", "eval"])
-    assert "generate" not in out and out["train"]["steps"] == 6
+    assert out.generate is None and out.train.steps == 6
 
     changed = make_config(out=tmp_path / "run", train={"max_steps": 4, "lr": 1e-3})
     out = distill_flow(changed)
-    assert out["generate"]["cached"], "a training-only change must be a cache hit for the generate task"
-    assert out["train"]["steps"] == 4
+    assert out.generate.cached, "a training-only change must be a cache hit for the generate task"
+    assert out.train.steps == 4
     assert (cfg.student_dir / "model.safetensors").read_bytes() != first_weights
 
 
@@ -69,4 +62,4 @@ def test_deleted_dataset_is_regenerated_not_served_from_cache(make_config, tmp_p
     distill_flow(cfg, stages=["generate"])
     shutil.rmtree(cfg.dataset_dir)
     out = distill_flow(cfg, stages=["generate"])
-    assert not out["generate"]["cached"] and (cfg.dataset_dir / "manifest.json").is_file()
+    assert not out.generate.cached and (cfg.dataset_dir / "manifest.json").is_file()

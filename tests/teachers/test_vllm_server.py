@@ -15,17 +15,7 @@ from pipeline.teachers.base import SamplingSpec
 from pipeline.teachers.vllm_server import (ManagedServer, group_members, gpu_slices, TeacherRequestError, TeacherServerError,
                                            VLLMServerTeacher, parse_choice)
 
-TEACHER_PYTHON = os.environ.get("DISTILL_TEACHER_PYTHON", str(Path(__file__).parent.parent / ".venv-teacher/bin/python"))
-needs_vllm = pytest.mark.skipif(not Path(TEACHER_PYTHON).exists(),
-                                reason=f"no vLLM teacher environment at {TEACHER_PYTHON} (run `make teacher-env`)")
-
-
-def server_config(model: Path, **kw) -> VLLMServerTeacherConfig:
-    """A managed vLLM server for the tiny teacher; eager mode skips torch.compile (~20 s of each start on 2 cores)."""
-    kw = {"extra_args": ["--enforce-eager"], **kw}
-    return VLLMServerTeacherConfig(model=str(model), python=TEACHER_PYTHON, dtype="float32", max_model_len=128,
-                                   gpu_memory_utilization=0.3, cpu_kvcache_space_gb=1, startup_timeout_s=300,
-                                   concurrency=16, max_retries=1, **kw)
+from tests.helpers import TEACHER_PYTHON, needs_vllm, server_config
 
 
 def _group_alive(pgid: int) -> bool:
@@ -67,6 +57,7 @@ def test_managed_servers_get_disjoint_gpus(tmp_path):
     assert env["CUDA_VISIBLE_DEVICES"] == "6,7" and "PYTHONPATH" not in env
 
 
+@pytest.mark.slow
 def test_guard_stops_as_soon_as_its_server_exits():
     """SIGTERM to the group: the guard waits for the server only while it runs, not the whole grace period
     (it once polled a Popen whose wait lock its own interrupted wait() held, and always waited 15 s)."""
@@ -92,6 +83,7 @@ def test_guard_stops_as_soon_as_its_server_exits():
             os.killpg(proc.pid, signal.SIGKILL)
 
 
+@pytest.mark.slow
 @needs_vllm
 def test_parity_with_transformers_log_softmax(server, tiny_teacher, prompts_file):
     """vLLM's raw top-k logprobs equal the transformers log-softmax at the same positions (fp32)."""
@@ -100,7 +92,7 @@ def test_parity_with_transformers_log_softmax(server, tiny_teacher, prompts_file
 
     tok = load_tokenizer(str(tiny_teacher))
     prompts = [tok(p, add_special_tokens=False)["input_ids"] for p in make_prompts(12, seed=5)]
-    teacher = VLLMServerTeacher(server_config(tiny_teacher, url=server.url, served_model_name=server.model_name), k=20)
+    teacher = VLLMServerTeacher(server_config(tiny_teacher, url=server.url, served_model_name=server.model_name))
     try:
         gens = teacher.generate(prompts, SamplingSpec(n=2, temperature=1.0, top_p=1.0, max_new_tokens=20, k=20, seed=0), seed=3)
     finally:
@@ -128,9 +120,10 @@ def test_parity_with_transformers_log_softmax(server, tiny_teacher, prompts_file
     print(f"max |vLLM - transformers| over top-20 logprobs: {worst:.2e}")
 
 
+@pytest.mark.slow
 @needs_vllm
 def test_k_above_max_logprobs_is_one_clear_error(server, tiny_teacher):
-    teacher = VLLMServerTeacher(server_config(tiny_teacher, url=server.url, served_model_name=server.model_name), k=32)
+    teacher = VLLMServerTeacher(server_config(tiny_teacher, url=server.url, served_model_name=server.model_name))
     try:
         with pytest.raises(TeacherRequestError, match=r"k=32 exceeds the server's --max-logprobs"):
             teacher.generate([[5, 6, 7]], SamplingSpec(n=1, temperature=1.0, top_p=1.0, max_new_tokens=4, k=32, seed=0), seed=0)
@@ -138,14 +131,15 @@ def test_k_above_max_logprobs_is_one_clear_error(server, tiny_teacher):
         teacher.close()
 
 
+@pytest.mark.slow
 @needs_vllm
 def test_server_crash_mid_run_keeps_shards_and_a_rerun_finishes(server, make_config, tmp_path):
     """A managed server killed after the first shard: clear error, shard 0 kept, no orphan; rerun completes."""
     from pipeline.core import sha256_file
-from pipeline.dataset.schema import read_manifest
+    from pipeline.dataset.schema import read_manifest
     from pipeline.dataset.validate import validate_dataset
-    from pipeline.generate import generate_dataset
-    from pipeline.teachers import load_teacher
+    from pipeline.generate import InSequence, generate_dataset
+    from pipeline.teachers import open_teacher
 
     teacher_cfg = {**server_config(Path(make_config().teacher.model)).model_dump(), "max_retries": 0}
     cfg = make_config(out=tmp_path / "crash", teacher=teacher_cfg)
@@ -164,13 +158,13 @@ from pipeline.dataset.schema import read_manifest
         def close(self):
             self.inner.close()
 
-    def factory(tcfg, **kw):
-        inner = load_teacher(tcfg, **kw)
+    def factory(cfg_, endpoint):
+        inner = open_teacher(cfg_, endpoint)
         started.append(inner)
         return KillAfterFirstShard(inner)
 
     with pytest.raises(TeacherServerError, match="teacher server"):
-        generate_dataset(cfg, progress=False, teacher_factory=factory)
+        generate_dataset(cfg, progress=False, executor=InSequence(open_teacher=factory))
     pgid = started[0].server.proc.pid
     assert not _group_alive(pgid), "the crashed server's processes were left behind"
     assert (cfg.output_dir and (Path(cfg.output_dir) / "teacher_server.log").stat().st_size > 0)

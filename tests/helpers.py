@@ -1,0 +1,99 @@
+"""Helpers shared by test files (fixtures live in conftest.py)."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+TEACHER_PYTHON = os.environ.get(
+    "DISTILL_TEACHER_PYTHON", str(Path(__file__).resolve().parent.parent / ".venv-teacher/bin/python")
+)
+"""The vLLM teacher environment's Python (`make teacher-env`); tests that start vLLM skip without it."""
+needs_vllm = pytest.mark.skipif(
+    not Path(TEACHER_PYTHON).exists(), reason=f"no vLLM teacher environment at {TEACHER_PYTHON} (run `make teacher-env`)"
+)
+
+
+def one_line_error(result, fragment: str) -> str:
+    """Assert a CliRunner result is exit 1 with a single `error:` line holding `fragment`, no traceback."""
+    assert result.exit_code == 1, result.output
+    assert "Traceback" not in result.output, result.output
+    lines = [line for line in result.output.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:"), result.output
+    assert fragment in lines[0], result.output
+    return lines[0]
+
+
+def write_config(path: Path, raw: dict) -> Path:
+    """A raw config dict written as YAML at `path`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+@dataclass
+class Rows:
+    """A dataset's committed rows read straight from Parquet (independent of the library's reader)."""
+
+    prompt_ids: list[str]
+    prompt_tokens: list[np.ndarray]
+    completion_tokens: list[np.ndarray]
+    token_logprobs: list[np.ndarray]
+    topk_ids: list[np.ndarray]
+    topk_logprobs: list[np.ndarray]
+    finish_reasons: list[str]
+
+
+def read_rows(dataset_dir: Path) -> Rows:
+    """Every committed row, in manifest order, as per-sample numpy arrays ([L] and [L, k])."""
+    manifest = json.loads((Path(dataset_dir) / "manifest.json").read_text())
+    rows = [r for s in manifest["shards"] for r in pq.read_table(Path(dataset_dir) / s["file"]).to_pylist()]
+    k = manifest["k"]
+    return Rows(
+        prompt_ids=[r["prompt_id"] for r in rows],
+        prompt_tokens=[np.asarray(r["prompt_token_ids"], np.int64) for r in rows],
+        completion_tokens=[np.asarray(r["completion_token_ids"], np.int64) for r in rows],
+        token_logprobs=[np.asarray(r["token_logprobs"], np.float32) for r in rows],
+        topk_ids=[np.asarray(r["topk_token_ids"], np.int64).reshape(-1, k) for r in rows],
+        topk_logprobs=[np.asarray(r["topk_logprobs"], np.float32).reshape(-1, k) for r in rows],
+        finish_reasons=[r["finish_reason"] for r in rows],
+    )
+
+
+def server_config(model: Path, **kw):
+    """A managed vLLM server for the tiny teacher; eager mode skips torch.compile (~20 s of each start on 2 cores)."""
+    from pipeline.config import VLLMServerTeacherConfig
+
+    kw = {"extra_args": ["--enforce-eager"], **kw}
+    return VLLMServerTeacherConfig(model=str(model), python=TEACHER_PYTHON, dtype="float32", max_model_len=128,
+                                   gpu_memory_utilization=0.3, cpu_kvcache_space_gb=1, startup_timeout_s=300,
+                                   concurrency=16, max_retries=1, **kw)
+
+
+def fake_generation(rng, length: int, k: int, vocab: int):
+    """A completion of `length` tokens with the exact top-k of random logits over `vocab`."""
+    logits = rng.normal(size=(length, vocab))
+    logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    ids = np.argsort(-logp, axis=1)[:, :k].astype(np.int32)
+    sampled = rng.integers(0, vocab, size=length).astype(np.int32)
+    from pipeline.dataset.schema import Generation
+
+    return Generation(sampled, np.take_along_axis(logp, sampled[:, None], 1)[:, 0].astype(np.float32), ids,
+                      np.take_along_axis(logp, ids, 1).astype(np.float32), "length")
+
+
+def tiny_manifest(num_shards: int = 1, k: int = 4, vocab: int = 50):
+    """A manifest for hand-built shards (3 prompts per shard, n=2)."""
+    from pipeline.dataset.schema import Manifest, SamplingRecord, TeacherRecord
+
+    return Manifest(teacher=TeacherRecord(model="m", backend="hf", vocab_size=vocab), tokenizer_fingerprint="t", k=k,
+                    sampling=SamplingRecord(temperature=1, top_p=1, max_new_tokens=8, n=2, seed=0), prompts_source="p",
+                    prompts_fingerprint="p", generate_fingerprint="g", config_hash="c", num_prompts=3, shard_size=3,
+                    num_shards=num_shards)
