@@ -31,6 +31,14 @@ def one_line_error(result, fragment: str) -> str:
     return lines[0]
 
 
+def copy_dataset(dataset_dir: Path, dst: Path) -> Path:
+    """A copy of a dataset directory to damage or extend without touching the shared one."""
+    import shutil
+
+    shutil.copytree(dataset_dir, dst)
+    return dst
+
+
 def write_config(path: Path, raw: dict) -> Path:
     """A raw config dict written as YAML at `path`."""
     path.parent.mkdir(parents=True, exist_ok=True)

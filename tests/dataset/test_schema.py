@@ -8,7 +8,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.dataset.reader import collate, load_samples
-from tests.helpers import fake_generation, tiny_manifest
+from tests.helpers import copy_dataset, fake_generation, tiny_manifest
 from pipeline.dataset.schema import (IDS_LEAF, LP_LEAF, TOKEN_LP_LEAF, Manifest, SamplingRecord, StorageRecord, TeacherRecord,
                                      arrow_schema, build_table, quantize_logprobs, read_manifest)
 from pipeline.dataset.validate import DatasetInvalid, validate_dataset
@@ -25,13 +25,13 @@ def test_round_trip_within_stated_bound(tmp_path, dtype):
     assert table.schema.equals(arrow_schema(dtype), check_metadata=False)
     manifest = tiny_manifest()
     manifest.logprobs_dtype = dtype
-    writetiny_manifest(tmp_path, manifest)
+    write_manifest(tmp_path, manifest)
     commit_shard(tmp_path, manifest, write_shard(tmp_path, 0, table, prompts=3,
                                                  heldout_fraction=manifest.heldout_fraction))
     samples = load_samples(tmp_path)
     flat = [g for per in gens for g in per]
     assert len(samples) == 6 and samples.prompt_ids == ["a", "a", "b", "b", "c", "c"]
-    bound = readtiny_manifest(tmp_path).storage.max_logprob_error
+    bound = read_manifest(tmp_path).storage.max_logprob_error
     assert bound == 2.0 ** -8
     for got_ids, got_lp, got_tok, g in zip(samples.topk_ids, samples.topk_logprobs, samples.completion_tokens, flat):
         np.testing.assert_array_equal(got_ids, g.topk_token_ids)
@@ -45,7 +45,7 @@ def test_round_trip_within_stated_bound(tmp_path, dtype):
 
 
 def test_generated_dataset_invariants(generated):
-    manifest = readtiny_manifest(generated.dataset_dir)
+    manifest = read_manifest(generated.dataset_dir)
     assert manifest.complete and manifest.k == 8 and manifest.logprobs_mode == "raw"
     assert manifest.total_samples == manifest.num_prompts == 96 and len(manifest.shards) == 3
     s = load_samples(generated.dataset_dir)
@@ -93,10 +93,10 @@ def test_manifest_records_the_encoding_and_shards_use_it(tmp_path):
     storage = StorageRecord(compression_level=5, row_group_size=2)
     manifest = tiny_manifest()
     manifest.storage = storage
-    writetiny_manifest(tmp_path, manifest)
+    write_manifest(tmp_path, manifest)
     commit_shard(tmp_path, manifest, write_shard(tmp_path, 0, table, prompts=3, storage=storage,
                                                  heldout_fraction=manifest.heldout_fraction))
-    back = readtiny_manifest(tmp_path).storage
+    back = read_manifest(tmp_path).storage
     assert back == storage and back.logprobs_step == 2.0 ** -7
     md = pq.ParquetFile(tmp_path / "shards/part-00000.parquet").metadata
     assert md.num_row_groups == 2 and md.row_group(0).num_rows == 2
@@ -114,7 +114,7 @@ def test_shards_are_required_and_older_nullable_shards_still_read(tmp_path):
 
     rng = np.random.default_rng(3)
     manifest = tiny_manifest(num_shards=2)
-    writetiny_manifest(tmp_path, manifest)
+    write_manifest(tmp_path, manifest)
     tables = []
     for index in range(2):
         gens = [[fake_generation(rng, 3 + i, 4, 50)] for i in range(3)]
@@ -144,7 +144,7 @@ def test_float16_logprobs_are_written_plain_for_duckdb(tmp_path):
                         completions=[["c"]], seed=0, logprobs_dtype="float16")
     manifest = tiny_manifest()
     manifest.logprobs_dtype = "float16"
-    writetiny_manifest(tmp_path, manifest)
+    write_manifest(tmp_path, manifest)
     commit_shard(tmp_path, manifest, write_shard(tmp_path, 0, table, prompts=1,
                                                  heldout_fraction=manifest.heldout_fraction))
     path = tmp_path / "shards/part-00000.parquet"
@@ -157,12 +157,12 @@ def test_float16_logprobs_are_written_plain_for_duckdb(tmp_path):
 
 
 def test_old_manifest_without_storage_reads_as_unrecorded(generated, tmp_path):
-    ds = _copy(generated, tmp_path)
+    ds = copy_dataset(generated.dataset_dir, tmp_path / "ds")
     raw = json.loads((ds / "manifest.json").read_text())
     assert raw["storage"]["logprobs_step"] == 2.0 ** -7
     del raw["storage"]
     (ds / "manifest.json").write_text(json.dumps(raw))
-    assert readtiny_manifest(ds).storage is None
+    assert read_manifest(ds).storage is None
     assert validate_dataset(ds).samples == 96
 
 
@@ -187,9 +187,3 @@ def test_collate_aligns_positions_with_labels(generated):
     # position t predicts token t+1: the token after each masked position is the label
     nxt = batch.input_ids[:, 1:][batch.loss_mask[:, :-1]]
     assert nxt.tolist() == batch.labels.tolist()
-
-
-def _copy(generated, tmp_path):
-    dst = tmp_path / "ds"
-    shutil.copytree(generated.dataset_dir, dst)
-    return dst

@@ -8,7 +8,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.dataset.reader import collate, load_samples
-from tests.helpers import fake_generation, tiny_manifest
+from tests.helpers import copy_dataset, fake_generation, tiny_manifest
 from pipeline.dataset.schema import (IDS_LEAF, LP_LEAF, TOKEN_LP_LEAF, Manifest, SamplingRecord, StorageRecord, TeacherRecord,
                                      arrow_schema, build_table, quantize_logprobs, read_manifest)
 from pipeline.dataset.validate import DatasetInvalid, validate_dataset
@@ -16,7 +16,7 @@ from pipeline.dataset.writer import commit_shard, write_manifest, write_shard
 
 
 def test_validate_detects_truncated_shard(generated, tmp_path):
-    ds = _copy(generated, tmp_path)
+    ds = copy_dataset(generated.dataset_dir, tmp_path / "ds")
     shard = ds / "shards/part-00001.parquet"
     shard.write_bytes(shard.read_bytes()[:-100])
     with pytest.raises(DatasetInvalid, match="part-00001.parquet does not match its manifest checksum"):
@@ -24,7 +24,7 @@ def test_validate_detects_truncated_shard(generated, tmp_path):
 
 
 def test_validate_detects_flipped_byte(generated, tmp_path):
-    ds = _copy(generated, tmp_path)
+    ds = copy_dataset(generated.dataset_dir, tmp_path / "ds")
     shard = ds / "shards/part-00000.parquet"
     data = bytearray(shard.read_bytes())
     data[len(data) // 2] ^= 0xFF
@@ -34,14 +34,14 @@ def test_validate_detects_flipped_byte(generated, tmp_path):
 
 
 def test_validate_detects_missing_shard(generated, tmp_path):
-    ds = _copy(generated, tmp_path)
+    ds = copy_dataset(generated.dataset_dir, tmp_path / "ds")
     (ds / "shards/part-00002.parquet").unlink()
     with pytest.raises(DatasetInvalid, match="part-00002.parquet is listed in the manifest but missing"):
         validate_dataset(ds)
 
 
 def test_validate_detects_manifest_mismatch(generated, tmp_path):
-    ds = _copy(generated, tmp_path)
+    ds = copy_dataset(generated.dataset_dir, tmp_path / "ds")
     raw = json.loads((ds / "manifest.json").read_text())
     raw["total_samples"] += 1
     (ds / "manifest.json").write_text(json.dumps(raw))
@@ -50,7 +50,7 @@ def test_validate_detects_manifest_mismatch(generated, tmp_path):
 
 
 def test_validate_refuses_newer_schema(generated, tmp_path):
-    ds = _copy(generated, tmp_path)
+    ds = copy_dataset(generated.dataset_dir, tmp_path / "ds")
     raw = json.loads((ds / "manifest.json").read_text())
     raw["schema_version"] = 99
     (ds / "manifest.json").write_text(json.dumps(raw))
@@ -70,7 +70,7 @@ def test_validate_checks_invariants(tmp_path, damage, message):
         g.topk_token_ids[0, 0] = 50
     table = build_table(prompt_ids=["a"], prompts=["p"], prompt_token_ids=[[1]], generations=[[g]], completions=[["c"]], seed=0)
     manifest = tiny_manifest()
-    writetiny_manifest(tmp_path, manifest)
+    write_manifest(tmp_path, manifest)
     commit_shard(tmp_path, manifest, write_shard(tmp_path, 0, table, prompts=1,
                                                  heldout_fraction=manifest.heldout_fraction))
     with pytest.raises(DatasetInvalid, match=message):
@@ -88,7 +88,7 @@ def test_validate_refuses_a_shard_with_other_column_types(tmp_path):
     i = table.schema.get_field_index("topk_token_ids")
     table = table.set_column(i, table.schema.field(i).with_type(wide), table["topk_token_ids"].cast(wide))
     manifest = tiny_manifest()
-    writetiny_manifest(tmp_path, manifest)
+    write_manifest(tmp_path, manifest)
     commit_shard(tmp_path, manifest, write_shard(tmp_path, 0, table, prompts=1, heldout_fraction=manifest.heldout_fraction))
     with pytest.raises(DatasetInvalid, match="part-00000.parquet does not have the schema v1 columns/types"):
         validate_dataset(tmp_path)
