@@ -26,8 +26,7 @@ import torch
 
 from pipeline.checkpoint import CheckpointMismatchError, checkpoint_root, clear, latest_checkpoint, save_checkpoint, tied_names
 from pipeline.config import RunConfig, StudentConfig, TrainConfig
-from pipeline.dataset.reader import Batch
-from pipeline.dataset.stream import TrainStream
+from pipeline.dataset.stream import Batch, TrainStream
 from pipeline.core import stable_id
 from pipeline.dataset.schema import read_manifest
 from pipeline.distributed import full_optimizer_state, full_weights, is_fsdp, load_checkpoint, make_accelerator

@@ -7,7 +7,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.dataset.reader import collate, load_samples
+from pipeline.dataset.reader import load_samples
 from pipeline.dataset.schema import (IDS_LEAF, LP_LEAF, TOKEN_LP_LEAF, Manifest, SamplingRecord, StorageRecord, TeacherRecord,
                                      arrow_schema, build_table, quantize_logprobs, read_manifest)
 from pipeline.dataset.validate import DatasetInvalid, validate_dataset
@@ -194,15 +194,6 @@ def test_pandas_and_duckdb_read_the_plain_types(generated):
     row = duckdb.sql(f"select topk_token_ids, topk_logprobs from read_parquet({files!r}) limit 1").fetchall()[0]
     np.testing.assert_array_equal(np.array(row[0]), s.topk_ids[0])
     np.testing.assert_allclose(np.array(row[1]), s.topk_logprobs[0], atol=0)
-
-
-def test_collate_aligns_positions_with_labels(generated):
-    s = load_samples(generated.dataset_dir)
-    batch = collate(s, [0, 1, 2], pad_id=0)
-    assert int(batch.loss_mask.sum()) == batch.n_tokens == sum(len(s.completion_tokens[i]) for i in range(3))
-    # position t predicts token t+1: the token after each masked position is the label
-    nxt = batch.input_ids[:, 1:][batch.loss_mask[:, :-1]]
-    assert nxt.tolist() == batch.labels.tolist()
 
 
 def _copy(generated, tmp_path):
