@@ -13,6 +13,7 @@ import os
 import torch
 
 from pipeline.checkpoint import Checkpoint, CheckpointMismatchError, read_optimizer, read_weights, restore_rng, weight_shapes
+from pipeline.compat import set_process_distributed_type
 from pipeline.config import TrainConfig
 from pipeline.core import UserError
 
@@ -51,13 +52,12 @@ def _fsdp_on_cpu(accelerator) -> None:
     no_sync, clip_grad_norm_) are device-agnostic, so this makes the switch accelerate makes on GPU:
     the plugin read from the same FSDP_* variables, and the distributed type on both shared states.
     """
-    from accelerate.state import PartialState
     from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 
     state = accelerator.state
     state.fsdp_plugin = FullyShardedDataParallelPlugin()
     state.distributed_type = DistributedType.FSDP
-    PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+    set_process_distributed_type(DistributedType.FSDP)
     log.info("FSDP on CPU (gloo): accelerate's FSDP%d plugin applied to MULTI_CPU processes",
              state.fsdp_plugin.fsdp_version)
 

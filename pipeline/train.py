@@ -24,7 +24,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.checkpoint import CheckpointMismatchError, checkpoint_root, clear, latest_checkpoint, save_checkpoint, tied_names
+from pipeline.checkpoint import CheckpointMismatchError, checkpoint_root, clear, latest_checkpoint, save_checkpoint
+from pipeline.compat import share_no_split_modules, tied_names
 from pipeline.config import RunConfig, StudentConfig, TrainConfig
 from pipeline.dataset.stream import Batch, TrainStream
 from pipeline.core import stable_id
@@ -106,8 +107,7 @@ class DistillObjective(torch.nn.Module):
     def __init__(self, student: torch.nn.Module, t: TrainConfig):
         super().__init__()
         self.student, self.t = student, t
-        # accelerate's FSDP TRANSFORMER_BASED_WRAP shards each decoder layer on its own when these are known
-        self._no_split_modules = getattr(student, "_no_split_modules", None)
+        share_no_split_modules(self, student)  # FSDP shards each decoder layer on its own
 
     def forward(self, input_ids, attention_mask, loss_mask, labels, topk_ids, topk_logprobs):
         sums = loss_sums(self.student, Batch(input_ids, attention_mask, loss_mask, labels, topk_ids, topk_logprobs), self.t)
