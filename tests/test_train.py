@@ -64,3 +64,15 @@ def test_shrunk_student_has_float32_weights_even_from_a_bf16_teacher(generated, 
     model = build_student(generated.student, str(tmp_path), seed=0)
     assert {p.dtype for p in model.parameters()} == {torch.float32}
 
+
+def test_checkpoint_rekeying_prefix_comes_from_the_wrapper(generated):
+    """The prepared module's state-dict keys are the student's under `student_prefix()`, found where the wrapper
+    registers the student (distributed.py rekeys checkpoints with it; no copy of the attribute name to drift)."""
+    from pipeline.train import DistillObjective, build_student
+
+    student = build_student(generated.student, generated.teacher.model, seed=0)
+    wrapper = DistillObjective(student, generated.train)
+    prefix = wrapper.student_prefix()
+    assert prefix == "student."
+    assert list(wrapper.state_dict()) == [prefix + k for k in student.state_dict()]
+    assert wrapper._no_split_modules == student._no_split_modules  # FSDP auto-wrap sees the decoder layers
