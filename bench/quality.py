@@ -87,15 +87,18 @@ def write_topk_subset(src: Path, dst: Path, k: int) -> Path:
     return dst
 
 
-def _eval_model(model_dir: Path, cfg, samples, sampling, device) -> dict:
-    """The metrics `pipeline.evaluate.evaluate` computes, on held-out samples already loaded (sampling: the manifest's)."""
+def _eval_model(model_dir: Path, cfg, samples, sampling, device, dataset: Path) -> dict:
+    """The metrics `pipeline.evaluate.evaluate` computes, on held-out samples already loaded (sampling: the manifest's;
+    the teacher-forced ones stream `dataset`'s held-out split as evaluate does)."""
     from pipeline.demo.task import check
-    from pipeline.evaluate import sample_accuracy, teacher_forced
+    from pipeline.evaluate import heldout_batches, sample_accuracy, teacher_forced
     from pipeline.models import load_causal_lm, load_tokenizer
 
     tokenizer = load_tokenizer(str(model_dir))
     model = load_causal_lm(str(model_dir), device=str(device))
-    out = teacher_forced(model, samples, tokenizer.pad_token_id, cfg.eval.batch_size, device)
+    batches = heldout_batches(dataset, batch_size=cfg.eval.batch_size, pad_id=tokenizer.pad_token_id,
+                              max_prompts=cfg.eval.max_prompts)
+    out = teacher_forced(model, (b for b, _ in batches), device, cfg.train.loss_chunk_size)
     first: dict[str, int] = {}
     for i, pid in enumerate(samples.prompt_ids):
         first.setdefault(pid, i)
@@ -145,7 +148,8 @@ def run_one(job: dict) -> dict:
     result = train_student(cfg, dataset_dir=Path(job["train_dataset"]), student_dir=student_dir, progress=False)
     train_s = time.perf_counter() - t0
     device = resolve_device("cpu")
-    heldout = load_samples(Path(job["eval_dataset"]), split="heldout", limit_prompts=job["eval_prompts"])
+    eval_dataset = Path(job["eval_dataset"])
+    heldout = load_samples(eval_dataset, split="heldout", limit_prompts=job["eval_prompts"])
     sampling = read_manifest(Path(job["eval_dataset"])).sampling
     tokenizer = load_tokenizer(str(student_dir))
     points, t1 = [], time.perf_counter()
@@ -156,8 +160,8 @@ def run_one(job: dict) -> dict:
             load_model(student, student_dir / "checkpoints" / f"step-{step:07d}" / "model.safetensors")
             student.save_pretrained(tmp, safe_serialization=True)
             tokenizer.save_pretrained(tmp)
-            points.append({"step": step, **_eval_model(Path(tmp), cfg, heldout, sampling, device)})
-    points.append({"step": job["steps"], **_eval_model(student_dir, cfg, heldout, sampling, device)})
+            points.append({"step": step, **_eval_model(Path(tmp), cfg, heldout, sampling, device, eval_dataset)})
+    points.append({"step": job["steps"], **_eval_model(student_dir, cfg, heldout, sampling, device, eval_dataset)})
     run = {"config": job["config"], "seed": job["seed"], "train_seconds": train_s,
            "eval_seconds": time.perf_counter() - t1, "train_tokens_per_s": result.tokens_per_s,
            "final_loss": result.final_loss, "points": points, "job": job}
@@ -367,15 +371,15 @@ def _backfill_final_topk_mass(runs: list[dict], dataset: Path, eval_prompts: int
         return
     import torch
 
-    from pipeline.dataset.reader import load_samples
-    from pipeline.evaluate import teacher_forced
+    from pipeline.evaluate import heldout_batches, teacher_forced
     from pipeline.models import load_causal_lm, load_tokenizer
 
-    held = load_samples(dataset, split="heldout", limit_prompts=eval_prompts)
     for run in missing:
         student_dir = _run_file(run["job"]).with_suffix("")
         tok = load_tokenizer(str(student_dir))
-        tf = teacher_forced(load_causal_lm(str(student_dir), device="cpu"), held, tok.pad_token_id, 64, torch.device("cpu"))
+        held = heldout_batches(dataset, batch_size=64, pad_id=tok.pad_token_id, max_prompts=eval_prompts)
+        tf = teacher_forced(load_causal_lm(str(student_dir), device="cpu"), (b for b, _ in held), torch.device("cpu"),
+                            chunk_size=4096)
         run["points"][-1]["topk_mass"] = tf["topk_mass"]
         _run_file(run["job"]).write_text(json.dumps(run, indent=2))
 

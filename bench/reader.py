@@ -100,8 +100,7 @@ def child(dataset: Path, batch_size: int, mode: str) -> dict:
     import pandas  # noqa: F401  (pyarrow imports it on first read; keep that out of the timing)
     import torch
 
-    from pipeline.dataset.reader import collate, load_samples
-    from pipeline.dataset.stream import TrainStream
+    from pipeline.dataset.stream import TrainStream, collate_rows
 
     pa.set_cpu_count(1)
     pa.set_io_thread_count(1)
@@ -120,12 +119,12 @@ def child(dataset: Path, batch_size: int, mode: str) -> dict:
         c1 = time.process_time()
         steady = sum(next(it).n_tokens for _ in range(stream.batches_per_epoch))
         steady_cpu = time.process_time() - c1
-    else:  # the whole-dataset loader, for contrast
-        samples = load_samples(dataset, split="train")
+    else:  # the whole split in memory (one shuffle window as large as the split), for contrast
+        stream = TrainStream(dataset, batch_size=batch_size, pad_id=0, seed=0, shuffle_rows=1 << 30)
+        rows = stream._read_window(0, 0, stream.windows(0)[0])
         init = time.perf_counter() - t0
-        order = np.random.default_rng(0).permutation(len(samples))
-        for lo in range(0, len(order), batch_size):
-            b = collate(samples, order[lo:lo + batch_size], 0)
+        for lo in range(0, len(rows), batch_size):
+            b = collate_rows(rows.slice(lo, min(lo + batch_size, len(rows))), 0)
             tokens, padded, batches = tokens + b.n_tokens, padded + b.input_ids.numel(), batches + 1
         seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
     return {"mode": mode, "dataset": str(dataset), "batches": batches, "completion_tokens": tokens, "padded_tokens": padded,
@@ -135,11 +134,11 @@ def child(dataset: Path, batch_size: int, mode: str) -> dict:
 
 
 def collate_throughput(dataset: Path, batch_size: int, repeats: int = 3) -> dict:
-    """Collation alone (vectorised `collate_rows` vs the per-sample `collate`), data already in memory, one thread;
-    and Parquet decoding alone (the stream's columns, every row group once), the ceiling for the stream."""
+    """Collation alone (vectorised `collate_rows`; the per-sample `collate` it was compared with is gone), data
+    already in memory, one thread; and Parquet decoding alone (the stream's columns, every row group once), the
+    ceiling for the stream."""
     import torch
 
-    from pipeline.dataset.reader import collate, load_samples
     from pipeline.dataset.stream import STREAM_COLUMNS, TrainStream, collate_rows
 
     torch.set_num_threads(1)
@@ -162,11 +161,6 @@ def collate_throughput(dataset: Path, batch_size: int, repeats: int = 3) -> dict
         tokens = sum(collate_rows(rows.slice(lo, min(lo + batch_size, n)), 0).n_tokens for lo in range(0, n, batch_size))
         best = min(best, time.process_time() - t0)
     out["collate_rows_tokens_per_cpu_s"] = tokens / best
-    samples = load_samples(dataset, split="train")
-    t0 = time.process_time()
-    tokens = sum(collate(samples, list(range(lo, min(lo + batch_size, len(samples)))), 0).n_tokens
-                 for lo in range(0, len(samples), batch_size))
-    out["collate_per_sample_loop_tokens_per_cpu_s"] = tokens / (time.process_time() - t0)
     return out | {"batch_size": batch_size, "samples": n}
 
 
@@ -193,7 +187,7 @@ def main() -> None:
     print("| dataset | layout | reader | train tokens | batches | wall s (of which init) | CPU s | tokens/CPU-s | "
           "epoch 2 tokens/CPU-s | RSS before (MiB) | peak RSS (MiB) |")
     print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
-    jobs = [(s, layout, "stream") for s in args.sizes for layout in layouts] + [(s, "split", "load_samples") for s in args.sizes if s <= 10]
+    jobs = [(s, layout, "stream") for s in args.sizes for layout in layouts] + [(s, "split", "whole-split") for s in args.sizes if s <= 10]
     for size, layout, mode in jobs:
         reps = []
         for _ in range(args.repeats if mode == "stream" else 1):
@@ -218,7 +212,7 @@ def main() -> None:
     coll = {name: collate_throughput(d[1], args.batch_size) for name, d in dirs.items()}
     c = coll["split"]
     print(f"\ncollation only (batch {args.batch_size}, one thread): collate_rows {c['collate_rows_tokens_per_cpu_s']:,.0f} "
-          f"tokens/CPU-s; per-sample collate {c['collate_per_sample_loop_tokens_per_cpu_s']:,.0f} tokens/CPU-s")
+          "tokens/CPU-s")
     for name, c in coll.items():
         print(f"Parquet decoding alone ({name} layout; the row groups the stream reads; split tokens): "
               f"{c['decode_only_tokens_per_cpu_s']:,.0f} tokens/CPU-s")

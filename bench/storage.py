@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.dataset.schema import (IDS_LEAF, LP_LEAF, StorageRecord, arrow_schema, build_table,  # noqa: E402
                                      quantize_logprobs, stable_id)
-from pipeline.dataset.reader import shard_paths  # noqa: E402
+from pipeline.dataset.stream import shard_paths  # noqa: E402
 from pipeline.dataset.writer import parquet_options  # noqa: E402
 from pipeline.dataset.schema import Generation  # noqa: E402
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import _remove_duplicate_names, load_file, save_file
+from safetensors.torch import load_file, save_file
 
 from pipeline.core import UserError, fsync_dir, sha256_file
 
@@ -48,19 +48,15 @@ class Checkpoint:
 
 
 def checkpoint_root(student_dir: Path) -> Path:
+    """Where a student's checkpoints live: `<student_dir>/checkpoints`."""
     return Path(student_dir) / CHECKPOINTS
-
-
-def tied_names(model: torch.nn.Module) -> dict[str, list[str]]:
-    """{kept name: [tied aliases]} of a plain (unsharded) module, chosen as safetensors' save_model chooses."""
-    return _remove_duplicate_names(model.state_dict())
 
 
 def save_checkpoint(root: Path, step: int, *, model_state: dict[str, torch.Tensor], optimizer_state: dict,
                     state: dict, keep: int, tied: dict[str, list[str]] | None = None) -> Path:
     """Write checkpoint `step` under `root` atomically, then delete all but the newest `keep`.
 
-    `model_state`: the student's full weights; tied aliases (`tied_names`) are dropped as safetensors'
+    `model_state`: the student's full weights; tied aliases (`pipeline.compat.tied_names`) are dropped as safetensors'
     save_model drops them, so the file is the one save_model(student) writes in a single process.
     `optimizer_state`: a full optimizer state dict.
     """
@@ -156,6 +152,7 @@ def read_optimizer(ckpt: Checkpoint) -> dict:
 
 
 def restore_rng(ckpt: Checkpoint) -> None:
+    """Put the process's torch RNG (and CUDA's, same device count only) back where the checkpoint saved it."""
     rng = torch.load(ckpt.path / "rng.pt", weights_only=True)
     torch.set_rng_state(rng["cpu"])
     if "cuda" in rng and torch.cuda.is_available() and len(rng["cuda"]) == torch.cuda.device_count():

@@ -1,5 +1,6 @@
 """Multi-process training plumbing: the Accelerator (one process, DDP or FSDP2, as the launcher's environment
-says) and full, unsharded state dicts for checkpoints and the saved student, whatever the mode.
+says), the wrapper module it prepares, and full, unsharded state dicts for checkpoints and the saved student,
+whatever the mode.
 
 Under FSDP every rank holds shards, so gathering (`full_weights`, `full_optimizer_state`) and loading
 (`load_checkpoint`) are collectives: every rank calls them, rank 0 reads and writes the files.
@@ -12,7 +13,15 @@ import os
 
 import torch
 
-from pipeline.checkpoint import Checkpoint, CheckpointMismatchError, read_optimizer, read_weights, restore_rng, weight_shapes
+from pipeline.checkpoint import (
+    Checkpoint,
+    CheckpointMismatchError,
+    read_optimizer,
+    read_weights,
+    restore_rng,
+    weight_shapes,
+)
+from pipeline.compat import set_process_distributed_type, share_no_split_modules
 from pipeline.config import TrainConfig
 from pipeline.core import UserError
 
@@ -23,7 +32,19 @@ class FSDPSetupError(UserError):
     """FSDP was asked for in a form this loop does not support."""
 
 
-PREFIX = "student."  # DistillObjective's name for the student: state-dict keys below the wrapper
+class StudentWrapper(torch.nn.Module):
+    """Base of the module handed to `accelerator.prepare`: the student as a submodule, so DDP/FSDP wrap the whole
+    step (train.DistillObjective adds the loss). Checkpoints hold the student's own names: the rekeying below
+    strips and adds `student_prefix()`, found where the student is registered here, not written down twice."""
+
+    def __init__(self, student: torch.nn.Module):
+        super().__init__()
+        self.student = student
+        share_no_split_modules(self, student)  # FSDP shards each decoder layer on its own
+
+    def student_prefix(self) -> str:
+        """The student's state-dict prefix inside this wrapper (e.g. "student.")."""
+        return next(name for name, child in self.named_children() if child is self.student) + "."
 
 
 def make_accelerator(t: TrainConfig):
@@ -51,24 +72,25 @@ def _fsdp_on_cpu(accelerator) -> None:
     no_sync, clip_grad_norm_) are device-agnostic, so this makes the switch accelerate makes on GPU:
     the plugin read from the same FSDP_* variables, and the distributed type on both shared states.
     """
-    from accelerate.state import PartialState
     from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 
     state = accelerator.state
     state.fsdp_plugin = FullyShardedDataParallelPlugin()
     state.distributed_type = DistributedType.FSDP
-    PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+    set_process_distributed_type(DistributedType.FSDP)
     log.info("FSDP on CPU (gloo): accelerate's FSDP%d plugin applied to MULTI_CPU processes",
              state.fsdp_plugin.fsdp_version)
 
 
 def is_fsdp(accelerator) -> bool:
+    """Whether the processes run FSDP (every rank holds shards: gathering and loading are collectives)."""
     from accelerate.utils import DistributedType
 
     return accelerator.distributed_type == DistributedType.FSDP
 
 
-def full_weights(accelerator, model, student, tied: dict[str, list[str]] | None = None) -> dict[str, torch.Tensor]:
+def full_weights(accelerator, model, wrapper: StudentWrapper,
+                 tied: dict[str, list[str]] | None = None) -> dict[str, torch.Tensor]:
     """The student's full (unsharded) weights under their HF names on rank 0, {} elsewhere.
 
     Collective under FSDP: every rank must call it. The gathered copies of a tied tensor (`tied`) are made
@@ -78,20 +100,22 @@ def full_weights(accelerator, model, student, tied: dict[str, list[str]] | None 
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
         full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        weights = {k.removeprefix(PREFIX): v for k, v in full.items()}
+        prefix = wrapper.student_prefix()
+        weights = {k.removeprefix(prefix): v for k, v in full.items()}
         for kept, group in (tied or {}).items() if weights else ():
             for alias in group:
                 weights[alias] = weights[kept]
         return weights
-    return student.state_dict() if accelerator.is_main_process else {}
+    return wrapper.student.state_dict() if accelerator.is_main_process else {}
 
 
 def _rekey_optimizer(osd: dict, rename) -> dict:
+    """A name-keyed optimizer state dict with every parameter name passed through `rename`."""
     return {"state": {rename(k): v for k, v in osd["state"].items()},
             "param_groups": [{**g, "params": [rename(p) for p in g["params"]]} for g in osd["param_groups"]]}
 
 
-def full_optimizer_state(accelerator, model, opt) -> dict:
+def full_optimizer_state(accelerator, model, wrapper: StudentWrapper, opt) -> dict:
     """The full optimizer state keyed by the student's parameter names (rank 0; {} elsewhere). Collective."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
@@ -99,10 +123,11 @@ def full_optimizer_state(accelerator, model, opt) -> dict:
     osd = get_optimizer_state_dict(model, inner, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if not accelerator.is_main_process:
         return {}
-    return _rekey_optimizer(osd, lambda k: k.removeprefix(PREFIX))
+    prefix = wrapper.student_prefix()
+    return _rekey_optimizer(osd, lambda k: k.removeprefix(prefix))
 
 
-def load_checkpoint(ckpt: Checkpoint, accelerator, model, student, opt, *, tied, shapes) -> None:
+def load_checkpoint(ckpt: Checkpoint, accelerator, model, wrapper: StudentWrapper, opt, *, tied, shapes) -> None:
     """Weights, optimizer and RNG of `ckpt` into the prepared model and optimizer (any mode wrote it)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
 
@@ -110,7 +135,7 @@ def load_checkpoint(ckpt: Checkpoint, accelerator, model, student, opt, *, tied,
     if found != shapes:
         diff = sorted(set(found) ^ set(shapes)) or sorted(k for k in shapes if found[k] != shapes[k])
         raise CheckpointMismatchError(f"{ckpt.path} does not fit this student: {', '.join(diff[:3])} differ")
-    fsdp, main = is_fsdp(accelerator), accelerator.is_main_process
+    fsdp, main, prefix = is_fsdp(accelerator), accelerator.is_main_process, wrapper.student_prefix()
     inner = getattr(opt, "optimizer", opt)
     osd = read_optimizer(ckpt) if main or not fsdp else {}
     legacy = bool(osd) and any(isinstance(k, int) for k in osd["state"])  # opt.state_dict() of older versions
@@ -118,17 +143,17 @@ def load_checkpoint(ckpt: Checkpoint, accelerator, model, student, opt, *, tied,
         if accelerator.reduce(torch.tensor(int(legacy), device=accelerator.device), "sum").item():
             raise CheckpointMismatchError(f"{ckpt.path} has an index-keyed optimizer state (an older version wrote "
                                           "it); resume it without FSDP once, or train without --resume")
-        weights = {PREFIX + k: v for k, v in read_weights(ckpt, tied).items()} if main else {}
+        weights = {prefix + k: v for k, v in read_weights(ckpt, tied).items()} if main else {}
         # rank 0 reads the files; each rank receives only its shards
         options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
         set_model_state_dict(model, weights, options=options)
-        set_optimizer_state_dict(model, inner, _rekey_optimizer(osd, lambda k: PREFIX + k) if main else {},
+        set_optimizer_state_dict(model, inner, _rekey_optimizer(osd, lambda k: prefix + k) if main else {},
                                  options=options)
     else:
-        student.load_state_dict(read_weights(ckpt, tied), strict=True)
+        wrapper.student.load_state_dict(read_weights(ckpt, tied), strict=True)
         if legacy:
             inner.load_state_dict(osd)
         else:
-            set_optimizer_state_dict(model, inner, _rekey_optimizer(osd, lambda k: PREFIX + k),
+            set_optimizer_state_dict(model, inner, _rekey_optimizer(osd, lambda k: prefix + k),
                                      options=StateDictOptions(full_state_dict=True))
     restore_rng(ckpt)

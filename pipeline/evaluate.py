@@ -1,27 +1,38 @@
 """Held-out evaluation: how close the student is to the teacher, and (for tasks with exact answers) accuracy.
 
-Teacher-forced metrics run on the teacher's own held-out samples (prompt ids never used in training):
+Teacher-forced metrics run on the teacher's own held-out samples (prompt ids never used in training), streamed
+through the training reader and collate (`TrainStream.in_order`: file order, unshuffled, the first
+`eval.max_prompts` prompts) with the LM head run in chunks of `train.loss_chunk_size` (`losses.map_head_chunks`):
 KL(teacher top-k || student), top-1 agreement, CE on the sampled tokens. Positions are also split into
-`uncertain` (teacher top-k entropy above a threshold) and `deterministic`, where distillation matters
-differently. Task accuracy samples the student at the dataset's temperature, the teacher's own setting.
+`uncertain` and `deterministic`, where distillation matters differently: kl_uncertain / kl_deterministic split on
+the teacher entropy over k+1 buckets (top-k + tail, `dataset.stats.topk_entropy`, what `distill inspect` shows)
+above UNCERTAIN_NATS; before the one-reader refactor they split on the entropy of the renormalised top-k.
+Task accuracy samples the student at the dataset's temperature, the teacher's own setting.
 """
 
 from __future__ import annotations
 
 import json
 import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 
 from pipeline.config import RunConfig
-from pipeline.dataset.reader import collate, load_samples
 from pipeline.dataset.schema import DatasetError, read_manifest
-from pipeline.losses import topk_divergence
+from pipeline.dataset.stats import topk_entropy
+from pipeline.dataset.stream import Batch, TrainStream
+from pipeline.losses import map_head_chunks, topk_divergence
 from pipeline.models import load_causal_lm, load_tokenizer, resolve_device
 
-UNCERTAIN_NATS = 0.3  # teacher entropy above this marks a position with several plausible tokens
+UNCERTAIN_NATS = 0.3  # teacher entropy (k+1 buckets) above this marks a position with several plausible tokens
+EVAL_COLUMNS = ["prompt_id", "prompt", "prompt_token_ids", "completion_token_ids", "token_logprobs"]
+_PER_POSITION = ("kl", "agree", "ce", "entropy", "mass")
 
 
 def _checker(task: str):
@@ -32,31 +43,73 @@ def _checker(task: str):
     return None
 
 
+def heldout_batches(dataset_dir: Path, *, batch_size: int, pad_id: int, max_prompts: int,
+                    columns: list[str] | None = None) -> Iterator[tuple[Batch, pa.Table]]:
+    """The held-out split's first `max_prompts` prompts in file order, as training collates them, with `columns`."""
+    stream = TrainStream(dataset_dir, split="heldout", batch_size=batch_size, pad_id=pad_id)
+    return stream.in_order(columns or [], limit_prompts=max_prompts)
+
+
 @torch.inference_mode()
-def teacher_forced(model, samples, pad_id: int, batch_size: int, device) -> dict[str, float]:
-    """Per-position KL, top-1 agreement, CE and mass on the teacher's top-k of the student on the teacher's samples."""
-    kl, agree, ce, ent, mass = [], [], [], [], []
+def position_metrics(model, batch: Batch, chunk_size: int) -> dict[str, torch.Tensor]:
+    """Per-position KL, top-1 agreement, CE, mass on the teacher's top-k and teacher entropy of one batch (on CPU)."""
     trunk = getattr(model, model.base_model_prefix)
-    head = model.get_output_embeddings()
-    for lo in range(0, len(samples), batch_size):
-        batch = collate(samples, list(range(lo, min(lo + batch_size, len(samples)))), pad_id).to(device)
-        hidden = trunk(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state[batch.loss_mask]
-        for c in range(0, hidden.shape[0], 4096):  # chunk the head: no N x V tensor for big vocabularies
-            logits = head(hidden[c:c + 4096]).float()
-            ids, lp = batch.topk_ids[c:c + 4096], batch.topk_logprobs[c:c + 4096]
-            kl.append(topk_divergence(logits, ids, lp, kind="forward_kl").cpu())
-            agree.append((logits.argmax(-1) == ids[:, 0]).cpu())
-            on_topk = logits.log_softmax(-1).gather(1, ids).exp()  # missing entries (-inf teacher logprob) do not count
-            mass.append(torch.where(torch.isfinite(lp), on_topk, 0.0).sum(-1).cpu())
-            ce.append(torch.nn.functional.cross_entropy(logits, batch.labels[c:c + 4096], reduction="none").cpu())
-            p = torch.softmax(lp.float(), -1)
-            ent.append(-(p * torch.log(p.clamp_min(1e-30))).sum(-1).cpu())
-    kl_, agree_, ce_, ent_, mass_ = (torch.cat(x).double() for x in (kl, agree, ce, ent, mass))
+    hidden = trunk(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state[batch.loss_mask]
+
+    def chunk(logits, labels, ids, lp):
+        logits = logits.float()
+        on_topk = logits.log_softmax(-1).gather(1, ids).exp()  # missing entries (-inf teacher logprob) do not count
+        return {"kl": topk_divergence(logits, ids, lp, kind="forward_kl").cpu(),
+                "agree": (logits.argmax(-1) == ids[:, 0]).cpu(),
+                "ce": torch.nn.functional.cross_entropy(logits, labels, reduction="none").cpu(),
+                "mass": torch.where(torch.isfinite(lp), on_topk, 0.0).sum(-1).cpu()}
+
+    parts = map_head_chunks(chunk, hidden, model.get_output_embeddings(), batch.labels, batch.topk_ids,
+                            batch.topk_logprobs, chunk_size=chunk_size)
+    out = {name: torch.cat([p[name] for p in parts]) for name in ("kl", "agree", "ce", "mass")}
+    out["entropy"] = torch.from_numpy(topk_entropy(batch.topk_logprobs.cpu().numpy()))
+    return out
+
+
+def summarize_positions(parts: list[dict[str, torch.Tensor]]) -> dict[str, float]:
+    """The student's metrics over all positions of `position_metrics` results."""
+    kl_, agree_, ce_, ent_, mass_ = (torch.cat([p[name] for p in parts]).double() for name in _PER_POSITION)
     unc = ent_ > UNCERTAIN_NATS
     mean = lambda x, m: float(x[m].mean()) if m.any() else None  # noqa: E731  (None: no such positions)
     return {"kl": float(kl_.mean()), "kl_uncertain": mean(kl_, unc), "kl_deterministic": mean(kl_, ~unc),
             "top1_agreement": float(agree_.mean()), "ce": float(ce_.mean()), "perplexity": float(torch.exp(ce_.mean())),
             "topk_mass": float(mass_.mean()), "positions": int(len(kl_)), "uncertain_positions": int(unc.sum())}
+
+
+def teacher_forced(model, batches: Iterable[Batch], device, chunk_size: int) -> dict[str, float]:
+    """Per-position KL, top-1 agreement, CE and mass on the teacher's top-k of the student on the teacher's samples."""
+    return summarize_positions([position_metrics(model, b.to(device), chunk_size) for b in batches])
+
+
+@dataclass
+class TeacherSide:
+    """What evaluation keeps of the teacher's samples as they stream by: per-position scalars and, per prompt,
+    its first sample (for accuracy)."""
+
+    token_logprobs: list[np.ndarray] = field(default_factory=list)
+    topk_log_mass: list[np.ndarray] = field(default_factory=list)
+    first: dict[str, dict] = field(default_factory=dict)  # prompt id -> its first sample's columns
+    samples: int = 0
+
+    def add(self, batch: Batch, columns: pa.Table) -> None:
+        self.token_logprobs.append(pc.list_flatten(columns["token_logprobs"]).to_numpy().astype(np.float64))
+        self.topk_log_mass.append(np.logaddexp.reduce(batch.topk_logprobs.cpu().numpy().astype(np.float64), axis=1))
+        self.samples += columns.num_rows
+        for i, pid in enumerate(columns["prompt_id"].to_pylist()):
+            if pid not in self.first:
+                self.first[pid] = columns.slice(i, 1).to_pylist()[0]
+
+    def metrics(self) -> dict[str, float]:
+        """The teacher scored like the student: CE of its own samples, and -log(top-k mass) as its KL floor."""
+        ce = float(-np.concatenate(self.token_logprobs).mean())
+        log_mass = np.concatenate(self.topk_log_mass)
+        return {"ce": ce, "perplexity": float(np.exp(ce)), "kl": float(-log_mass.mean()), "top1_agreement": 1.0,
+                "topk_mass": float(np.exp(log_mass).mean())}
 
 
 @torch.inference_mode()
@@ -67,8 +120,9 @@ def sample_accuracy(model, tokenizer, prompts: list[str], prompt_tokens, check, 
 
     torch.manual_seed(seed)
     sample = temperature > 0
-    gen_cfg = GenerationConfig(do_sample=sample, temperature=temperature if sample else None, top_k=0 if sample else None,
-                               top_p=1.0 if sample else None, max_new_tokens=max_new_tokens,
+    gen_cfg = GenerationConfig(do_sample=sample, temperature=temperature if sample else None,
+                               top_k=0 if sample else None, top_p=1.0 if sample else None,
+                               max_new_tokens=max_new_tokens,
                                eos_token_id=model.generation_config.eos_token_id or tokenizer.eos_token_id,
                                pad_token_id=tokenizer.pad_token_id)
     correct = 0
@@ -79,7 +133,7 @@ def sample_accuracy(model, tokenizer, prompts: list[str], prompt_tokens, check, 
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk], device=device)
         out = model.generate(input_ids=ids, attention_mask=mask, generation_config=gen_cfg)[:, width:]
         texts = tokenizer.batch_decode(out, skip_special_tokens=True)
-        correct += sum(check(p, c) for p, c in zip(prompts[lo:lo + batch_size], texts))
+        correct += sum(check(p, c) for p, c in zip(prompts[lo:lo + batch_size], texts, strict=True))
     return correct / max(1, len(prompts))
 
 
@@ -92,34 +146,30 @@ def evaluate(cfg: RunConfig, *, dataset_dir: Path | None = None, student_dir: Pa
     manifest = read_manifest(dataset_dir)
     if manifest.heldout_fraction <= 0:
         raise DatasetError(f"{dataset_dir} has no held-out prompts (prompts.heldout_fraction was 0); evaluation on "
-                         "training prompts would not be honest: regenerate with heldout_fraction > 0")
+                           "training prompts would not be honest: regenerate with heldout_fraction > 0")
     split = "heldout"
-    samples = load_samples(dataset_dir, split=split, limit_prompts=cfg.eval.max_prompts)
-    if len(samples) == 0:
-        raise DatasetError(f"{dataset_dir}: no held-out samples to evaluate on; set prompts.heldout_fraction > 0")
     device = resolve_device(cfg.train.device)
     tokenizer = load_tokenizer(str(student_dir))
+    batches = heldout_batches(dataset_dir, batch_size=cfg.eval.batch_size, pad_id=tokenizer.pad_token_id,
+                              max_prompts=cfg.eval.max_prompts, columns=EVAL_COLUMNS)
     model = load_causal_lm(str(student_dir), device=str(device))
-    student = teacher_forced(model, samples, tokenizer.pad_token_id, cfg.eval.batch_size, device)
-    teacher_ce = float(-np.concatenate(samples.token_logprobs).astype(np.float64).mean())
-    lp = np.concatenate(samples.topk_logprobs).astype(np.float64)
-    log_mass = np.logaddexp.reduce(lp, axis=1)
-    kl_floor = float(-log_mass.mean())  # the teacher itself scores -log(top-k mass)
-    teacher = {"ce": teacher_ce, "perplexity": float(np.exp(teacher_ce)), "kl": kl_floor, "top1_agreement": 1.0,
-               "topk_mass": float(np.exp(log_mass).mean())}
+    seen, parts = TeacherSide(), []
+    for batch, columns in batches:
+        parts.append(position_metrics(model, batch.to(device), cfg.train.loss_chunk_size))
+        seen.add(batch, columns)
+    student, teacher = summarize_positions(parts), seen.metrics()
     check = _checker(cfg.eval.task)
     if check is not None:
-        first = {}
-        for i, pid in enumerate(samples.prompt_ids):
-            first.setdefault(pid, i)
-        idx = list(first.values())
-        prompts, tokens = [samples.prompts[i] for i in idx], [samples.prompt_tokens[i] for i in idx]
-        decoded = tokenizer.batch_decode([samples.completion_tokens[i] for i in idx], skip_special_tokens=True)
-        teacher["accuracy"] = float(np.mean([check(p, c) for p, c in zip(prompts, decoded)]))
-        kw = dict(max_new_tokens=manifest.sampling.max_new_tokens, batch_size=cfg.eval.batch_size, seed=cfg.eval.seed, device=device)
-        student["accuracy"] = sample_accuracy(model, tokenizer, prompts, tokens, check, temperature=manifest.sampling.temperature, **kw)
+        firsts = list(seen.first.values())
+        prompts, tokens = [r["prompt"] for r in firsts], [r["prompt_token_ids"] for r in firsts]
+        decoded = tokenizer.batch_decode([r["completion_token_ids"] for r in firsts], skip_special_tokens=True)
+        teacher["accuracy"] = float(np.mean([check(p, c) for p, c in zip(prompts, decoded, strict=True)]))
+        kw = dict(max_new_tokens=manifest.sampling.max_new_tokens, batch_size=cfg.eval.batch_size, seed=cfg.eval.seed,
+                  device=device)
+        student["accuracy"] = sample_accuracy(model, tokenizer, prompts, tokens, check,
+                                              temperature=manifest.sampling.temperature, **kw)
         student["greedy_accuracy"] = sample_accuracy(model, tokenizer, prompts, tokens, check, temperature=0.0, **kw)
-    metrics = {"split": split, "heldout_prompts": len(set(samples.prompt_ids)), "heldout_samples": len(samples),
+    metrics = {"split": split, "heldout_prompts": len(seen.first), "heldout_samples": seen.samples,
                "teacher": teacher, "student": student, "uncertain_threshold_nats": UNCERTAIN_NATS,
                "student_params": sum(p.numel() for p in model.parameters()), "dataset": str(dataset_dir),
                "student_dir": str(student_dir), "seconds": time.perf_counter() - start}

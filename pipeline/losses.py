@@ -8,8 +8,9 @@ returns sums, so the mean is taken once over a global token count (see `combine`
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -17,6 +18,7 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 Kind = Literal["forward_kl", "reverse_kl", "jsd"]
+T = TypeVar("T")
 
 # Finite stand-in for log(0): a true -inf gives NaN gradients through logsumexp and where.
 _NEG = -1e30
@@ -257,7 +259,7 @@ def chunked_distill_loss_sums(
     tail_bucket: bool = False,
     chunk_size: int = 1024,
 ) -> LossSums:
-    """`distill_loss_sums` on lm_head(hidden), chunk_size positions at a time.
+    """`distill_loss_sums` on lm_head(hidden), chunk_size positions at a time (`map_head_chunks`).
 
     Each chunk's logits ([chunk_size, V]) are computed inside a non-reentrant activation checkpoint
     and recomputed in backward, so at most one chunk's logits are alive at once and no [N, V]
@@ -271,22 +273,48 @@ def chunked_distill_loss_sums(
     Returns:
         LossSums over all N positions.
     """
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-
-    def chunk_sums(h: Tensor, y: Tensor, ids: Tensor, lps: Tensor) -> Tensor:
+    def chunk_sums(logits: Tensor, y: Tensor, ids: Tensor, lps: Tensor) -> Tensor:
         s = distill_loss_sums(
-            lm_head(h), y, ids, lps,
+            logits, y, ids, lps,
             alpha=alpha, temperature=temperature, kind=kind, beta=beta, tail_bucket=tail_bucket,
         )  # fmt: skip
         return torch.stack([s.ce_sum, s.kd_sum])  # [2]
 
-    n = hidden.shape[0]
-    total: Tensor | None = None
-    for start in range(0, max(n, 1), chunk_size):  # N == 0 still runs one (empty) chunk: graph kept
+    parts = map_head_chunks(chunk_sums, hidden, lm_head, labels, topk_ids, topk_logprobs, chunk_size=chunk_size,
+                            checkpointed=True)
+    total = parts[0]
+    for part in parts[1:]:
+        total = total + part
+    return LossSums(ce_sum=total[0], kd_sum=total[1], n_tokens=int(hidden.shape[0]))
+
+
+def map_head_chunks(
+    fn: Callable[..., T],
+    hidden: Tensor,
+    lm_head: torch.nn.Module,
+    *rows: Tensor,
+    chunk_size: int,
+    checkpointed: bool = False,
+) -> list[T]:
+    """[fn(lm_head(hidden[c]), *(r[c] for r in rows)) for each chunk c of chunk_size positions], in order.
+
+    The LM head over N positions without an [N, V] logits tensor: only one chunk's logits exist at once.
+    Training and evaluation both run the head through here. `checkpointed` puts each chunk in a
+    non-reentrant activation checkpoint, so its logits are recomputed in backward instead of saved.
+    N == 0 still runs one (empty) chunk, so a training step keeps its graph.
+
+    Args:
+        hidden: [N, d]; lm_head: maps [n, d] -> [n, V]; rows: tensors whose first dim is N, sliced alongside.
+    """
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+
+    def chunk(h: Tensor, *r: Tensor) -> T:
+        return fn(lm_head(h), *r)
+
+    out = []
+    for start in range(0, max(hidden.shape[0], 1), chunk_size):
         sl = slice(start, start + chunk_size)
-        args = (hidden[sl], labels[sl], topk_ids[sl], topk_logprobs[sl])
-        part = checkpoint(chunk_sums, *args, use_reentrant=False)
-        total = part if total is None else total + part
-    assert total is not None
-    return LossSums(ce_sum=total[0], kd_sum=total[1], n_tokens=int(n))
+        args = (hidden[sl], *(r[sl] for r in rows))
+        out.append(checkpoint(chunk, *args, use_reentrant=False) if checkpointed else chunk(*args))
+    return out

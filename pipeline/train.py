@@ -1,10 +1,14 @@
 """The train stage: fit the student on the cached teacher top-k with alpha*CE + (1-alpha)*T^2*D.
 
+`train_student` runs three functions in order: `setup` (data, student, accelerator, resume point), `fit` (the
+loop, with checkpoints), then `save` (student directory, train_log.json, loss curves).
+
 An explicit loop (nanoGPT-style): AdamW, warmup + cosine, gradient accumulation with a global token
 denominator, clipping, optional gradient checkpointing, and resumable checkpoints. The LM head runs
 only on completion positions, in chunks (see losses.py), so no B x T x V logits tensor exists. The same
 function runs single-process or under `accelerate launch` / `torchrun` (DDP: each rank takes every
-world-th micro-batch of one seeded, resumable stream (pipeline/dataset/stream.py), so N ranks equal one rank with N-times the accumulation).
+world-th micro-batch of one seeded, resumable stream (pipeline/dataset/stream.py), so N ranks equal one rank
+with N-times the accumulation).
 FSDP2 (accelerate's `--use_fsdp --fsdp_version 2`, or ACCELERATE_USE_FSDP=true FSDP_VERSION=2 under torchrun)
 shards the student; checkpoints and the saved student are then gathered to full state dicts, so they
 are the same files a single process writes.
@@ -24,15 +28,28 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.checkpoint import CheckpointMismatchError, checkpoint_root, clear, latest_checkpoint, save_checkpoint, tied_names
+from pipeline.checkpoint import CheckpointMismatchError, checkpoint_root, clear, latest_checkpoint, save_checkpoint
+from pipeline.compat import tied_names
 from pipeline.config import RunConfig, StudentConfig, TrainConfig
-from pipeline.dataset.reader import Batch
-from pipeline.dataset.stream import TrainStream
 from pipeline.core import stable_id
 from pipeline.dataset.schema import read_manifest
-from pipeline.distributed import full_optimizer_state, full_weights, is_fsdp, load_checkpoint, make_accelerator
+from pipeline.dataset.stream import Batch, TrainStream
+from pipeline.distributed import (
+    StudentWrapper,
+    full_optimizer_state,
+    full_weights,
+    is_fsdp,
+    load_checkpoint,
+    make_accelerator,
+)
 from pipeline.losses import LossSums, chunked_distill_loss_sums, combine
-from pipeline.models import ModelLoadError, TokenizerMismatchError, load_tokenizer, resolve_device, tokenizer_fingerprint
+from pipeline.models import (
+    ModelLoadError,
+    TokenizerMismatchError,
+    load_tokenizer,
+    resolve_device,
+    tokenizer_fingerprint,
+)
 from pipeline.progress import progress_bar
 
 log = logging.getLogger(__name__)
@@ -40,6 +57,8 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class TrainResult:
+    """What a training run returns (and train_log.json records under "result")."""
+
     student_dir: str
     steps: int
     final_loss: float
@@ -52,12 +71,13 @@ class TrainResult:
 
 
 def seed_everything(seed: int) -> None:
+    """Seed Python's, numpy's and torch's global RNGs."""
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
 
 
-def build_student(cfg: StudentConfig, teacher_model: str, *, seed: int):
+def build_student(cfg: StudentConfig, teacher_model: str, *, seed: int) -> torch.nn.Module:
     """A pretrained student, or a randomly initialised one with the teacher's config shrunk."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -69,7 +89,8 @@ def build_student(cfg: StudentConfig, teacher_model: str, *, seed: int):
     try:
         config = AutoConfig.from_pretrained(teacher_model, trust_remote_code=cfg.trust_remote_code)
     except OSError as err:
-        raise ModelLoadError(f"cannot read the teacher config {teacher_model!r} to shrink it: {str(err).splitlines()[0]}") from None
+        raise ModelLoadError(f"cannot read the teacher config {teacher_model!r} to shrink it: "
+                             f"{str(err).splitlines()[0]}") from None
     for key, value in cfg.shrink.model_dump(exclude_none=True).items():
         setattr(config, key, value)
     if cfg.shrink.hidden_size and cfg.shrink.head_dim is None and hasattr(config, "head_dim"):
@@ -88,12 +109,13 @@ def student_tokenizer(cfg: RunConfig, manifest_fingerprint: str):
     found = tokenizer_fingerprint(tok)
     if found != manifest_fingerprint:
         raise TokenizerMismatchError(
-            f"student tokenizer {source!r} ({found}) differs from the dataset's teacher tokenizer ({manifest_fingerprint}); "
+            f"student tokenizer {source!r} ({found}) differs from the dataset's teacher tokenizer "
+            f"({manifest_fingerprint}); "
             "distillation on top-k ids needs the same tokenizer: pick a student of the teacher's family")
     return tok
 
 
-def lr_at(step: int, cfg) -> float:
+def lr_at(step: int, cfg: TrainConfig) -> float:
     """Linear warmup then cosine decay to 10% of the peak (a pure function of the step: nothing to checkpoint)."""
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
@@ -101,22 +123,21 @@ def lr_at(step: int, cfg) -> float:
     return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
-class DistillObjective(torch.nn.Module):
+class DistillObjective(StudentWrapper):
     """Student + loss in one forward, so DDP/FSDP wrappers see (and synchronise) the whole step."""
 
     def __init__(self, student: torch.nn.Module, t: TrainConfig):
-        super().__init__()
-        self.student, self.t = student, t
-        # accelerate's FSDP TRANSFORMER_BASED_WRAP shards each decoder layer on its own when these are known
-        self._no_split_modules = getattr(student, "_no_split_modules", None)
+        super().__init__(student)
+        self.t = t
 
     def forward(self, input_ids, attention_mask, loss_mask, labels, topk_ids, topk_logprobs):
-        sums = loss_sums(self.student, Batch(input_ids, attention_mask, loss_mask, labels, topk_ids, topk_logprobs), self.t)
+        batch = Batch(input_ids, attention_mask, loss_mask, labels, topk_ids, topk_logprobs)
+        sums = loss_sums(self.student, batch, self.t)
         # clones, not views of one [2] tensor: FSDP2 hooks its backward on the outputs and warns about views
         return sums.ce_sum.clone(), sums.kd_sum.clone()
 
 
-def loss_sums(model, batch: Batch, t):
+def loss_sums(model: torch.nn.Module, batch: Batch, t: TrainConfig) -> LossSums:
     """Run the trunk, gather completion positions, and compute CE/KD sums through the LM head in chunks."""
     trunk = getattr(model, model.base_model_prefix)
     hidden = trunk(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
@@ -150,6 +171,183 @@ def _resume_point(root: Path, fingerprint: str, load) -> dict | None:
     return ckpt.state
 
 
+@dataclass
+class Setup:
+    """What the loop needs, built by `setup`."""
+
+    cfg: RunConfig
+    student_dir: Path
+    tokenizer: object
+    stream: TrainStream
+    accelerator: object
+    device: torch.device
+    objective: DistillObjective  # the student inside; `model` is it as accelerate prepared it (DDP, FSDP2 or as is)
+    model: torch.nn.Module
+    opt: torch.optim.Optimizer
+    tied: dict[str, list[str]]  # tied weight aliases, dropped from saved weights
+    fingerprint: str  # what a checkpoint must match to be resumed
+    resumed: dict | None  # the resumed checkpoint's state; None for a fresh run
+
+    @property
+    def student(self) -> torch.nn.Module:
+        return self.objective.student
+
+    @property
+    def start_step(self) -> int:
+        return self.resumed["step"] if self.resumed else 0
+
+
+def student_on(cfg: RunConfig, device: torch.device) -> torch.nn.Module:
+    """The student to train, with gradient checkpointing if asked for, on `device` in train mode."""
+    student = build_student(cfg.student, cfg.teacher.model, seed=cfg.train.seed)
+    if cfg.train.gradient_checkpointing:
+        enable = getattr(student, "activation_checkpointing_enable", None)  # transformers >= 5.18 name
+        if enable is not None:
+            enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        student.config.use_cache = False
+    return student.to(device).train()
+
+
+def setup(cfg: RunConfig, *, dataset_dir: Path, student_dir: Path, resume: bool) -> Setup:
+    """Data stream, student, accelerator, prepared model and optimizer, restored from the newest checkpoint
+    with `resume` (older checkpoints are cleared otherwise)."""
+    t = cfg.train
+    manifest = read_manifest(dataset_dir)
+    tokenizer = student_tokenizer(cfg, manifest.tokenizer_fingerprint)
+    # streamed one row group at a time: memory does not grow with the dataset
+    stream = TrainStream(dataset_dir, split="train", batch_size=t.batch_size, pad_id=tokenizer.pad_token_id,
+                         seed=t.seed)
+    # picks up `accelerate launch` / torchrun's environment; a plain call is one process
+    accelerator = make_accelerator(t)
+    device = accelerator.device if t.device == "auto" else resolve_device(t.device)
+    seed_everything(t.seed)
+    student = student_on(cfg, device)
+    tied, shapes = tied_names(student), {k: tuple(v.shape) for k, v in student.state_dict().items()}
+    objective = DistillObjective(student, t)
+    # optimizer and model prepared together: FSDP replaces the parameters with sharded ones (DDP keeps them)
+    model, opt = accelerator.prepare(objective, make_optimizer(student, t, device))
+    fingerprint = stable_id(cfg.train_fingerprint(), manifest.generate_fingerprint)
+    root = checkpoint_root(student_dir)
+    load = lambda ckpt: load_checkpoint(ckpt, accelerator, model, objective, opt, tied=tied, shapes=shapes)  # noqa: E731
+    state = _resume_point(root, fingerprint, load) if resume else None
+    if state is None and accelerator.is_main_process:
+        clear(root)  # checkpoints of an earlier run must not be resumed into this one
+    return Setup(cfg, student_dir, tokenizer, stream, accelerator, device, objective, model, opt, tied, fingerprint,
+                 state)
+
+
+@dataclass
+class Fit:
+    """What the loop leaves behind: the logged history (resumed runs include the earlier steps) and its throughput."""
+
+    history: list[dict]
+    tokens_seen: int  # this process's run only, all ranks together
+    seconds: float
+
+
+def fit(s: Setup, *, progress: bool) -> Fit:
+    """The loop: per step, set the learning rate, take this rank's share of the step's micro-batches, accumulate
+    their gradients, clip, step; log every `log_every` steps and checkpoint every `checkpoint_every`."""
+    t, acc = s.cfg.train, s.accelerator
+    history = list(s.resumed["history"]) if s.resumed else []
+    batches = s.stream.batches(start=s.resumed["data"] if s.resumed else None)
+    tokens_seen, start = 0, time.perf_counter()
+    with progress_bar("train", t.max_steps, enabled=progress and acc.is_main_process) as advance:
+        advance(s.start_step)
+        for step in range(s.start_step, t.max_steps):
+            for group in s.opt.param_groups:
+                group["lr"] = lr_at(step, t)
+            step_batches = [next(batches) for _ in range(acc.num_processes * t.grad_accum)]
+            micro = [b.to(s.device) for b in step_batches[acc.process_index::acc.num_processes]]
+            parts, n_global = accumulate(s, micro)
+            grad_norm = float(acc.clip_grad_norm_(s.model.parameters(), t.max_grad_norm))
+            s.opt.step()
+            s.opt.zero_grad(set_to_none=True)
+            tokens_seen += n_global
+            last = step == t.max_steps - 1
+            if step % t.log_every == 0 or last:
+                loss_v, ce_v, kd_v = (acc.reduce(parts, "sum") if acc.num_processes > 1 else parts).tolist()
+                rate = tokens_seen / (time.perf_counter() - start)
+                history.append({"step": step + 1, "loss": loss_v, "ce": ce_v, "kd": kd_v, "lr": lr_at(step, t),
+                                "grad_norm": grad_norm, "tokens_per_s": rate})
+                log.info("step %d/%d loss %.4f ce %.4f kd %.4f %.0f tok/s", step + 1, t.max_steps, loss_v, ce_v, kd_v,
+                         rate)
+            if t.checkpoint_every and (step + 1) % t.checkpoint_every == 0 and not last:
+                tokens_before = s.resumed["tokens_seen"] if s.resumed else 0
+                write_checkpoint(s, step + 1, history, tokens_before + tokens_seen)
+            advance(1, info=f"loss {float(parts[0]):.4f} (ce {float(parts[1]):.3f} kd {float(parts[2]):.4f})")
+    return Fit(history, tokens_seen, time.perf_counter() - start)
+
+
+def accumulate(s: Setup, micro: list[Batch]) -> tuple[torch.Tensor, int]:
+    """Forward and backward over this rank's micro-batches of one step, each loss a share of the step's global
+    per-token mean. Returns (loss, ce, kd) of this rank's share as a [3] tensor, and the step's global token count."""
+    acc, t = s.accelerator, s.cfg.train
+    world = acc.num_processes
+    n_local = sum(b.n_tokens for b in micro)
+    n_global = int(acc.reduce(torch.tensor(n_local, device=s.device), "sum")) if world > 1 else n_local
+    parts = torch.zeros(3, device=s.device)
+    for i, batch in enumerate(micro):
+        # gradients are all-reduced once per step, on the last micro-batch
+        with contextlib.nullcontext() if i == len(micro) - 1 else acc.no_sync(s.model):
+            with _autocast(s.device):
+                ce_sum, kd_sum = s.model(batch.input_ids, batch.attention_mask, batch.loss_mask, batch.labels,
+                                         batch.topk_ids, batch.topk_logprobs)
+            loss, ce, kd = combine(LossSums(ce_sum, kd_sum, batch.n_tokens), alpha=t.alpha,
+                                   temperature=t.temperature, n_tokens_global=n_global)
+            acc.backward(loss * world)  # DDP/FSDP average gradients over ranks; we want the global sum
+        parts += torch.stack([loss.detach(), ce, kd])
+    return parts, n_global
+
+
+def _autocast(device: torch.device):
+    """bf16 autocast on CUDA; float32 elsewhere."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return torch.autocast("cpu", enabled=False)
+
+
+def write_checkpoint(s: Setup, step: int, history: list[dict], tokens_seen: int) -> None:
+    """Checkpoint `step`: weights and optimizer gathered on every rank (collective under FSDP), written by rank 0."""
+    acc = s.accelerator
+    acc.wait_for_everyone()
+    weights = full_weights(acc, s.model, s.objective)
+    optim_state = full_optimizer_state(acc, s.model, s.objective, s.opt)
+    if acc.is_main_process:
+        save_checkpoint(checkpoint_root(s.student_dir), step, model_state=weights, optimizer_state=optim_state,
+                        tied=s.tied, keep=s.cfg.train.keep_checkpoints, state={
+                            "fingerprint": s.fingerprint, "data": s.stream.position, "history": history,
+                            "tokens_seen": tokens_seen})
+    del weights, optim_state
+    acc.wait_for_everyone()
+
+
+def save(s: Setup, f: Fit) -> TrainResult:
+    """Write the student as an HF model directory with its tokenizer, train_log.json and loss_curves.png (rank 0)."""
+    acc = s.accelerator
+    last_log = f.history[-1]
+    result = TrainResult(str(s.student_dir), s.cfg.train.max_steps, last_log["loss"], last_log["ce"], last_log["kd"],
+                         f.tokens_seen / f.seconds if f.seconds > 0 else 0.0, f.seconds, s.stream.num_samples,
+                         s.start_step)
+    distributed = {"type": acc.distributed_type.value, "processes": acc.num_processes,
+                   "fsdp_version": acc.state.fsdp_plugin.fsdp_version if is_fsdp(acc) else None}
+    weights = full_weights(acc, s.model, s.objective, s.tied) if is_fsdp(acc) else None  # collective
+    if acc.is_main_process:
+        s.student.eval()
+        s.student_dir.mkdir(parents=True, exist_ok=True)
+        # under FSDP the module holds shards: save the gathered full weights (same files as one process)
+        s.student.save_pretrained(s.student_dir, state_dict=weights, safe_serialization=True)
+        s.tokenizer.save_pretrained(s.student_dir)
+        (s.student_dir / "train_log.json").write_text(json.dumps({"result": asdict(result), "history": f.history,
+                                                                  "config": s.cfg.train.model_dump(),
+                                                                  "distributed": distributed}, indent=2))
+        plot_curves(f.history, s.student_dir / "loss_curves.png")
+    acc.wait_for_everyone()
+    return result
+
+
 def train_student(cfg: RunConfig, *, dataset_dir: Path | None = None, student_dir: Path | None = None,
                   progress: bool = True, resume: bool = False) -> TrainResult:
     """Train the student on the dataset's training split and save it as an HF model directory.
@@ -157,104 +355,9 @@ def train_student(cfg: RunConfig, *, dataset_dir: Path | None = None, student_di
     With `resume`, continue from the newest good checkpoint in `<student_dir>/checkpoints` (weights,
     optimizer, RNG and data position), giving the same result as an uninterrupted run.
     """
-    t = cfg.train
-    dataset_dir = Path(dataset_dir or cfg.dataset_dir)
-    student_dir = Path(student_dir or cfg.student_dir)
-    manifest = read_manifest(dataset_dir)
-    tokenizer = student_tokenizer(cfg, manifest.tokenizer_fingerprint)
-    # streamed one row group at a time: memory does not grow with the dataset
-    stream = TrainStream(dataset_dir, split="train", batch_size=t.batch_size, pad_id=tokenizer.pad_token_id, seed=t.seed)
-    # picks up `accelerate launch` / torchrun's environment; a plain call is one process
-    accelerator = make_accelerator(t)
-    device = accelerator.device if t.device == "auto" else resolve_device(t.device)
-    world, rank, main = accelerator.num_processes, accelerator.process_index, accelerator.is_main_process
-    seed_everything(t.seed)
-    student = build_student(cfg.student, cfg.teacher.model, seed=t.seed)
-    if t.gradient_checkpointing:
-        enable = getattr(student, "activation_checkpointing_enable", None)  # transformers >= 5.18 name
-        if enable is not None:
-            enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        else:
-            student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        student.config.use_cache = False
-    student = student.to(device).train()
-    tied, shapes = tied_names(student), {k: tuple(v.shape) for k, v in student.state_dict().items()}
-    # optimizer and model prepared together: FSDP replaces the parameters with sharded ones (DDP keeps them)
-    model, opt = accelerator.prepare(DistillObjective(student, t), make_optimizer(student, t, device))
-    fingerprint = stable_id(cfg.train_fingerprint(), manifest.generate_fingerprint)
-    root = checkpoint_root(student_dir)
-    load = lambda ckpt: load_checkpoint(ckpt, accelerator, model, student, opt, tied=tied, shapes=shapes)  # noqa: E731
-    state = _resume_point(root, fingerprint, load) if resume else None
-    if state is None and main:
-        clear(root)  # checkpoints of an earlier run must not be resumed into this one
-    start_step = state["step"] if state else 0
-    history = state["history"] if state else []
-    tokens_before = state["tokens_seen"] if state else 0
-    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
-    batch_iter = stream.batches(start=state["data"] if state else None)
-    tokens_seen, start = 0, time.perf_counter()
-    with progress_bar("train", t.max_steps, enabled=progress and main) as advance:
-        advance(start_step)
-        for step in range(start_step, t.max_steps):
-            for group in opt.param_groups:
-                group["lr"] = lr_at(step, t)
-            step_batches = [next(batch_iter) for _ in range(world * t.grad_accum)]
-            micro = [b.to(device) for b in step_batches[rank::world]]
-            n_local = sum(b.n_tokens for b in micro)
-            n_global = int(accelerator.reduce(torch.tensor(n_local, device=device), "sum")) if world > 1 else n_local
-            parts = torch.zeros(3, device=device)  # loss, ce, kd of this rank's share
-            for i, batch in enumerate(micro):
-                # gradients are all-reduced once per step, on the last micro-batch
-                with contextlib.nullcontext() if i == len(micro) - 1 else accelerator.no_sync(model):
-                    with amp:
-                        ce_sum, kd_sum = model(batch.input_ids, batch.attention_mask, batch.loss_mask, batch.labels,
-                                               batch.topk_ids, batch.topk_logprobs)
-                    loss, ce, kd = combine(LossSums(ce_sum, kd_sum, batch.n_tokens), alpha=t.alpha,
-                                           temperature=t.temperature, n_tokens_global=n_global)
-                    accelerator.backward(loss * world)  # DDP/FSDP average gradients over ranks; we want the global sum
-                parts += torch.stack([loss.detach(), ce, kd])
-            grad_norm = float(accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm))
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            tokens_seen += n_global
-            last = step == t.max_steps - 1
-            if step % t.log_every == 0 or last:
-                loss_v, ce_v, kd_v = (accelerator.reduce(parts, "sum") if world > 1 else parts).tolist()
-                rate = tokens_seen / (time.perf_counter() - start)
-                history.append({"step": step + 1, "loss": loss_v, "ce": ce_v, "kd": kd_v, "lr": lr_at(step, t),
-                                "grad_norm": grad_norm, "tokens_per_s": rate})
-                log.info("step %d/%d loss %.4f ce %.4f kd %.4f %.0f tok/s", step + 1, t.max_steps, loss_v, ce_v, kd_v, rate)
-            if t.checkpoint_every and (step + 1) % t.checkpoint_every == 0 and not last:
-                accelerator.wait_for_everyone()
-                # gathered on every rank (collective under FSDP), written by rank 0
-                weights, optim_state = full_weights(accelerator, model, student), full_optimizer_state(accelerator, model, opt)
-                if main:
-                    save_checkpoint(root, step + 1, model_state=weights, optimizer_state=optim_state, tied=tied,
-                                    keep=t.keep_checkpoints, state={
-                                        "fingerprint": fingerprint, "data": stream.position, "history": history,
-                                        "tokens_seen": tokens_before + tokens_seen})
-                del weights, optim_state
-                accelerator.wait_for_everyone()
-            advance(1, info=f"loss {float(parts[0]):.4f} (ce {float(parts[1]):.3f} kd {float(parts[2]):.4f})")
-    seconds = time.perf_counter() - start
-    last_log = history[-1]
-    result = TrainResult(str(student_dir), t.max_steps, last_log["loss"], last_log["ce"], last_log["kd"],
-                         tokens_seen / seconds if seconds > 0 else 0.0, seconds, stream.num_samples, start_step)
-    distributed = {"type": accelerator.distributed_type.value, "processes": world,
-                   "fsdp_version": accelerator.state.fsdp_plugin.fsdp_version if is_fsdp(accelerator) else None}
-    weights = full_weights(accelerator, model, student, tied) if is_fsdp(accelerator) else None  # collective
-    if main:
-        student.eval()
-        student_dir.mkdir(parents=True, exist_ok=True)
-        # under FSDP the module holds shards: save the gathered full weights (same files as one process)
-        student.save_pretrained(student_dir, state_dict=weights, safe_serialization=True)
-        tokenizer.save_pretrained(student_dir)
-        (student_dir / "train_log.json").write_text(json.dumps({"result": asdict(result), "history": history,
-                                                                "config": cfg.train.model_dump(),
-                                                                "distributed": distributed}, indent=2))
-        plot_curves(history, student_dir / "loss_curves.png")
-    accelerator.wait_for_everyone()
-    return result
+    s = setup(cfg, dataset_dir=Path(dataset_dir or cfg.dataset_dir), student_dir=Path(student_dir or cfg.student_dir),
+              resume=resume)
+    return save(s, fit(s, progress=progress))
 
 
 def plot_curves(history: list[dict], path: Path) -> None:

@@ -58,6 +58,9 @@ class Rows:
     topk_logprobs: list[np.ndarray]
     finish_reasons: list[str]
 
+    def __len__(self) -> int:
+        return len(self.prompt_ids)
+
 
 def read_rows(dataset_dir: Path) -> Rows:
     """Every committed row, in manifest order, as per-sample numpy arrays ([L] and [L, k])."""

@@ -88,13 +88,13 @@ def test_full_k_equals_dense_kl(temperature: float) -> None:
     log_q = F.log_softmax(z / temperature, dim=-1)
     log_p = F.log_softmax(full / temperature, dim=-1)
     perm = torch.randperm(13, generator=torch.Generator().manual_seed(0))  # order of the k is free
-    for i, l in ((ids, lps), (ids[:, perm], lps[:, perm])):
-        fwd = topk_divergence(z, i, l, kind="forward_kl", temperature=temperature)
-        rev = topk_divergence(z, i, l, kind="reverse_kl", temperature=temperature)
+    for i, lp in ((ids, lps), (ids[:, perm], lps[:, perm])):
+        fwd = topk_divergence(z, i, lp, kind="forward_kl", temperature=temperature)
+        rev = topk_divergence(z, i, lp, kind="reverse_kl", temperature=temperature)
         torch.testing.assert_close(fwd, _kl_rows(log_p, log_q))
         torch.testing.assert_close(rev, _kl_rows(log_q, log_p))
         for beta in (0.0, 0.1, 0.5, 0.9, 1.0):
-            jsd = topk_divergence(z, i, l, kind="jsd", beta=beta, temperature=temperature)
+            jsd = topk_divergence(z, i, lp, kind="jsd", beta=beta, temperature=temperature)
             torch.testing.assert_close(jsd, _trl_jsd(log_q, log_p, beta))
 
 
@@ -132,14 +132,14 @@ def test_hand_computed_v4_k2() -> None:
     )
     # tail bucket at T = 1: p = (.5, .3, .2), q = (.3, .4, .3)
     p3, q3 = (0.5, 0.3, 0.2), (0.3, 0.4, 0.3)
-    fwd_t = sum(a * ln(a / b) for a, b in zip(p3, q3))
-    rev_t = sum(b * ln(b / a) for a, b in zip(p3, q3))
+    fwd_t = sum(a * ln(a / b) for a, b in zip(p3, q3, strict=True))
+    rev_t = sum(b * ln(b / a) for a, b in zip(p3, q3, strict=True))
     # tail at T = 2: the teacher's .2 taken as .1 + .1, every weight square-rooted, then normalized
     wp = (0.5**0.5, 0.3**0.5, 2 * 0.1**0.5)
     wq = (0.3**0.5, 0.4**0.5, 0.2**0.5 + 0.1**0.5)
     p2 = [w / sum(wp) for w in wp]
     q2 = [w / sum(wq) for w in wq]
-    fwd_t2 = sum(a * ln(a / b) for a, b in zip(p2, q2))
+    fwd_t2 = sum(a * ln(a / b) for a, b in zip(p2, q2, strict=True))
     cases = [
         (dict(kind="forward_kl"), fwd),
         (dict(kind="reverse_kl"), rev),
@@ -243,7 +243,7 @@ def test_gradcheck_all_kinds() -> None:
     for kind in KINDS:
         for tail in (False, True):
             kw = dict(kind=kind, temperature=1.5, beta=0.3, tail_bucket=tail)
-            assert torch.autograd.gradcheck(lambda x: topk_divergence(x, ids, lps, **kw), (z,))
+            assert torch.autograd.gradcheck(lambda x, kw=kw: topk_divergence(x, ids, lps, **kw), (z,))
 
 
 def _batch(n: int, v: int = 17, k: int = 4, seed: int = 20):
@@ -348,7 +348,7 @@ def test_chunked_equals_unchunked(kw: dict) -> None:
     assert got.n_tokens == n
     torch.testing.assert_close(got.ce_sum, ref.ce_sum)
     torch.testing.assert_close(got.kd_sum, ref.kd_sum)
-    for g, r in zip(torch.autograd.grad(got_loss, params), ref_grads):
+    for g, r in zip(torch.autograd.grad(got_loss, params), ref_grads, strict=True):
         torch.testing.assert_close(g, r)
 
 
@@ -376,6 +376,6 @@ def test_gathered_log_softmax_matches_autograd_and_passes_gradcheck():
         (gz,) = torch.autograd.grad((out * w).sum(), z)
         (gref,) = torch.autograd.grad((ref * w).sum(), z)
         torch.testing.assert_close(gz, gref)
-        assert torch.autograd.gradcheck(lambda x: gathered_log_softmax(x, ids, t), (z,))
+        assert torch.autograd.gradcheck(lambda x, t=t: gathered_log_softmax(x, ids, t), (z,))
     empty = gathered_log_softmax(torch.zeros(0, 11, requires_grad=True), torch.zeros(0, 3, dtype=torch.long))
     assert empty.shape == (0, 3)

@@ -117,17 +117,37 @@ def topk_matrix(arr: pa.Array, k: int, dtype: type) -> np.ndarray:
     return flat.reshape(-1, k)
 
 
-def position_stats(topk_logprobs: np.ndarray) -> dict[str, np.ndarray]:
-    """Per-position teacher statistics from raw top-k logprobs [N, k] (definitions in the module docstring)."""
-    lp = np.sort(topk_logprobs.astype(np.float32), axis=1)[:, ::-1]
+def topk_entropy(topk_logprobs: np.ndarray) -> np.ndarray:
+    """Teacher entropy in nats over k+1 buckets (the top-k plus the tail as one bucket, not renormalised), from raw
+    T=1 top-k logprobs [N, k] (-inf: a missing entry) -> [N]. A lower bound on the full-vocabulary entropy.
+
+    The one definition of teacher entropy: `distill inspect` shows it (`position_stats`) and evaluation splits
+    kl_uncertain / kl_deterministic on it.
+    """
+    lp = _sorted_desc(topk_logprobs)
     p = np.exp(lp)
-    cum = np.cumsum(p, axis=1)
-    coverage = cum[:, -1]
+    return _bucket_entropy(lp, p, np.cumsum(p, axis=1)[:, -1])
+
+
+def _sorted_desc(topk_logprobs: np.ndarray) -> np.ndarray:
+    return np.sort(topk_logprobs.astype(np.float32), axis=1)[:, ::-1]
+
+
+def _bucket_entropy(lp: np.ndarray, p: np.ndarray, coverage: np.ndarray) -> np.ndarray:
+    """`topk_entropy` from the sorted logprobs, their probabilities and their sum (shared with `position_stats`)."""
     tail = np.clip(1.0 - coverage, 0.0, 1.0)
     plogp = np.where(p > 0, p * np.where(p > 0, lp, 0.0), 0.0).sum(axis=1)
     tail_term = np.where(tail > 0, tail * np.log(np.where(tail > 0, tail, 1.0)), 0.0)
-    entropy = np.maximum(-(plogp + tail_term), 0.0)
-    return {"entropy": entropy, "top1": p[:, 0], "coverage": coverage, "cum": cum}
+    return np.maximum(-(plogp + tail_term), 0.0)
+
+
+def position_stats(topk_logprobs: np.ndarray) -> dict[str, np.ndarray]:
+    """Per-position teacher statistics from raw top-k logprobs [N, k] (definitions in the module docstring)."""
+    lp = _sorted_desc(topk_logprobs)
+    p = np.exp(lp)
+    cum = np.cumsum(p, axis=1)
+    coverage = cum[:, -1]
+    return {"entropy": _bucket_entropy(lp, p, coverage), "top1": p[:, 0], "coverage": coverage, "cum": cum}
 
 
 def k_needed(cum: np.ndarray, level: float) -> np.ndarray:

@@ -1,28 +1,60 @@
-"""Stream a dataset's training split row group by row group into padded batches (`TrainStream`).
+"""The one reader: stream a dataset split row group by row group into padded batches (`TrainStream`).
 
-Memory is bounded by one shuffle window whatever the dataset size, the order is a function of
-(seed, epoch), and a saved `position` resumes with exactly the batches an uninterrupted run gets.
+Training takes endless shuffled epochs (`batches`): memory is bounded by one shuffle window whatever the
+dataset size, the order is a function of (seed, epoch), and a saved `position` resumes with exactly the
+batches an uninterrupted run gets. Evaluation takes one unshuffled pass in file order (`in_order`), through
+the same row-group units and the same collate, with the extra columns it needs beside each batch.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
-from pipeline.dataset.reader import Batch, shard_paths
-from pipeline.dataset.schema import DatasetError, read_manifest
-from pipeline.dataset.validate import verify_shards
 from pipeline.core import heldout_mask
+from pipeline.dataset.schema import DatasetError, Manifest, read_manifest
+from pipeline.dataset.validate import verify_shards
 
 _LOWER_HEX = re.compile(r"^[0-9a-f]{8}")
 STREAM_COLUMNS = ["prompt_token_ids", "completion_token_ids", "topk_token_ids", "topk_logprobs"]
+
+
+def shard_paths(dataset_dir: Path, manifest: Manifest | None = None) -> list[Path]:
+    """The committed shards, in order (files the manifest does not list are not part of the dataset)."""
+    manifest = manifest or read_manifest(dataset_dir)
+    return [Path(dataset_dir) / s.file for s in manifest.shards]
+
+
+@dataclass
+class Batch:
+    """Right-padded prompt+completion sequences; the loss positions select completion tokens.
+
+    `loss_mask[b, t]` is True where position t predicts a completion token (its next token), so
+    `hidden[loss_mask]` lines up row-for-row with `labels`, `topk_ids` and `topk_logprobs` ([N] / [N, k]).
+    """
+
+    input_ids: torch.Tensor  # [B, T]
+    attention_mask: torch.Tensor  # [B, T]
+    loss_mask: torch.Tensor  # [B, T] bool
+    labels: torch.Tensor  # [N]
+    topk_ids: torch.Tensor  # [N, k]
+    topk_logprobs: torch.Tensor  # [N, k]
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self.labels.numel())
+
+    def to(self, device: torch.device) -> Batch:
+        return Batch(*(t.to(device, non_blocking=True) for t in (self.input_ids, self.attention_mask, self.loss_mask,
+                                                               self.labels, self.topk_ids, self.topk_logprobs)))
 
 
 @dataclass
@@ -40,7 +72,7 @@ class Rows:
         return len(self.prompt_offsets) - 1
 
     @staticmethod
-    def from_table(table: pa.Table, k: int) -> "Rows":
+    def from_table(table: pa.Table, k: int) -> Rows:
         """Zero-copy where Arrow allows; slices and filtered tables are handled by rebasing the offsets."""
         def flat(name: str, depth: int) -> tuple[np.ndarray, np.ndarray]:
             col = table[name]
@@ -56,14 +88,14 @@ class Rows:
         lp, _ = flat("topk_logprobs", 2)
         return Rows(prompt, p_off, completion, c_off, ids.reshape(-1, k), lp.reshape(-1, k))
 
-    def take(self, idx: np.ndarray) -> "Rows":
+    def take(self, idx: np.ndarray) -> Rows:
         """The samples at `idx`, in that order (one vectorised gather per column)."""
         p_src, p_off = _gather_ranges(self.prompt_offsets, idx)
         c_src, c_off = _gather_ranges(self.completion_offsets, idx)
         return Rows(self.prompt[p_src], p_off, self.completion[c_src], c_off,
                     np.take(self.topk_ids, c_src, axis=0), np.take(self.topk_logprobs, c_src, axis=0))
 
-    def slice(self, lo: int, hi: int) -> "Rows":
+    def slice(self, lo: int, hi: int) -> Rows:
         """Samples [lo, hi) as views."""
         p0, p1 = self.prompt_offsets[lo], self.prompt_offsets[hi]
         c0, c1 = self.completion_offsets[lo], self.completion_offsets[hi]
@@ -71,13 +103,13 @@ class Rows:
                     self.completion_offsets[lo:hi + 1] - c0, self.topk_ids[c0:c1], self.topk_logprobs[c0:c1])
 
     @staticmethod
-    def concat(parts: list["Rows"], scratch: dict[str, np.ndarray] | None = None) -> "Rows":
+    def concat(parts: list[Rows], scratch: dict[str, np.ndarray] | None = None) -> Rows:
         """The parts one after the other. With `scratch`, the flat arrays are written into buffers kept there
         (grown as needed) and the result is a view of them, valid until the next concat with that scratch."""
         def offsets(name: str) -> np.ndarray:
             offs = [getattr(r, name) for r in parts]
             starts = np.cumsum([0] + [o[-1] for o in offs[:-1]])
-            return np.concatenate([offs[0][:1]] + [o[1:] + s for o, s in zip(offs, starts)])
+            return np.concatenate([offs[0][:1]] + [o[1:] + s for o, s in zip(offs, starts, strict=True)])
 
         def join(name: str) -> np.ndarray:
             arrays = [getattr(r, name) for r in parts]
@@ -119,7 +151,8 @@ def _collate(rows: Rows, idx: np.ndarray | None, pad_id: int) -> Batch:
         p_len, c_len = rows.prompt_offsets[idx + 1] - p_start, rows.completion_offsets[idx + 1] - c_start
     n = len(p_len)
     if n and p_len.min() < 1:
-        raise DatasetError("every sample needs at least one prompt token (the position that predicts its first completion token)")
+        raise DatasetError("every sample needs at least one prompt token "
+                           "(the position that predicts its first completion token)")
     seq = p_len + c_len
     width = int(seq.max()) if n else 0
     p_row, c_row = np.repeat(np.arange(n), p_len), np.repeat(np.arange(n), c_len)
@@ -138,7 +171,8 @@ def _collate(rows: Rows, idx: np.ndarray | None, pad_id: int) -> Batch:
         prompt = rows.prompt[p_start[p_row] + p_within]
         labels = rows.completion[c_src].astype(np.int64)
         topk_ids = np.take(rows.topk_ids, c_src, axis=0).astype(np.int64)
-        topk_lp = np.take(rows.topk_logprobs, c_src, axis=0).astype(np.float32, copy=False)  # the take is already a copy
+        # the take is already a copy
+        topk_lp = np.take(rows.topk_logprobs, c_src, axis=0).astype(np.float32, copy=False)
     flat_ids = np.full(n * width, pad_id, dtype=np.int64)
     flat_ids[p_row * width + p_within] = prompt
     c_pos = c_row * width + p_len[c_row] + c_within
@@ -169,7 +203,8 @@ class _Unit:
 
 
 class TrainStream:
-    """Endless, seeded, resumable padded batches of one split, streamed one row group at a time.
+    """Padded batches of one split, streamed one row group at a time: endless, seeded and resumable for
+    training (`batches`), or one pass in file order for evaluation (`in_order`).
 
     Epoch e: row groups in an order drawn from (seed, e), grouped into windows of >= `shuffle_rows`
     rows; each window's split rows are shuffled (seed, e, window) and cut into batches that run on
@@ -191,7 +226,8 @@ class TrainStream:
         if not self.manifest.shards:
             raise DatasetError(f"{dataset_dir}: the dataset has no committed shards yet; run the generate stage")
         verify_shards(self.dataset_dir, self.manifest)
-        self.split, self.batch_size, self.pad_id, self.seed, self.shuffle_rows = split, batch_size, pad_id, seed, shuffle_rows
+        self.split, self.batch_size, self.pad_id, self.seed = split, batch_size, pad_id, seed
+        self.shuffle_rows = shuffle_rows
         self.k = self.manifest.k
         self._footers: dict[Path, pq.FileMetaData] = {}  # parsed once; reopening a shard then skips its footer
         self.units = []
@@ -240,7 +276,8 @@ class TrainStream:
         pf = pq.ParquetFile(unit.path, metadata=self._footers[unit.path])
         return Rows.from_table(pf.read_row_group(unit.row_group, columns=STREAM_COLUMNS, use_threads=False), self.k)
 
-    def _window(self, epoch: int, index: int, units: list[_Unit], scratch: dict | None = None) -> tuple[Rows, np.ndarray]:
+    def _window(self, epoch: int, index: int, units: list[_Unit],
+                scratch: dict | None = None) -> tuple[Rows, np.ndarray]:
         """All rows of the window's row groups (joined: one copy, into `scratch` if given) and the shuffled
         order of its split rows."""
         units = [u for u in units if u.kept]  # a row group of the other split only is never read (order unchanged)
@@ -291,11 +328,66 @@ class TrainStream:
             self.position = {"epoch": epoch, "batch": b + 1}
             yield collate_rows(pending, self.pad_id)
 
+    def tables(self, columns: Sequence[str], *, limit_prompts: int | None = None) -> Iterator[pa.Table]:
+        """The split's rows in file order, one row group at a time, as tables of `columns`. With `limit_prompts`,
+        only the rows of the split's first that many prompt ids in file order (all of their rows, wherever they lie)."""
+        chosen = None if limit_prompts is None else self._first_prompts(limit_prompts)
+        for unit in self.units:
+            if not unit.kept:
+                continue
+            pf = pq.ParquetFile(unit.path, metadata=self._footers[unit.path])
+            keep = unit.keep
+            if chosen is not None:
+                ids = pf.read_row_group(unit.row_group, columns=["prompt_id"], use_threads=False)["prompt_id"]
+                keep = keep & pc.is_in(ids, value_set=chosen.cast(ids.type)).to_numpy()
+                if not keep.any():
+                    continue
+            table = pf.read_row_group(unit.row_group, columns=list(columns), use_threads=False)
+            yield table if keep.all() else table.filter(pa.array(keep, pa.bool_()))
+
+    def _first_prompts(self, limit: int) -> pa.Array:
+        """The split's first `limit` distinct prompt ids in file order (reading only prompt_id, stopping early)."""
+        seen: dict[str, None] = {}
+        for unit in self.units:
+            if len(seen) >= limit:
+                break
+            if not unit.kept:
+                continue
+            pf = pq.ParquetFile(unit.path, metadata=self._footers[unit.path])
+            ids = pf.read_row_group(unit.row_group, columns=["prompt_id"], use_threads=False)["prompt_id"]
+            for pid in ids.filter(pa.array(unit.keep, pa.bool_())).to_pylist():
+                if len(seen) >= limit:
+                    break
+                seen.setdefault(pid)
+        return pa.array(list(seen), pa.string())
+
+    def in_order(self, columns: Sequence[str] = (), *,
+                 limit_prompts: int | None = None) -> Iterator[tuple[Batch, pa.Table]]:
+        """One unshuffled pass over the split in file order (evaluation): batches of `batch_size` consecutive
+        samples (the last may be short), collated as `batches` collates them, each with the same samples'
+        `columns` as a table. Memory holds about one row group and one batch."""
+        read = STREAM_COLUMNS + [c for c in columns if c not in STREAM_COLUMNS]
+        pending: list[pa.Table] = []
+        rows = 0
+        for table in self.tables(read, limit_prompts=limit_prompts):
+            pending.append(table)
+            rows += table.num_rows
+            while rows >= self.batch_size:
+                joined = pa.concat_tables(pending, promote_options="permissive")  # shards may differ in nullability
+                yield self._collate_table(joined.slice(0, self.batch_size), columns)
+                pending, rows = [joined.slice(self.batch_size)], rows - self.batch_size
+        if rows:
+            yield self._collate_table(pa.concat_tables(pending, promote_options="permissive"), columns)
+
+    def _collate_table(self, table: pa.Table, columns: Sequence[str]) -> tuple[Batch, pa.Table]:
+        return collate_rows(Rows.from_table(table, self.k), self.pad_id), table.select(list(columns))
+
     def batches(self, start: dict | None = None) -> Iterator[Batch]:
         """Batches forever, epoch after epoch, from `start` (a saved `position`) or the beginning."""
         epoch, batch = (int(start["epoch"]), int(start["batch"])) if start else (0, 0)
         if not 0 <= batch <= self.batches_per_epoch:
-            raise DatasetError(f"position {start} is outside an epoch of {self.batches_per_epoch} batches (another dataset or batch size?)")
+            raise DatasetError(f"position {start} is outside an epoch of {self.batches_per_epoch} batches "
+                               "(another dataset or batch size?)")
         self.position = {"epoch": epoch, "batch": batch}
         while True:
             yield from self._epoch(epoch, batch)

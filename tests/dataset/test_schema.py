@@ -7,8 +7,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.dataset.reader import collate, load_samples
-from tests.helpers import copy_dataset, fake_generation, tiny_manifest
+from tests.helpers import copy_dataset, fake_generation, read_rows, tiny_manifest
 from pipeline.dataset.schema import (IDS_LEAF, LP_LEAF, TOKEN_LP_LEAF, Manifest, SamplingRecord, StorageRecord, TeacherRecord,
                                      arrow_schema, build_table, quantize_logprobs, read_manifest)
 from pipeline.dataset.validate import DatasetInvalid, validate_dataset
@@ -28,7 +27,7 @@ def test_round_trip_within_stated_bound(tmp_path, dtype):
     write_manifest(tmp_path, manifest)
     commit_shard(tmp_path, manifest, write_shard(tmp_path, 0, table, prompts=3,
                                                  heldout_fraction=manifest.heldout_fraction))
-    samples = load_samples(tmp_path)
+    samples = read_rows(tmp_path)
     flat = [g for per in gens for g in per]
     assert len(samples) == 6 and samples.prompt_ids == ["a", "a", "b", "b", "c", "c"]
     bound = read_manifest(tmp_path).storage.max_logprob_error
@@ -48,7 +47,7 @@ def test_generated_dataset_invariants(generated):
     manifest = read_manifest(generated.dataset_dir)
     assert manifest.complete and manifest.k == 8 and manifest.logprobs_mode == "raw"
     assert manifest.total_samples == manifest.num_prompts == 96 and len(manifest.shards) == 3
-    s = load_samples(generated.dataset_dir)
+    s = read_rows(generated.dataset_dir)
     for ids, lp, tok, tlp in zip(s.topk_ids, s.topk_logprobs, s.completion_tokens, s.token_logprobs):
         assert ids.shape == lp.shape == (len(tok), 8) and len(tlp) == len(tok)
         assert (np.diff(lp, axis=1) <= 1e-6).all()  # sorted descending
@@ -68,7 +67,7 @@ def test_hf_datasets_loads_the_shards(generated):
     assert ds.num_rows == 96
     row = ds[0]
     assert len(row["topk_token_ids"]) == len(row["completion_token_ids"]) and len(row["topk_token_ids"][0]) == 8
-    s = load_samples(generated.dataset_dir)  # the shards' order: row 0 is the first sample of shard 0
+    s = read_rows(generated.dataset_dir)  # the shards' order: row 0 is the first sample of shard 0
     np.testing.assert_array_equal(np.array(row["topk_logprobs"], np.float32), s.topk_logprobs[0])
     np.testing.assert_array_equal(np.array(row["topk_token_ids"]), s.topk_ids[0])
 
@@ -129,7 +128,7 @@ def test_shards_are_required_and_older_nullable_shards_still_read(tmp_path):
     assert str(schemas[1]).count("required int32 field_id=-1 element") == 3  # prompt, completion, top-k ids
 
     assert validate_dataset(tmp_path).samples == 6
-    samples = load_samples(tmp_path)
+    samples = read_rows(tmp_path)
     assert [len(t) for t in samples.completion_tokens] == [3, 4, 5] * 2
     stream = TrainStream(tmp_path, split="all", batch_size=6, pad_id=0)
     batch = next(stream.batches())
@@ -153,7 +152,7 @@ def test_float16_logprobs_are_written_plain_for_duckdb(tmp_path):
     assert validate_dataset(tmp_path).samples == 1
     duckdb = pytest.importorskip("duckdb")
     got = duckdb.sql(f"select topk_logprobs from read_parquet('{path}')").fetchall()[0][0]
-    np.testing.assert_array_equal(np.array(got, np.float32), load_samples(tmp_path).topk_logprobs[0])
+    np.testing.assert_array_equal(np.array(got, np.float32), read_rows(tmp_path).topk_logprobs[0])
 
 
 def test_old_manifest_without_storage_reads_as_unrecorded(generated, tmp_path):
@@ -170,7 +169,7 @@ def test_pandas_and_duckdb_read_the_plain_types(generated):
     import pandas as pd
 
     files = sorted(str(p) for p in (generated.dataset_dir / "shards").glob("*.parquet"))
-    s = load_samples(generated.dataset_dir)
+    s = read_rows(generated.dataset_dir)
     df = pd.concat([pd.read_parquet(f) for f in files], ignore_index=True)
     assert len(df) == 96
     np.testing.assert_array_equal(np.stack(df["topk_logprobs"][0]), s.topk_logprobs[0])
@@ -178,12 +177,3 @@ def test_pandas_and_duckdb_read_the_plain_types(generated):
     row = duckdb.sql(f"select topk_token_ids, topk_logprobs from read_parquet({files!r}) limit 1").fetchall()[0]
     np.testing.assert_array_equal(np.array(row[0]), s.topk_ids[0])
     np.testing.assert_allclose(np.array(row[1]), s.topk_logprobs[0], atol=0)
-
-
-def test_collate_aligns_positions_with_labels(generated):
-    s = load_samples(generated.dataset_dir)
-    batch = collate(s, [0, 1, 2], pad_id=0)
-    assert int(batch.loss_mask.sum()) == batch.n_tokens == sum(len(s.completion_tokens[i]) for i in range(3))
-    # position t predicts token t+1: the token after each masked position is the label
-    nxt = batch.input_ids[:, 1:][batch.loss_mask[:, :-1]]
-    assert nxt.tolist() == batch.labels.tolist()

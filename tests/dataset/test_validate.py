@@ -7,7 +7,6 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.dataset.reader import collate, load_samples
 from tests.helpers import copy_dataset, fake_generation, tiny_manifest
 from pipeline.dataset.schema import (IDS_LEAF, LP_LEAF, TOKEN_LP_LEAF, Manifest, SamplingRecord, StorageRecord, TeacherRecord,
                                      arrow_schema, build_table, quantize_logprobs, read_manifest)
