@@ -57,8 +57,13 @@ def run_direct(cfg: RunConfig) -> dict:
     t0 = time.perf_counter()
     evaluate(cfg)
     seconds["eval"] = time.perf_counter() - t0
-    return {"seconds": seconds, "total": time.perf_counter() - t_all, "samples": gen.samples, "tokens": gen.tokens,
-            "final_loss": tr.final_loss}
+    return {
+        "seconds": seconds,
+        "total": time.perf_counter() - t_all,
+        "samples": gen.samples,
+        "tokens": gen.tokens,
+        "final_loss": tr.final_loss,
+    }
 
 
 def start_ephemeral_api() -> float:
@@ -81,9 +86,15 @@ def run_flow(cfg: RunConfig) -> dict:
     gen = out.generate
     # time spent inside the task bodies (teacher shards, training loop, evaluation), as the stages report it
     inside = {"generate": gen.teacher_seconds, "train": out.train.seconds, "eval": out.eval.get("seconds")}
-    return {"seconds": {s: out.seconds[s] for s in STAGES}, "total": total, "samples": gen.samples,
-            "tokens": gen.tokens, "final_loss": out.train.final_loss, "generate_cached": gen.cached,
-            "inside_tasks": inside}
+    return {
+        "seconds": {s: out.seconds[s] for s in STAGES},
+        "total": total,
+        "samples": gen.samples,
+        "tokens": gen.tokens,
+        "final_loss": out.train.final_loss,
+        "generate_cached": gen.cached,
+        "inside_tasks": inside,
+    }
 
 
 def task_costs(n: int = 8) -> dict[str, float]:
@@ -108,7 +119,11 @@ def task_costs(n: int = 8) -> dict[str, float]:
     @flow(name="bench-task-costs")
     def costs(n: int) -> dict[str, float]:
         out = {}
-        for name, fn in (("plain", plain), ("persisted_result_and_cache_key", persisted), ("tag_concurrency_limit_1", limited)):
+        for name, fn in (
+            ("plain", plain),
+            ("persisted_result_and_cache_key", persisted),
+            ("tag_concurrency_limit_1", limited),
+        ):
             fn(-1)  # warm
             t0 = time.perf_counter()
             for i in range(n):
@@ -128,7 +143,9 @@ def pct(a: float, b: float) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", default="configs/demo-hf.yaml")
-    ap.add_argument("--set", dest="overrides", action="append", default=[], help="Config override key=value (repeatable).")
+    ap.add_argument(
+        "--set", dest="overrides", action="append", default=[], help="Config override key=value (repeatable)."
+    )
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--out", type=Path, default=Path("data/runs/bench-orchestration"))
     ap.add_argument("--json", type=Path, default=Path("bench/results/orchestration.json"))
@@ -153,20 +170,41 @@ def main() -> None:
     per_task = task_costs()
     direct = statistics.median(r["direct"]["total"] for r in rounds)
     flow = statistics.median(r["flow"]["total"] for r in rounds)
-    same_work = all(r["direct"]["samples"] == r["flow"]["samples"] and r["direct"]["tokens"] == r["flow"]["tokens"]
-                    and not r["flow"]["generate_cached"] for r in rounds)
+    same_work = all(
+        r["direct"]["samples"] == r["flow"]["samples"]
+        and r["direct"]["tokens"] == r["flow"]["tokens"]
+        and not r["flow"]["generate_cached"]
+        for r in rounds
+    )
     # within one flow run, so not skewed by the load changing between passes: wall time outside the task bodies
     inside = statistics.median(sum(v or 0.0 for v in r["flow"]["inside_tasks"].values()) for r in rounds)
-    summary = {"direct_total_s": direct, "flow_total_s": flow, "ephemeral_server_start_s": server_start,
-               "overhead_pct": pct(flow, direct), "overhead_pct_with_server_start": pct(flow + server_start, direct),
-               "flow_inside_tasks_s": inside, "flow_outside_tasks_s": flow - inside,
-               "flow_outside_tasks_pct": 100.0 * (flow - inside) / inside, "same_work": same_work,
-               "seconds_per_noop_task": per_task}
-    result = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "config": args.config,
-              "overrides": args.overrides, "repeats": args.repeats,
-              "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
-                          "loadavg_before": load_before, "loadavg_after": os.getloadavg()},
-              "rounds": rounds, "summary": summary}
+    summary = {
+        "direct_total_s": direct,
+        "flow_total_s": flow,
+        "ephemeral_server_start_s": server_start,
+        "overhead_pct": pct(flow, direct),
+        "overhead_pct_with_server_start": pct(flow + server_start, direct),
+        "flow_inside_tasks_s": inside,
+        "flow_outside_tasks_s": flow - inside,
+        "flow_outside_tasks_pct": 100.0 * (flow - inside) / inside,
+        "same_work": same_work,
+        "seconds_per_noop_task": per_task,
+    }
+    result = {
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "config": args.config,
+        "overrides": args.overrides,
+        "repeats": args.repeats,
+        "machine": {
+            "cpus": os.cpu_count(),
+            "platform": platform.platform(),
+            "python": platform.python_version(),
+            "loadavg_before": load_before,
+            "loadavg_after": os.getloadavg(),
+        },
+        "rounds": rounds,
+        "summary": summary,
+    }
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(result, indent=2))
 
@@ -176,11 +214,19 @@ def main() -> None:
         f = statistics.median(r["flow"]["seconds"][stage] for r in rounds)
         print(f"{stage:10s} {d:10.1f} {f:10.1f} {pct(f, d):+8.1f}")
     print(f"{'total':10s} {direct:10.1f} {flow:10.1f} {summary['overhead_pct']:+8.1f}")
-    print(f"inside the flow's task bodies {inside:.1f}s, outside them {flow - inside:.1f}s "
-          f"({summary['flow_outside_tasks_pct']:+.1f}% of the stage work)")
+    print(
+        f"inside the flow's task bodies {inside:.1f}s, outside them {flow - inside:.1f}s "
+        f"({summary['flow_outside_tasks_pct']:+.1f}% of the stage work)"
+    )
     print("seconds per no-op task run: " + ", ".join(f"{k} {v:.3f}" for k, v in per_task.items()))
-    print(f"ephemeral API start (once): {server_start:.1f}s -> overhead incl. start {summary['overhead_pct_with_server_start']:+.1f}%")
-    print(f"same samples/tokens in both and generate not served from cache: {same_work}; load average {load_before} -> {os.getloadavg()}")
+    print(
+        f"ephemeral API start (once): {server_start:.1f}s -> overhead incl. start "
+        f"{summary['overhead_pct_with_server_start']:+.1f}%"
+    )
+    print(
+        f"same samples/tokens in both and generate not served from cache: {same_work}; load average {load_before} -> "
+        f"{os.getloadavg()}"
+    )
     print(f"wrote {args.json}")
 
 

@@ -24,8 +24,14 @@ import pyarrow.parquet as pq
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.dataset.schema import (ShardInfo, StorageRecord, arrow_schema, quantize_logprobs, read_manifest,  # noqa: E402
-                                     shard_name)
+from pipeline.dataset.schema import (  # noqa: E402
+    ShardInfo,
+    StorageRecord,
+    arrow_schema,
+    quantize_logprobs,
+    read_manifest,
+    shard_name,
+)
 from pipeline.dataset.writer import commit_shard, write_manifest, write_shard  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -36,7 +42,9 @@ def _requantize(table: pa.Table, step: float) -> pa.Table:
     for name in ("token_logprobs", "topk_logprobs"):
         col = table[name].combine_chunks()
         inner = col if name == "token_logprobs" else col.flatten()
-        values = pa.array(quantize_logprobs(inner.flatten().to_numpy(zero_copy_only=False), step), inner.type.value_type)
+        values = pa.array(
+            quantize_logprobs(inner.flatten().to_numpy(zero_copy_only=False), step), inner.type.value_type
+        )
         new = pa.ListArray.from_arrays(inner.offsets, values, type=inner.type)
         if name == "topk_logprobs":
             new = pa.ListArray.from_arrays(col.offsets, new, type=col.type)
@@ -58,8 +66,18 @@ def prepare(src: Path, root: Path, sizes: list[int], *, split: bool, nullable: b
         for s in read_manifest(src).shards:
             table = _requantize(pq.read_table(src / s.file), manifest.storage.logprobs_step)
             table = table.cast(arrow_schema(manifest.logprobs_dtype, nullable=nullable))
-            manifest = commit_shard(base, manifest, write_shard(base, s.index, table, prompts=s.prompts, storage=manifest.storage,
-                                                                heldout_fraction=manifest.heldout_fraction))
+            manifest = commit_shard(
+                base,
+                manifest,
+                write_shard(
+                    base,
+                    s.index,
+                    table,
+                    prompts=s.prompts,
+                    storage=manifest.storage,
+                    heldout_fraction=manifest.heldout_fraction,
+                ),
+            )
     base_manifest = read_manifest(base)
     out = {}
     for size in sizes:
@@ -127,10 +145,21 @@ def child(dataset: Path, batch_size: int, mode: str) -> dict:
             b = collate_rows(rows.slice(lo, min(lo + batch_size, len(rows))), 0)
             tokens, padded, batches = tokens + b.n_tokens, padded + b.input_ids.numel(), batches + 1
         seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
-    return {"mode": mode, "dataset": str(dataset), "batches": batches, "completion_tokens": tokens, "padded_tokens": padded,
-            "seconds": seconds, "init_seconds": init, "cpu_seconds": cpu, "tokens_per_s": tokens / seconds,
-            "tokens_per_cpu_s": tokens / cpu, "rss_before_mib": base, "peak_rss_mib": _vm("VmHWM"),
-            "epoch2_tokens_per_cpu_s": steady / steady_cpu if mode == "stream" else None}
+    return {
+        "mode": mode,
+        "dataset": str(dataset),
+        "batches": batches,
+        "completion_tokens": tokens,
+        "padded_tokens": padded,
+        "seconds": seconds,
+        "init_seconds": init,
+        "cpu_seconds": cpu,
+        "tokens_per_s": tokens / seconds,
+        "tokens_per_cpu_s": tokens / cpu,
+        "rss_before_mib": base,
+        "peak_rss_mib": _vm("VmHWM"),
+        "epoch2_tokens_per_cpu_s": steady / steady_cpu if mode == "stream" else None,
+    }
 
 
 def collate_throughput(dataset: Path, batch_size: int, repeats: int = 3) -> dict:
@@ -158,7 +187,9 @@ def collate_throughput(dataset: Path, batch_size: int, repeats: int = 3) -> dict
     best = float("inf")
     for _ in range(repeats):
         t0 = time.process_time()
-        tokens = sum(collate_rows(rows.slice(lo, min(lo + batch_size, n)), 0).n_tokens for lo in range(0, n, batch_size))
+        tokens = sum(
+            collate_rows(rows.slice(lo, min(lo + batch_size, n)), 0).n_tokens for lo in range(0, n, batch_size)
+        )
         best = min(best, time.process_time() - t0)
     out["collate_rows_tokens_per_cpu_s"] = tokens / best
     return out | {"batch_size": batch_size, "samples": n}
@@ -180,44 +211,81 @@ def main() -> None:
         return
     # held-out rows in row groups of their own, or mixed in (before); required fields, or nullable (before 2026-12)
     layouts = {"split": (True, False), "interleaved": (False, False), "split-nullable": (True, True)}
-    dirs = {name: prepare(args.dataset, args.work / name, args.sizes, split=split, nullable=nullable)
-            for name, (split, nullable) in layouts.items()}
+    dirs = {
+        name: prepare(args.dataset, args.work / name, args.sizes, split=split, nullable=nullable)
+        for name, (split, nullable) in layouts.items()
+    }
     runs = []
     print(f"stream: median of {args.repeats} fresh processes per row (layouts alternate)")
-    print("| dataset | layout | reader | train tokens | batches | wall s (of which init) | CPU s | tokens/CPU-s | "
-          "epoch 2 tokens/CPU-s | RSS before (MiB) | peak RSS (MiB) |")
+    print(
+        "| dataset | layout | reader | train tokens | batches | wall s (of which init) | CPU s | tokens/CPU-s | "
+        "epoch 2 tokens/CPU-s | RSS before (MiB) | peak RSS (MiB) |"
+    )
     print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
-    jobs = [(s, layout, "stream") for s in args.sizes for layout in layouts] + [(s, "split", "whole-split") for s in args.sizes if s <= 10]
+    jobs = [(s, layout, "stream") for s in args.sizes for layout in layouts] + [
+        (s, "split", "whole-split") for s in args.sizes if s <= 10
+    ]
     for size, layout, mode in jobs:
         reps = []
         for _ in range(args.repeats if mode == "stream" else 1):
-            res = subprocess.run([sys.executable, __file__, "--child", str(dirs[layout][size]), "--batch-size",
-                                  str(args.batch_size), "--mode", mode], capture_output=True, text=True, check=True)
+            res = subprocess.run(
+                [
+                    sys.executable,
+                    __file__,
+                    "--child",
+                    str(dirs[layout][size]),
+                    "--batch-size",
+                    str(args.batch_size),
+                    "--mode",
+                    mode,
+                ],
+                capture_output=True,
+                text=True,
+                check=True,
+            )
             reps.append(json.loads(res.stdout.strip().splitlines()[-1]))
         r = sorted(reps, key=lambda x: x["tokens_per_cpu_s"])[len(reps) // 2] | {
-            "size": size, "layout": layout, "tokens_per_cpu_s_all": [x["tokens_per_cpu_s"] for x in reps],
-            "epoch2_tokens_per_cpu_s_all": [x["epoch2_tokens_per_cpu_s"] for x in reps]}
+            "size": size,
+            "layout": layout,
+            "tokens_per_cpu_s_all": [x["tokens_per_cpu_s"] for x in reps],
+            "epoch2_tokens_per_cpu_s_all": [x["epoch2_tokens_per_cpu_s"] for x in reps],
+        }
         runs.append(r)
-        print(f"| {size}x demo | {layout} | {mode} | {r['completion_tokens']:,} | {r['batches']:,} | {r['seconds']:.1f} "
-              f"({r['init_seconds']:.1f}) | {r['cpu_seconds']:.1f} | {r['tokens_per_cpu_s']:,.0f} | "
-              f"{'—' if mode != 'stream' else format(float(np.median(r['epoch2_tokens_per_cpu_s_all'])), ',.0f')} | {r['rss_before_mib']} | "
-              f"{r['peak_rss_mib']} |", flush=True)
+        print(
+            f"| {size}x demo | {layout} | {mode} | {r['completion_tokens']:,} | {r['batches']:,} | {r['seconds']:.1f} "
+            f"({r['init_seconds']:.1f}) | {r['cpu_seconds']:.1f} | {r['tokens_per_cpu_s']:,.0f} | "
+            f"{'—' if mode != 'stream' else format(float(np.median(r['epoch2_tokens_per_cpu_s_all'])), ',.0f')} | "
+            f"{r['rss_before_mib']} | "
+            f"{r['peak_rss_mib']} |",
+            flush=True,
+        )
     for size in args.sizes:
         mine = [r for r in runs if r["size"] == size and r["mode"] == "stream"]
         by = {r["layout"]: r["tokens_per_cpu_s"] for r in mine}
         by2 = {r["layout"]: float(np.median(r["epoch2_tokens_per_cpu_s_all"])) for r in mine}
-        print(f"{size}x tokens/CPU-s (first epoch; epoch 2): split / interleaved = {by['split'] / by['interleaved']:.2f}x; "
-              f"{by2['split'] / by2['interleaved']:.2f}x, required / nullable = {by['split'] / by['split-nullable']:.2f}x; "
-              f"{by2['split'] / by2['split-nullable']:.2f}x")
+        print(
+            f"{size}x tokens/CPU-s (first epoch; epoch 2): split / interleaved = "
+            f"{by['split'] / by['interleaved']:.2f}x; "
+            f"{by2['split'] / by2['interleaved']:.2f}x, required / nullable = "
+            f"{by['split'] / by['split-nullable']:.2f}x; "
+            f"{by2['split'] / by2['split-nullable']:.2f}x"
+        )
     coll = {name: collate_throughput(d[1], args.batch_size) for name, d in dirs.items()}
     c = coll["split"]
-    print(f"\ncollation only (batch {args.batch_size}, one thread): collate_rows {c['collate_rows_tokens_per_cpu_s']:,.0f} "
-          "tokens/CPU-s")
+    print(
+        f"\ncollation only (batch {args.batch_size}, one thread): collate_rows "
+        f"{c['collate_rows_tokens_per_cpu_s']:,.0f} "
+        "tokens/CPU-s"
+    )
     for name, c in coll.items():
-        print(f"Parquet decoding alone ({name} layout; the row groups the stream reads; split tokens): "
-              f"{c['decode_only_tokens_per_cpu_s']:,.0f} tokens/CPU-s")
+        print(
+            f"Parquet decoding alone ({name} layout; the row groups the stream reads; split tokens): "
+            f"{c['decode_only_tokens_per_cpu_s']:,.0f} tokens/CPU-s"
+        )
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"machine": platform.platform(), "cpus": os.cpu_count(), "runs": runs, "collate": coll}, indent=1))
+    args.out.write_text(
+        json.dumps({"machine": platform.platform(), "cpus": os.cpu_count(), "runs": runs, "collate": coll}, indent=1)
+    )
     print(f"wrote {args.out}")
 
 

@@ -26,11 +26,19 @@ import pyarrow.parquet as pq
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.dataset.schema import (IDS_LEAF, LP_LEAF, StorageRecord, arrow_schema, build_table,  # noqa: E402
-                                     quantize_logprobs, stable_id)
-from pipeline.dataset.stream import shard_paths  # noqa: E402
+from pipeline.dataset.schema import (  # noqa: E402  # noqa: E402
+    IDS_LEAF,
+    LP_LEAF,
+    Generation,  # noqa: E402
+    StorageRecord,
+    arrow_schema,
+    build_table,
+    committed_shards,
+    quantize_logprobs,
+    read_manifest,
+    stable_id,
+)
 from pipeline.dataset.writer import parquet_options  # noqa: E402
-from pipeline.dataset.schema import Generation  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 TOPK = ("topk_token_ids", "topk_logprobs")
@@ -38,7 +46,10 @@ TOPK = ("topk_token_ids", "topk_logprobs")
 
 def demo_table(dataset_dir: Path) -> pa.Table:
     """The demo dataset as one table with float32 logprobs (the reference values), in the current writer's schema."""
-    table = pa.concat_tables((pq.read_table(p) for p in shard_paths(dataset_dir)), promote_options="permissive")
+    table = pa.concat_tables(
+        (pq.read_table(p) for p in committed_shards(dataset_dir, read_manifest(dataset_dir))),
+        promote_options="permissive",
+    )
     lp = table["topk_logprobs"].type.value_type.value_type
     if lp != pa.float32():
         raise SystemExit(f"{dataset_dir}: reference logprobs must be float32, found {lp}")
@@ -55,15 +66,26 @@ def realistic_table(samples: int, length: int, *, vocab: int, zipf: float, seed:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=length + 16)
+    cfg = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=length + 16,
+    )
     model = LlamaForCausalLM(cfg).eval()
     prior = -zipf * torch.log1p(torch.arange(vocab).float())
     gens, prompts = [], []
     with torch.no_grad():
         for lo in range(0, samples, 256):
             b = min(256, samples - lo)
-            ids = torch.multinomial(torch.softmax(prior, 0), b * 8, replacement=True).view(b, 8) if zipf else torch.randint(0, vocab, (b, 8))
+            ids = (
+                torch.multinomial(torch.softmax(prior, 0), b * 8, replacement=True).view(b, 8)
+                if zipf
+                else torch.randint(0, vocab, (b, 8))
+            )
             prompts += ids.tolist()
             out = model(ids, use_cache=True)
             past, logits = out.past_key_values, out.logits[:, -1]
@@ -71,19 +93,36 @@ def realistic_table(samples: int, length: int, *, vocab: int, zipf: float, seed:
             for _ in range(length):
                 logp = torch.log_softmax(5 * logits / logits.std(-1, keepdim=True) + prior, -1)
                 u = torch.rand(b, 1)  # inverse-CDF sampling: torch.multinomial is ~10x slower at this vocab
-                tok = torch.searchsorted(logp.exp().cumsum(-1), u * logp.exp().sum(-1, keepdim=True)).clamp_max(vocab - 1)
+                tok = torch.searchsorted(logp.exp().cumsum(-1), u * logp.exp().sum(-1, keepdim=True)).clamp_max(
+                    vocab - 1
+                )
                 top = logp.topk(k, -1)
                 for key, val in zip(steps, (tok[:, 0], logp.gather(-1, tok)[:, 0], top.indices, top.values)):
                     steps[key].append(val)
                 out = model(tok, past_key_values=past, use_cache=True)
                 past, logits = out.past_key_values, out.logits[:, -1]
             arr = {key: torch.stack(v, 1).numpy() for key, v in steps.items()}
-            gens += [Generation(arr["tok"][i].astype(np.int32), arr["tlp"][i].astype(np.float32),
-                                arr["ids"][i].astype(np.int32), arr["lp"][i].astype(np.float32), "length")
-                     for i in range(b)]
+            gens += [
+                Generation(
+                    arr["tok"][i].astype(np.int32),
+                    arr["tlp"][i].astype(np.float32),
+                    arr["ids"][i].astype(np.int32),
+                    arr["lp"][i].astype(np.float32),
+                    "length",
+                )
+                for i in range(b)
+            ]
     pids = [stable_id("bench", i) for i in range(samples)]
-    return build_table(prompt_ids=pids, prompts=[""] * samples, prompt_token_ids=prompts, generations=[[g] for g in gens],
-                       completions=[[""]] * samples, seed=seed, logprobs_dtype="float32", logprobs_step=0.0)
+    return build_table(
+        prompt_ids=pids,
+        prompts=[""] * samples,
+        prompt_token_ids=prompts,
+        generations=[[g] for g in gens],
+        completions=[[""]] * samples,
+        seed=seed,
+        logprobs_dtype="float32",
+        logprobs_step=0.0,
+    )
 
 
 @dataclass
@@ -99,7 +138,7 @@ def candidates() -> list[Candidate]:
     """Encodings to compare; `StorageRecord()` is what the writer uses by default."""
     plain = {IDS_LEAF: "PLAIN", LP_LEAF: "PLAIN"}
     bss = {IDS_LEAF: "BYTE_STREAM_SPLIT", LP_LEAF: "BYTE_STREAM_SPLIT"}
-    step7, step8, step6 = 2.0 ** -7, 2.0 ** -8, 2.0 ** -6
+    step7, step8, step6 = 2.0**-7, 2.0**-8, 2.0**-6
     S = StorageRecord
     legacy = S(compression_level=1, row_group_size=256, logprobs_step=0.0, column_encoding={}, dictionary_columns=["*"])
     out = [
@@ -107,29 +146,80 @@ def candidates() -> list[Candidate]:
         Candidate("v1 writer, f16", legacy, "float16"),
         Candidate("f32 plain", S(compression_level=1, row_group_size=256, logprobs_step=0.0, column_encoding=plain)),
         Candidate("f32 BSS", S(compression_level=1, row_group_size=256, logprobs_step=0.0, column_encoding=bss)),
-        Candidate("f16 BSS (DuckDB cannot read)", S(compression_level=1, row_group_size=256, logprobs_step=0.0, column_encoding=bss),
-                  "float16", {"column_encoding": bss}),
-        Candidate("f32 grid 2^-7 BSS", S(compression_level=1, row_group_size=256, logprobs_step=step7, column_encoding=bss)),
-        Candidate("f16 grid 2^-7 BSS (DuckDB cannot read)", S(compression_level=1, row_group_size=256, logprobs_step=step7,
-                                                                column_encoding=bss), "float16", {"column_encoding": bss}),
-        Candidate("f16 grid 2^-7 PLAIN", S(compression_level=1, row_group_size=256, logprobs_step=step7, column_encoding=bss), "float16"),
-        Candidate("f32 grid 2^-7 BSS, ids dict", S(compression_level=1, row_group_size=256, logprobs_step=step7,
-                                                   column_encoding={LP_LEAF: "BYTE_STREAM_SPLIT"}, dictionary_columns=[IDS_LEAF])),
-        Candidate("f32 grid 2^-7 BSS, ids plain", S(compression_level=1, row_group_size=256, logprobs_step=step7,
-                                                    column_encoding={IDS_LEAF: "PLAIN", LP_LEAF: "BYTE_STREAM_SPLIT"})),
-        Candidate("f32 grid 2^-7 BSS, ids delta", S(compression_level=1, row_group_size=256, logprobs_step=step7,
-                                                    column_encoding={IDS_LEAF: "DELTA_BINARY_PACKED", LP_LEAF: "BYTE_STREAM_SPLIT"})),
-        Candidate("f32 grid 2^-8 BSS", S(compression_level=1, row_group_size=256, logprobs_step=step8, column_encoding=bss)),
-        Candidate("f16 grid 2^-7 PLAIN, zstd 9", S(compression_level=9, row_group_size=1024, logprobs_step=step7,
-                                                   column_encoding=bss), "float16"),
-        Candidate("f32 grid 2^-6 BSS", S(compression_level=1, row_group_size=256, logprobs_step=step6, column_encoding=bss)),
+        Candidate(
+            "f16 BSS (DuckDB cannot read)",
+            S(compression_level=1, row_group_size=256, logprobs_step=0.0, column_encoding=bss),
+            "float16",
+            {"column_encoding": bss},
+        ),
+        Candidate(
+            "f32 grid 2^-7 BSS", S(compression_level=1, row_group_size=256, logprobs_step=step7, column_encoding=bss)
+        ),
+        Candidate(
+            "f16 grid 2^-7 BSS (DuckDB cannot read)",
+            S(compression_level=1, row_group_size=256, logprobs_step=step7, column_encoding=bss),
+            "float16",
+            {"column_encoding": bss},
+        ),
+        Candidate(
+            "f16 grid 2^-7 PLAIN",
+            S(compression_level=1, row_group_size=256, logprobs_step=step7, column_encoding=bss),
+            "float16",
+        ),
+        Candidate(
+            "f32 grid 2^-7 BSS, ids dict",
+            S(
+                compression_level=1,
+                row_group_size=256,
+                logprobs_step=step7,
+                column_encoding={LP_LEAF: "BYTE_STREAM_SPLIT"},
+                dictionary_columns=[IDS_LEAF],
+            ),
+        ),
+        Candidate(
+            "f32 grid 2^-7 BSS, ids plain",
+            S(
+                compression_level=1,
+                row_group_size=256,
+                logprobs_step=step7,
+                column_encoding={IDS_LEAF: "PLAIN", LP_LEAF: "BYTE_STREAM_SPLIT"},
+            ),
+        ),
+        Candidate(
+            "f32 grid 2^-7 BSS, ids delta",
+            S(
+                compression_level=1,
+                row_group_size=256,
+                logprobs_step=step7,
+                column_encoding={IDS_LEAF: "DELTA_BINARY_PACKED", LP_LEAF: "BYTE_STREAM_SPLIT"},
+            ),
+        ),
+        Candidate(
+            "f32 grid 2^-8 BSS", S(compression_level=1, row_group_size=256, logprobs_step=step8, column_encoding=bss)
+        ),
+        Candidate(
+            "f16 grid 2^-7 PLAIN, zstd 9",
+            S(compression_level=9, row_group_size=1024, logprobs_step=step7, column_encoding=bss),
+            "float16",
+        ),
+        Candidate(
+            "f32 grid 2^-6 BSS", S(compression_level=1, row_group_size=256, logprobs_step=step6, column_encoding=bss)
+        ),
     ]
     for level in (3, 9, 19):
-        out.append(Candidate(f"f32 grid 2^-7 BSS, zstd {level}", S(compression_level=level, row_group_size=256,
-                                                                   logprobs_step=step7, column_encoding=bss)))
+        out.append(
+            Candidate(
+                f"f32 grid 2^-7 BSS, zstd {level}",
+                S(compression_level=level, row_group_size=256, logprobs_step=step7, column_encoding=bss),
+            )
+        )
     for rows in (1024, 4096):
-        out.append(Candidate(f"f32 grid 2^-7 BSS, zstd 9, rg {rows}", S(compression_level=9, row_group_size=rows,
-                                                                        logprobs_step=step7, column_encoding=bss)))
+        out.append(
+            Candidate(
+                f"f32 grid 2^-7 BSS, zstd 9, rg {rows}",
+                S(compression_level=9, row_group_size=rows, logprobs_step=step7, column_encoding=bss),
+            )
+        )
     out.append(Candidate("default StorageRecord()", S()))
     return out
 
@@ -138,7 +228,9 @@ def stored_table(table: pa.Table, c: Candidate) -> pa.Table:
     """`table` with logprobs as the candidate stores them (rounded to its grid, cast to its dtype)."""
     col = table["topk_logprobs"].combine_chunks()
     flat = col.flatten().flatten().to_numpy(zero_copy_only=False)
-    values = quantize_logprobs(flat, c.storage.logprobs_step).astype(np.float16 if c.logprobs_dtype == "float16" else np.float32)
+    values = quantize_logprobs(flat, c.storage.logprobs_step).astype(
+        np.float16 if c.logprobs_dtype == "float16" else np.float32
+    )
     lp_field = arrow_schema(c.logprobs_dtype).field("topk_logprobs")
     inner = pa.ListArray.from_arrays(col.flatten().offsets, pa.array(values), type=lp_field.type.value_type)
     nested = pa.ListArray.from_arrays(col.offsets, inner, type=lp_field.type)
@@ -170,13 +262,18 @@ def measure(table: pa.Table, c: Candidate, repeats: int = 2) -> dict:
     for r in range(md.num_row_groups):
         for i in range(md.num_columns):
             col = md.row_group(r).column(i)
-            per_col[col.path_in_schema.split(".")[0]] = per_col.get(col.path_in_schema.split(".")[0], 0) + col.total_compressed_size
+            per_col[col.path_in_schema.split(".")[0]] = (
+                per_col.get(col.path_in_schema.split(".")[0], 0) + col.total_compressed_size
+            )
     entries = len(ref)
     tokens = int(pc.sum(pc.list_value_length(table["completion_token_ids"])).as_py())
     finite = np.isfinite(ref)
     return {
-        "candidate": c.name, "logprobs_dtype": c.logprobs_dtype, "storage": c.storage.model_dump(),
-        "entries": entries, "tokens": tokens,
+        "candidate": c.name,
+        "logprobs_dtype": c.logprobs_dtype,
+        "storage": c.storage.model_dump(),
+        "entries": entries,
+        "tokens": tokens,
         "bytes_per_entry_topk": (per_col["topk_token_ids"] + per_col["topk_logprobs"]) / entries,
         "bytes_per_entry_ids": per_col["topk_token_ids"] / entries,
         "bytes_per_entry_logprobs": per_col["topk_logprobs"] / entries,
@@ -205,18 +302,25 @@ def main() -> None:
     for dname, table in datasets.items():
         lp = table["topk_logprobs"].combine_chunks().flatten().flatten().to_numpy(zero_copy_only=False).reshape(-1, 20)
         p = np.exp(lp.astype(np.float64))
-        print(f"\n### {dname}: {table.num_rows} samples, {len(lp)} tokens, top-1 prob {p[:, 0].mean():.3f}, "
-              f"top-20 mass {p.sum(1).mean():.3f}\n")
+        print(
+            f"\n### {dname}: {table.num_rows} samples, {len(lp)} tokens, top-1 prob {p[:, 0].mean():.3f}, "
+            f"top-20 mass {p.sum(1).mean():.3f}\n"
+        )
         print("| candidate | B/entry (ids + lp) | ids | lp | max err (nats) | write Mentry/s | read Mentry/s |")
         print("|---|---:|---:|---:|---:|---:|---:|")
         for c in candidates():
             r = measure(table, c) | {"dataset": dname}
             results.append(r)
-            print(f"| {c.name} | {r['bytes_per_entry_topk']:.3f} | {r['bytes_per_entry_ids']:.3f} | "
-                  f"{r['bytes_per_entry_logprobs']:.3f} | {r['max_abs_logprob_error']:.2g} | "
-                  f"{r['write_mentries_per_s']:.1f} | {r['read_mentries_per_s']:.1f} |", flush=True)
+            print(
+                f"| {c.name} | {r['bytes_per_entry_topk']:.3f} | {r['bytes_per_entry_ids']:.3f} | "
+                f"{r['bytes_per_entry_logprobs']:.3f} | {r['max_abs_logprob_error']:.2g} | "
+                f"{r['write_mentries_per_s']:.1f} | {r['read_mentries_per_s']:.1f} |",
+                flush=True,
+            )
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"machine": platform.platform(), "pyarrow": pa.__version__, "results": results}, indent=1))
+    args.out.write_text(
+        json.dumps({"machine": platform.platform(), "pyarrow": pa.__version__, "results": results}, indent=1)
+    )
     print(f"\nwrote {args.out}")
 
 

@@ -55,28 +55,43 @@ def run_variant(name: str, args) -> dict:
     device = torch.device(args.device)
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.hidden * 8 // 3,
-                                         num_hidden_layers=args.layers, num_attention_heads=args.hidden // 64,
-                                         num_key_value_heads=args.hidden // 64, max_position_embeddings=args.seq)).to(device)
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=args.vocab,
+            hidden_size=args.hidden,
+            intermediate_size=args.hidden * 8 // 3,
+            num_hidden_layers=args.layers,
+            num_attention_heads=args.hidden // 64,
+            num_key_value_heads=args.hidden // 64,
+            max_position_embeddings=args.seq,
+        )
+    ).to(device)
     t = TrainConfig(alpha=v["alpha"], kind=v["kind"], tail_bucket=v["tail_bucket"], loss_chunk_size=args.chunk)
     opt = make_optimizer(model, t, device)
     B, T, P, k = args.batch, args.seq, args.prompt, args.k
     g = torch.Generator().manual_seed(1)
     input_ids = torch.randint(0, args.vocab, (B, T), generator=g)
     loss_mask = torch.zeros(B, T, dtype=torch.bool)
-    loss_mask[:, P - 1:T - 1] = True
+    loss_mask[:, P - 1 : T - 1] = True
     n = int(loss_mask.sum())
     teacher = torch.randn(n, args.vocab, generator=g) * 3
     topk_lp, topk_ids = torch.log_softmax(teacher, -1).topk(k, -1)
     del teacher
-    batch = Batch(input_ids, torch.ones(B, T, dtype=torch.long), loss_mask, input_ids[:, P:].reshape(-1),
-                  topk_ids, topk_lp).to(device)
-    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    batch = Batch(
+        input_ids, torch.ones(B, T, dtype=torch.long), loss_mask, input_ids[:, P:].reshape(-1), topk_ids, topk_lp
+    ).to(device)
+    amp = (
+        torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    )
 
     def step() -> None:
         with amp:
             if v.get("naive"):
-                logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[batch.loss_mask].float()
+                logits = (
+                    model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+                    .logits[batch.loss_mask]
+                    .float()
+                )
                 ce = torch.nn.functional.cross_entropy(logits, batch.labels, reduction="sum")
                 kd = topk_divergence(logits, batch.topk_ids, batch.topk_logprobs, kind=t.kind).sum()
                 sums = LossSums(ce, kd, n)
@@ -109,8 +124,14 @@ def run_variant(name: str, args) -> dict:
         times.append(time.perf_counter() - t0)
     peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else _rss_kib("VmHWM") * 1024
     med = statistics.median(times)
-    return {"variant": name, "tokens_per_step": n, "median_step_s": med, "tokens_per_s": n / med,
-            "step_times_s": times, "peak_step_bytes": peak - base}
+    return {
+        "variant": name,
+        "tokens_per_step": n,
+        "median_step_s": med,
+        "tokens_per_s": n / med,
+        "step_times_s": times,
+        "peak_step_bytes": peak - base,
+    }
 
 
 def main() -> None:
@@ -142,15 +163,20 @@ def main() -> None:
         rows.append(json.loads(out.strip().splitlines()[-1]))
         print(f"  {name}: {rows[-1]['tokens_per_s']:.0f} tok/s", file=sys.stderr)
     ce = next((r for r in rows if r["variant"] == "ce_only"), None)
-    print(f"\ntraining step, {args.device}: vocab {args.vocab}, hidden {args.hidden}, {args.layers} layers, batch {args.batch}x{args.seq}, "
-          f"k={args.k}, loss chunk {args.chunk}, median of {args.steps} steps")
+    print(
+        f"\ntraining step, {args.device}: vocab {args.vocab}, hidden {args.hidden}, {args.layers} layers, batch "
+        f"{args.batch}x{args.seq}, "
+        f"k={args.k}, loss chunk {args.chunk}, median of {args.steps} steps"
+    )
     print(f"{'variant':18s} {'tok/s':>9s} {'vs CE':>7s} {'step ms':>8s} {'peak MiB':>9s} {'vs CE':>7s}")
     for r in rows:
         r["speed_vs_ce"] = r["tokens_per_s"] / ce["tokens_per_s"] if ce else None
         r["memory_vs_ce"] = r["peak_step_bytes"] / ce["peak_step_bytes"] if ce and ce["peak_step_bytes"] > 0 else None
-        fmt = lambda x: "" if x is None else f"{x:.2f}x"  # noqa: E731
-        print(f"{r['variant']:18s} {r['tokens_per_s']:9.0f} {fmt(r['speed_vs_ce']):>7s} {r['median_step_s'] * 1e3:8.1f} "
-              f"{r['peak_step_bytes'] / 2**20:9.1f} {fmt(r['memory_vs_ce']):>7s}")
+        fmt = lambda x: "" if x is None else f"{x:.2f}x"
+        print(
+            f"{r['variant']:18s} {r['tokens_per_s']:9.0f} {fmt(r['speed_vs_ce']):>7s} {r['median_step_s'] * 1e3:8.1f} "
+            f"{r['peak_step_bytes'] / 2**20:9.1f} {fmt(r['memory_vs_ce']):>7s}"
+        )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     meta = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "one"}
     args.out.write_text(json.dumps({"settings": meta, "machine": platform.platform(), "rows": rows}, indent=1))

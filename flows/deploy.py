@@ -35,7 +35,9 @@ def make_schedule(cron: str | None = None, interval: float | None = None, timezo
     try:
         return Cron(cron, timezone=timezone)
     except ValueError:
-        raise ScheduleError(f"invalid cron expression {cron!r}: expected 5 fields, e.g. \"0 3 * * *\" (03:00 daily)") from None
+        raise ScheduleError(
+            f'invalid cron expression {cron!r}: expected 5 fields, e.g. "0 3 * * *" (03:00 daily)'
+        ) from None
 
 
 def deployment_parameters(cfg: RunConfig, stages: Sequence[str]) -> dict:
@@ -43,20 +45,27 @@ def deployment_parameters(cfg: RunConfig, stages: Sequence[str]) -> dict:
     return {"cfg": cfg.model_dump(mode="json"), "stages": list(stages)}
 
 
-def build_deployment(cfg: RunConfig, stages: Sequence[str], schedule: Schedule | None = None,
-                     name: str | None = None) -> RunnerDeployment:
+def build_deployment(
+    cfg: RunConfig, stages: Sequence[str], schedule: Schedule | None = None, name: str | None = None
+) -> RunnerDeployment:
     """A deployment `distill/<name>` (default: the config's name) running `stages` of `cfg` on `schedule`."""
     return distill_flow.to_deployment(
-        name=name or cfg.name, schedule=schedule, parameters=deployment_parameters(cfg, stages),
-        tags=["distill"], description=f"distill run {cfg.name!r}: stages {', '.join(stages)}; outputs in {cfg.output_dir}")
+        name=name or cfg.name,
+        schedule=schedule,
+        parameters=deployment_parameters(cfg, stages),
+        tags=["distill"],
+        description=f"distill run {cfg.name!r}: stages {', '.join(stages)}; outputs in {cfg.output_dir}",
+    )
 
 
 def require_server() -> str:
     """The API URL of a running Prefect server; schedules need one (the ephemeral API has no scheduler)."""
     url = PREFECT_API_URL.value()
     if not url:
-        raise ScheduleError("scheduling needs a Prefect server: run `prefect server start --host 127.0.0.1` and "
-                            "`export PREFECT_API_URL=http://127.0.0.1:4200/api`")
+        raise ScheduleError(
+            "scheduling needs a Prefect server: run `prefect server start --host 127.0.0.1` and "
+            "`export PREFECT_API_URL=http://127.0.0.1:4200/api`"
+        )
     return url
 
 

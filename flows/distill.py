@@ -28,6 +28,7 @@ from pipeline.config import STAGES, ConfigError, RunConfig
 from pipeline.core import as_user_error
 from pipeline.dataset.schema import SHARDS_DIR, shard_name
 from pipeline.dataset.stats import summarize, summary_rows
+from pipeline.dataset.validate import shard_is_intact
 from pipeline.evaluate import evaluate
 from pipeline.generate import (
     GeneratePlan,
@@ -37,7 +38,6 @@ from pipeline.generate import (
     ShardFailed,
     generate_dataset,
     run_shard,
-    shard_is_intact,
 )
 from pipeline.teachers import Endpoint, open_teacher
 from pipeline.train import TrainResult, train_student
@@ -55,9 +55,16 @@ def _retry_on_infrastructure(task, task_run, state) -> bool:
     return False
 
 
-@task(name="generate-shard", tags=[TEACHER_TAG], persist_result=True, retries=2, retry_delay_seconds=10,
-      retry_condition_fn=_retry_on_infrastructure, task_run_name="generate-shard-{index}",
-      cache_key_fn=lambda ctx, params: f"distill-shard-{params['key']}-{params['index']}")
+@task(
+    name="generate-shard",
+    tags=[TEACHER_TAG],
+    persist_result=True,
+    retries=2,
+    retry_delay_seconds=10,
+    retry_condition_fn=_retry_on_infrastructure,
+    task_run_name="generate-shard-{index}",
+    cache_key_fn=lambda ctx, params: f"distill-shard-{params['key']}-{params['index']}",
+)
 def shard_task(cfg: RunConfig, key: str, index: int, urls: list[str], served_model_name: str | None = None) -> dict:
     """The teacher completes shard `index` and its file is written; the orchestrator commits it.
 
@@ -65,7 +72,9 @@ def shard_task(cfg: RunConfig, key: str, index: int, urls: list[str], served_mod
     goes to urls[i % n] and each retry moves on to the next server ([] = the model in this process).
     """
     run = TaskRunContext.get().task_run
-    endpoint = Endpoint(urls[(index + max(run.run_count, 1) - 1) % len(urls)], served_model_name) if urls else Endpoint()
+    endpoint = (
+        Endpoint(urls[(index + max(run.run_count, 1) - 1) % len(urls)], served_model_name) if urls else Endpoint()
+    )
     teacher = open_teacher(cfg, endpoint)
     try:
         done = run_shard(cfg, index, teacher, endpoint)
@@ -102,12 +111,23 @@ class PrefectShards:
         served = endpoints[0].model_name if urls else None
         if not urls:
             for index in plan.todo:
-                yield self._outcome(plan, index, self._task(plan, index, tags=set())(cfg, plan.fingerprint, index, [],
-                                                                                   return_state=True), cfg, urls, served)
+                yield self._outcome(
+                    plan,
+                    index,
+                    self._task(plan, index, tags=set())(cfg, plan.fingerprint, index, [], return_state=True),
+                    cfg,
+                    urls,
+                    served,
+                )
             return
         slots = ensure_teacher_limit(len(urls))
-        get_run_logger().info("%d shard(s) to generate over %d endpoint(s), concurrency limit tag:%s = %d",
-                              len(plan.todo), len(urls), TEACHER_TAG, slots)
+        get_run_logger().info(
+            "%d shard(s) to generate over %d endpoint(s), concurrency limit tag:%s = %d",
+            len(plan.todo),
+            len(urls),
+            TEACHER_TAG,
+            slots,
+        )
         futures = {self._task(plan, i).submit(cfg, plan.fingerprint, i, urls, served): i for i in plan.todo}
         for future in as_completed(list(futures)):
             future.wait()  # sets the future's final state; `.state` alone may re-read it from the API
@@ -131,7 +151,9 @@ class PrefectShards:
         done.cached = result["task_run_id"] != run_id
         if done.cached and not shard_is_intact(plan.dataset_dir, done.shard):
             get_run_logger().warning("cached shard %d does not match its file; generating it again", index)
-            fresh = shard_task.with_options(refresh_cache=True)(cfg, plan.fingerprint, index, urls, served, return_state=True)
+            fresh = shard_task.with_options(refresh_cache=True)(
+                cfg, plan.fingerprint, index, urls, served, return_state=True
+            )
             return self._outcome(plan, index, fresh, cfg, urls, served)
         return done
 
@@ -157,13 +179,22 @@ def train_task(cfg: RunConfig, dataset_dir: str, resume: bool = False) -> TrainR
     """Student trains on the dataset's training split; a retry (or `resume`) continues from the last checkpoint."""
     resume = resume or current_task_run.run_count > 1
     result = train_student(cfg, dataset_dir=Path(dataset_dir), resume=resume)
-    create_table_artifact(key="training-metrics", description=f"student {result.student_dir}", table=[_round(asdict(result))])
+    create_table_artifact(
+        key="training-metrics", description=f"student {result.student_dir}", table=[_round(asdict(result))]
+    )
     log = json.loads((Path(result.student_dir) / "train_log.json").read_text())
-    create_table_artifact(key="training-curve", description="loss parts and throughput per logged step",
-                          table=[_round(h) for h in log["history"]])
+    create_table_artifact(
+        key="training-curve",
+        description="loss parts and throughput per logged step",
+        table=[_round(h) for h in log["history"]],
+    )
     curve = (Path(result.student_dir) / "loss_curves.png").resolve()
-    create_link_artifact(key="loss-curves", link=curve.as_uri(), link_text=f"loss curves ({curve})",
-                         description="PNG of CE, KD and total loss against steps, written beside the student")
+    create_link_artifact(
+        key="loss-curves",
+        link=curve.as_uri(),
+        link_text=f"loss curves ({curve})",
+        description="PNG of CE, KD and total loss against steps, written beside the student",
+    )
     return result
 
 
@@ -179,20 +210,37 @@ def eval_task(cfg: RunConfig, dataset_dir: str, student_dir: str) -> dict:
 def dataset_artifacts(cfg: RunConfig, gen: GenerateResult) -> None:
     """The generate stage's summary and the full `distill inspect` table of the dataset."""
     t = cfg.teacher
-    create_table_artifact(key="dataset-summary", description=f"dataset {gen.dataset_dir}", table=[
-        {"samples": gen.samples, "tokens": gen.tokens, "shards generated": gen.shards_written,
-         "shards cached": gen.shards_cached, "k": cfg.generate.k, "teacher": t.model, "backend": t.backend,
-         "temperature": cfg.generate.temperature, "seconds": round(gen.seconds, 1),
-         "teacher seconds": round(gen.teacher_seconds, 1),
-         "endpoints": ", ".join(f"{u}: {n}" for u, n in gen.endpoints.items()) or "-"}])
+    create_table_artifact(
+        key="dataset-summary",
+        description=f"dataset {gen.dataset_dir}",
+        table=[
+            {
+                "samples": gen.samples,
+                "tokens": gen.tokens,
+                "shards generated": gen.shards_written,
+                "shards cached": gen.shards_cached,
+                "k": cfg.generate.k,
+                "teacher": t.model,
+                "backend": t.backend,
+                "temperature": cfg.generate.temperature,
+                "seconds": round(gen.seconds, 1),
+                "teacher seconds": round(gen.teacher_seconds, 1),
+                "endpoints": ", ".join(f"{u}: {n}" for u, n in gen.endpoints.items()) or "-",
+            }
+        ],
+    )
     # what `distill inspect` prints: coverage, entropy, k for 90/95/99% of the mass, sampled ranks
-    create_table_artifact(key="dataset-inspect", description=f"distill inspect {gen.dataset_dir}",
-                          table=summary_rows(summarize(Path(gen.dataset_dir))))
+    create_table_artifact(
+        key="dataset-inspect",
+        description=f"distill inspect {gen.dataset_dir}",
+        table=summary_rows(summarize(Path(gen.dataset_dir))),
+    )
 
 
 @flow(name="distill", log_prints=True, task_runner=ThreadPoolTaskRunner(max_workers=16))
-def distill_flow(cfg: RunConfig, stages: list[str] = list(STAGES), resume: bool = False) -> RunOutput:
-    """Run the requested stages of one distillation run; returns per-stage results and timings."""
+def distill_flow(cfg: RunConfig, stages: list[str] | None = None, resume: bool = False) -> RunOutput:
+    """Run the requested stages (default: all) of one distillation run; returns per-stage results and timings."""
+    stages = list(STAGES) if stages is None else stages
     unknown = set(stages) - set(STAGES)
     if unknown:
         raise ConfigError(f"unknown stage(s) {sorted(unknown)}; choose from {', '.join(STAGES)}")

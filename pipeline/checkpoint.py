@@ -52,8 +52,16 @@ def checkpoint_root(student_dir: Path) -> Path:
     return Path(student_dir) / CHECKPOINTS
 
 
-def save_checkpoint(root: Path, step: int, *, model_state: dict[str, torch.Tensor], optimizer_state: dict,
-                    state: dict, keep: int, tied: dict[str, list[str]] | None = None) -> Path:
+def save_checkpoint(
+    root: Path,
+    step: int,
+    *,
+    model_state: dict[str, torch.Tensor],
+    optimizer_state: dict,
+    state: dict,
+    keep: int,
+    tied: dict[str, list[str]] | None = None,
+) -> Path:
     """Write checkpoint `step` under `root` atomically, then delete all but the newest `keep`.
 
     `model_state`: the student's full weights; tied aliases (`pipeline.compat.tied_names`) are dropped as safetensors'
@@ -66,8 +74,11 @@ def save_checkpoint(root: Path, step: int, *, model_state: dict[str, torch.Tenso
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     aliases = {alias: kept for kept, group in (tied or {}).items() for alias in group}
-    save_file({k: v.contiguous() for k, v in model_state.items() if k not in aliases}, str(tmp / "model.safetensors"),
-              metadata=aliases or None)
+    save_file(
+        {k: v.contiguous() for k, v in model_state.items() if k not in aliases},
+        str(tmp / "model.safetensors"),
+        metadata=aliases or None,
+    )
     torch.save(optimizer_state, tmp / "optimizer.pt")
     rng = {"cpu": torch.get_rng_state()}
     if torch.cuda.is_available():

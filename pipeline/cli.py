@@ -8,20 +8,26 @@ import math
 import os
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="Offline knowledge distillation: a teacher writes top-k logprobs to Parquet, a student learns from them.")
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Offline knowledge distillation: a teacher writes top-k logprobs to Parquet, a student learns from them.",
+)
 console = Console()
 err_console = Console(stderr=True)
 _state = {"debug": False}
 
 ConfigArg = Annotated[Path, typer.Argument(help="YAML run config (see configs/).")]
-SetOpt = Annotated[Optional[list[str]], typer.Option("--set", "-s", help="Override a config key: train.lr=1e-3 (repeatable).")]
+SetOpt = Annotated[
+    list[str] | None, typer.Option("--set", "-s", help="Override a config key: train.lr=1e-3 (repeatable).")
+]
 
 
 def _fail(message: str) -> None:
@@ -54,13 +60,17 @@ def _config(path: Path, overrides: list[str] | None):
 
 
 @app.callback()
-def main(debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks.")] = False,
-         verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log at INFO level.")] = False) -> None:
+def main(
+    debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks.")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log at INFO level.")] = False,
+) -> None:
     _state["debug"] = debug
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # per-file weight loading bars drown the stage progress
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
 
 
 def _stages(stages: str) -> list[str]:
@@ -75,9 +85,12 @@ def _stages(stages: str) -> list[str]:
 
 
 @app.command()
-def run(config: ConfigArg, stages: Annotated[str, typer.Option(help="Comma-separated: generate,train,eval.")] = "generate,train,eval",
-        resume: Annotated[bool, typer.Option(help="Train from the newest good checkpoint of an interrupted run.")] = False,
-        set_: SetOpt = None) -> None:
+def run(
+    config: ConfigArg,
+    stages: Annotated[str, typer.Option(help="Comma-separated: generate,train,eval.")] = "generate,train,eval",
+    resume: Annotated[bool, typer.Option(help="Train from the newest good checkpoint of an interrupted run.")] = False,
+    set_: SetOpt = None,
+) -> None:
     """Run the Prefect flow (ephemeral local API unless PREFECT_API_URL is set)."""
     cfg = _config(config, set_)
     wanted = _stages(stages)
@@ -95,13 +108,16 @@ def run(config: ConfigArg, stages: Annotated[str, typer.Option(help="Comma-separ
 
 
 @app.command()
-def schedule(config: ConfigArg,
-             cron: Annotated[Optional[str], typer.Option(help='Cron expression in UTC, e.g. "0 3 * * *" (03:00 daily).')] = None,
-             interval: Annotated[Optional[float], typer.Option(help="Run every SECONDS instead of on a cron.")] = None,
-             stages: Annotated[str, typer.Option(help="Comma-separated: generate,train,eval.")] = "generate,train,eval",
-             name: Annotated[Optional[str], typer.Option(help="Deployment name (default: the config's name).")] = None,
-             set_: SetOpt = None) -> None:
-    """Serve the flow as deployment distill/NAME on a schedule; runs execute here until Ctrl-C (needs PREFECT_API_URL)."""
+def schedule(
+    config: ConfigArg,
+    cron: Annotated[str | None, typer.Option(help='Cron expression in UTC, e.g. "0 3 * * *" (03:00 daily).')] = None,
+    interval: Annotated[float | None, typer.Option(help="Run every SECONDS instead of on a cron.")] = None,
+    stages: Annotated[str, typer.Option(help="Comma-separated: generate,train,eval.")] = "generate,train,eval",
+    name: Annotated[str | None, typer.Option(help="Deployment name (default: the config's name).")] = None,
+    set_: SetOpt = None,
+) -> None:
+    """Serve the flow as deployment distill/NAME on a schedule; runs execute here until Ctrl-C (needs a server:
+    PREFECT_API_URL)."""
     cfg = _config(config, set_)
     wanted = _stages(stages)
     from flows.deploy import build_deployment, make_schedule, require_server, serve_deployment
@@ -112,7 +128,9 @@ def schedule(config: ConfigArg,
     url = _run(require_server)
     os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "pipeline")
     deployment = build_deployment(cfg, wanted, schedule=when, name=name)
-    console.print(f"deployment distill/{deployment.name} on {url}: {cron or f'every {interval:g}s'}, stages {','.join(wanted)}")
+    console.print(
+        f"deployment distill/{deployment.name} on {url}: {cron or f'every {interval:g}s'}, stages {','.join(wanted)}"
+    )
     serve_deployment(deployment)
 
 
@@ -128,8 +146,11 @@ def print_summary(out) -> None:
         table.add_row("generate", f"{out.seconds['generate']:.1f}", f"{g.samples} samples, {g.tokens} tokens, {note}")
     if out.train:
         t = out.train
-        table.add_row("train", f"{out.seconds['train']:.1f}",
-                      f"{t.steps} steps, loss {t.final_loss:.4f}, {t.tokens_per_s:.0f} tok/s")
+        table.add_row(
+            "train",
+            f"{out.seconds['train']:.1f}",
+            f"{t.steps} steps, loss {t.final_loss:.4f}, {t.tokens_per_s:.0f} tok/s",
+        )
     if out.eval:
         table.add_row("eval", f"{out.seconds['eval']:.1f}", f"{out.eval['heldout_prompts']} held-out prompts")
     console.print(table)
@@ -140,13 +161,22 @@ def print_summary(out) -> None:
 
 
 def print_metrics(metrics: dict) -> None:
-    keys = ["accuracy", "greedy_accuracy", "kl", "kl_uncertain", "kl_deterministic", "top1_agreement", "topk_mass", "ce",
-            "perplexity"]
+    keys = [
+        "accuracy",
+        "greedy_accuracy",
+        "kl",
+        "kl_uncertain",
+        "kl_deterministic",
+        "top1_agreement",
+        "topk_mass",
+        "ce",
+        "perplexity",
+    ]
     table = Table(title="held-out: teacher vs student")
     table.add_column("metric")
     table.add_column("teacher", justify="right")
     table.add_column("student", justify="right")
-    fmt = lambda v: "" if v is None else f"{v:.4f}"  # noqa: E731
+    fmt = lambda v: "" if v is None else f"{v:.4f}"
     for key in keys:
         if key in metrics["student"] or key in metrics["teacher"]:
             table.add_row(key, fmt(metrics["teacher"].get(key)), fmt(metrics["student"].get(key)))
@@ -163,13 +193,20 @@ def generate(config: ConfigArg, set_: SetOpt = None) -> None:
     _run(preflight, cfg, ["generate"])
     res = _run(generate_dataset, cfg)
     state = "teacher ran" if res.teacher_loaded else "already complete, teacher not started"
-    console.print(f"dataset {res.dataset_dir}: {res.samples} samples, {res.tokens} tokens ({state}, {res.seconds:.1f}s)")
+    console.print(
+        f"dataset {res.dataset_dir}: {res.samples} samples, {res.tokens} tokens ({state}, {res.seconds:.1f}s)"
+    )
 
 
 @app.command()
-def train(config: ConfigArg, dataset: Annotated[Optional[Path], typer.Option(help="Dataset dir (default: output_dir/dataset).")] = None,
-          resume: Annotated[bool, typer.Option(help="Continue from the newest good checkpoint in <student>/checkpoints.")] = False,
-          set_: SetOpt = None) -> None:
+def train(
+    config: ConfigArg,
+    dataset: Annotated[Path | None, typer.Option(help="Dataset dir (default: output_dir/dataset).")] = None,
+    resume: Annotated[
+        bool, typer.Option(help="Continue from the newest good checkpoint in <student>/checkpoints.")
+    ] = False,
+    set_: SetOpt = None,
+) -> None:
     """Train stage only: student on an existing dataset (the teacher is never loaded).
 
     Runs on several GPUs/processes unchanged: `accelerate launch -m pipeline.cli train CONFIG`.
@@ -183,14 +220,19 @@ def train(config: ConfigArg, dataset: Annotated[Optional[Path], typer.Option(hel
     res = _run(train_student, cfg, dataset_dir=dataset, resume=resume)
     if res.resumed_from_step:
         console.print(f"resumed from the checkpoint at step {res.resumed_from_step}")
-    console.print(f"student {res.student_dir}: {res.steps} steps, final loss {res.final_loss:.4f} "
-                  f"(ce {res.final_ce:.4f}, kd {res.final_kd:.4f}), {res.tokens_per_s:.0f} tok/s, {res.seconds:.1f}s")
+    console.print(
+        f"student {res.student_dir}: {res.steps} steps, final loss {res.final_loss:.4f} "
+        f"(ce {res.final_ce:.4f}, kd {res.final_kd:.4f}), {res.tokens_per_s:.0f} tok/s, {res.seconds:.1f}s"
+    )
 
 
 @app.command("eval")
-def eval_(config: ConfigArg, dataset: Annotated[Optional[Path], typer.Option()] = None,
-          student: Annotated[Optional[Path], typer.Option(help="Student dir (default: output_dir/student).")] = None,
-          set_: SetOpt = None) -> None:
+def eval_(
+    config: ConfigArg,
+    dataset: Annotated[Path | None, typer.Option()] = None,
+    student: Annotated[Path | None, typer.Option(help="Student dir (default: output_dir/student).")] = None,
+    set_: SetOpt = None,
+) -> None:
     """Evaluate a student against the teacher on held-out prompts; writes metrics.json."""
     from pipeline.evaluate import evaluate
 
@@ -208,10 +250,12 @@ def validate(dataset: Annotated[Path, typer.Argument(help="Dataset directory.")]
 
 
 @app.command()
-def inspect(dataset: Annotated[Path, typer.Argument(help="Dataset directory.")],
-            sample: Annotated[Optional[int], typer.Option(help="Show sample N (0-based) token by token.")] = None,
-            report: Annotated[Optional[Path], typer.Option(help="Write a self-contained HTML report here.")] = None,
-            json_: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")] = False) -> None:
+def inspect(
+    dataset: Annotated[Path, typer.Argument(help="Dataset directory.")],
+    sample: Annotated[int | None, typer.Option(help="Show sample N (0-based) token by token.")] = None,
+    report: Annotated[Path | None, typer.Option(help="Write a self-contained HTML report here.")] = None,
+    json_: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")] = False,
+) -> None:
     """Summarize a dataset (lengths, teacher entropy, top-k coverage, sampled ranks); one sample; an HTML report."""
     from pipeline.dataset.schema import read_manifest
     from pipeline.dataset.stats import sample_view, summarize
@@ -267,31 +311,55 @@ def print_sample(view, top: int = 4) -> None:
     if not view.decoded:
         console.print("[yellow]token texts are ids: the teacher's tokenizer was not found locally[/]")
     table = Table(show_header=True)
-    for name, justify in (("pos", "right"), ("token", "left"), ("p", "right"), ("rank", "right"),
-                          ("entropy", "right"), (f"teacher top-{top}", "left")):
+    for name, justify in (
+        ("pos", "right"),
+        ("token", "left"),
+        ("p", "right"),
+        ("rank", "right"),
+        ("entropy", "right"),
+        (f"teacher top-{top}", "left"),
+    ):
         table.add_column(name, justify=justify)
     for t in view.tokens:
         top_text = "  ".join(f"{text!r} {p:.3f}".replace(" 0.", " .") for _, text, p in t.candidates[:top])
-        table.add_row(str(t.position), Text(repr(t.text)), f"{math.exp(t.logprob):.3f}",
-                      str(t.rank) if t.rank is not None else f">{view.k}", f"{t.entropy:.3f}", Text(top_text))
+        table.add_row(
+            str(t.position),
+            Text(repr(t.text)),
+            f"{math.exp(t.logprob):.3f}",
+            str(t.rank) if t.rank is not None else f">{view.k}",
+            f"{t.entropy:.3f}",
+            Text(top_text),
+        )
     console.print(table)
 
 
 @app.command("prepare-demo")
-def prepare_demo(out: Annotated[Path, typer.Option(help="Where the demo teacher goes.")] = Path("data/models/demo-teacher"),
-                 steps: Annotated[int, typer.Option(help="Teacher training steps (about 3 minutes on 2 cores).")] = 750,
-                 seconds: Annotated[float, typer.Option(help="Upper bound on teacher training time.")] = 1800.0) -> None:
+def prepare_demo(
+    out: Annotated[Path, typer.Option(help="Where the demo teacher goes.")] = Path("data/models/demo-teacher"),
+    steps: Annotated[int, typer.Option(help="Teacher training steps (about 3 minutes on 2 cores).")] = 750,
+    seconds: Annotated[float, typer.Option(help="Upper bound on teacher training time.")] = 1800.0,
+) -> None:
     """Build the demo task's tokenizer and teacher if they are not there yet."""
     from pipeline.demo.build import ensure_demo_teacher
 
-    path = _run(ensure_demo_teacher, out, max_steps=steps, max_seconds=seconds,
-                log=lambda m: err_console.print(m, highlight=False))
+    path = _run(
+        ensure_demo_teacher,
+        out,
+        max_steps=steps,
+        max_seconds=seconds,
+        log=lambda m: err_console.print(m, highlight=False),
+    )
     info = json.loads((Path(path) / "distill_demo.json").read_text())
-    console.print(f"demo teacher {path}: {info.get('steps')} steps, greedy accuracy {info.get('greedy_accuracy', float('nan')):.3f}, "
-                  f"sampled accuracy {info.get('sampled_accuracy', float('nan')):.3f}")
+    console.print(
+        f"demo teacher {path}: {info.get('steps')} steps, greedy accuracy "
+        f"{info.get('greedy_accuracy', float('nan')):.3f}, "
+        f"sampled accuracy {info.get('sampled_accuracy', float('nan')):.3f}"
+    )
     if info.get("greedy_accuracy", 0) < 0.5:
-        err_console.print(f"[bold yellow]warning:[/] the demo teacher is weak (stopped at {info.get('steps')} steps after "
-                          f"{info.get('seconds')}s); delete {path} and rerun `make demo` on a less busy machine")
+        err_console.print(
+            f"[bold yellow]warning:[/] the demo teacher is weak (stopped at {info.get('steps')} steps after "
+            f"{info.get('seconds')}s); delete {path} and rerun `make demo` on a less busy machine"
+        )
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ import difflib
 import hashlib
 import json
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -86,7 +86,7 @@ class VLLMServerTeacherConfig(_Strict):
     trust_remote_code: bool = False
 
     @model_validator(mode="after")
-    def _one_way_to_reach_servers(self) -> "VLLMServerTeacherConfig":
+    def _one_way_to_reach_servers(self) -> VLLMServerTeacherConfig:
         if self.url and self.urls:
             raise ValueError("set teacher.url (one server) or teacher.urls (several), not both")
         if self.num_servers > 1 and (self.url or self.urls):
@@ -100,12 +100,14 @@ class VLLMServerTeacherConfig(_Strict):
         return [u.rstrip("/") for u in ([self.url] if self.url else self.urls)]
 
     def identity(self) -> dict:
-        """Fields that change the outputs (URLs, server count, key, concurrency and retries do not: seeds are per request)."""
-        return self.model_dump(include={"backend", "model", "revision", "dtype", "max_model_len", "tensor_parallel_size",
-                                        "extra_args"})
+        """Fields that change the outputs (URLs, server count, key, concurrency and retries do not: seeds are
+        per request)."""
+        return self.model_dump(
+            include={"backend", "model", "revision", "dtype", "max_model_len", "tensor_parallel_size", "extra_args"}
+        )
 
 
-TeacherConfig = Annotated[Union[HFTeacherConfig, VLLMServerTeacherConfig], Field(discriminator="backend")]
+TeacherConfig = Annotated[HFTeacherConfig | VLLMServerTeacherConfig, Field(discriminator="backend")]
 
 
 class PromptsConfig(_Strict):
@@ -164,7 +166,7 @@ class StudentConfig(_Strict):
     trust_remote_code: bool = False
 
     @model_validator(mode="after")
-    def _one_source(self) -> "StudentConfig":
+    def _one_source(self) -> StudentConfig:
         if (self.model is None) == (self.shrink is None):
             raise ValueError("set exactly one of student.model (pretrained) or student.shrink (from teacher config)")
         return self
@@ -246,8 +248,13 @@ class RunConfig(_Strict):
     def generate_fingerprint(self) -> str:
         """Hash of everything that changes the teacher's output (teacher, prompts, sampling)."""
         # on_invalid only decides whether a run stops; the prompts that are kept are the same
-        return _hash({"teacher": self.teacher.identity(), "prompts": self.prompts.model_dump(exclude={"on_invalid"}),
-                      "generate": self.generate.model_dump()})
+        return _hash(
+            {
+                "teacher": self.teacher.identity(),
+                "prompts": self.prompts.model_dump(exclude={"on_invalid"}),
+                "generate": self.generate.model_dump(),
+            }
+        )
 
     def train_fingerprint(self) -> str:
         """Hash of what a resumed training run must share with the run that wrote the checkpoint."""

@@ -53,12 +53,16 @@ def make_accelerator(t: TrainConfig):
     from accelerate.utils import DistributedType
 
     accelerator = Accelerator(cpu=t.device == "cpu")
-    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and \
-            accelerator.distributed_type == DistributedType.MULTI_CPU:
+    if (
+        os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+        and accelerator.distributed_type == DistributedType.MULTI_CPU
+    ):
         _fsdp_on_cpu(accelerator)
     if accelerator.distributed_type == DistributedType.FSDP and not accelerator.is_fsdp2:
-        raise FSDPSetupError("FSDP version 1 is not supported by the train loop: use FSDP2 "
-                             "(`accelerate launch --use_fsdp --fsdp_version 2 ...`, or FSDP_VERSION=2)")
+        raise FSDPSetupError(
+            "FSDP version 1 is not supported by the train loop: use FSDP2 "
+            "(`accelerate launch --use_fsdp --fsdp_version 2 ...`, or FSDP_VERSION=2)"
+        )
     return accelerator
 
 
@@ -78,8 +82,9 @@ def _fsdp_on_cpu(accelerator) -> None:
     state.fsdp_plugin = FullyShardedDataParallelPlugin()
     state.distributed_type = DistributedType.FSDP
     set_process_distributed_type(DistributedType.FSDP)
-    log.info("FSDP on CPU (gloo): accelerate's FSDP%d plugin applied to MULTI_CPU processes",
-             state.fsdp_plugin.fsdp_version)
+    log.info(
+        "FSDP on CPU (gloo): accelerate's FSDP%d plugin applied to MULTI_CPU processes", state.fsdp_plugin.fsdp_version
+    )
 
 
 def is_fsdp(accelerator) -> bool:
@@ -89,8 +94,9 @@ def is_fsdp(accelerator) -> bool:
     return accelerator.distributed_type == DistributedType.FSDP
 
 
-def full_weights(accelerator, model, wrapper: StudentWrapper,
-                 tied: dict[str, list[str]] | None = None) -> dict[str, torch.Tensor]:
+def full_weights(
+    accelerator, model, wrapper: StudentWrapper, tied: dict[str, list[str]] | None = None
+) -> dict[str, torch.Tensor]:
     """The student's full (unsharded) weights under their HF names on rank 0, {} elsewhere.
 
     Collective under FSDP: every rank must call it. The gathered copies of a tied tensor (`tied`) are made
@@ -111,8 +117,10 @@ def full_weights(accelerator, model, wrapper: StudentWrapper,
 
 def _rekey_optimizer(osd: dict, rename) -> dict:
     """A name-keyed optimizer state dict with every parameter name passed through `rename`."""
-    return {"state": {rename(k): v for k, v in osd["state"].items()},
-            "param_groups": [{**g, "params": [rename(p) for p in g["params"]]} for g in osd["param_groups"]]}
+    return {
+        "state": {rename(k): v for k, v in osd["state"].items()},
+        "param_groups": [{**g, "params": [rename(p) for p in g["params"]]} for g in osd["param_groups"]],
+    }
 
 
 def full_optimizer_state(accelerator, model, wrapper: StudentWrapper, opt) -> dict:
@@ -141,19 +149,26 @@ def load_checkpoint(ckpt: Checkpoint, accelerator, model, wrapper: StudentWrappe
     legacy = bool(osd) and any(isinstance(k, int) for k in osd["state"])  # opt.state_dict() of older versions
     if fsdp:
         if accelerator.reduce(torch.tensor(int(legacy), device=accelerator.device), "sum").item():
-            raise CheckpointMismatchError(f"{ckpt.path} has an index-keyed optimizer state (an older version wrote "
-                                          "it); resume it without FSDP once, or train without --resume")
+            raise CheckpointMismatchError(
+                f"{ckpt.path} has an index-keyed optimizer state (an older version wrote "
+                "it); resume it without FSDP once, or train without --resume"
+            )
         weights = {prefix + k: v for k, v in read_weights(ckpt, tied).items()} if main else {}
         # rank 0 reads the files; each rank receives only its shards
         options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
         set_model_state_dict(model, weights, options=options)
-        set_optimizer_state_dict(model, inner, _rekey_optimizer(osd, lambda k: prefix + k) if main else {},
-                                 options=options)
+        set_optimizer_state_dict(
+            model, inner, _rekey_optimizer(osd, lambda k: prefix + k) if main else {}, options=options
+        )
     else:
         wrapper.student.load_state_dict(read_weights(ckpt, tied), strict=True)
         if legacy:
             inner.load_state_dict(osd)
         else:
-            set_optimizer_state_dict(model, inner, _rekey_optimizer(osd, lambda k: prefix + k),
-                                     options=StateDictOptions(full_state_dict=True))
+            set_optimizer_state_dict(
+                model,
+                inner,
+                _rekey_optimizer(osd, lambda k: prefix + k),
+                options=StateDictOptions(full_state_dict=True),
+            )
     restore_rng(ckpt)

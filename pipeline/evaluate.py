@@ -43,8 +43,9 @@ def _checker(task: str):
     return None
 
 
-def heldout_batches(dataset_dir: Path, *, batch_size: int, pad_id: int, max_prompts: int,
-                    columns: list[str] | None = None) -> Iterator[tuple[Batch, pa.Table]]:
+def heldout_batches(
+    dataset_dir: Path, *, batch_size: int, pad_id: int, max_prompts: int, columns: list[str] | None = None
+) -> Iterator[tuple[Batch, pa.Table]]:
     """The held-out split's first `max_prompts` prompts in file order, as training collates them, with `columns`."""
     stream = TrainStream(dataset_dir, split="heldout", batch_size=batch_size, pad_id=pad_id)
     return stream.in_order(columns or [], limit_prompts=max_prompts)
@@ -59,13 +60,22 @@ def position_metrics(model, batch: Batch, chunk_size: int) -> dict[str, torch.Te
     def chunk(logits, labels, ids, lp):
         logits = logits.float()
         on_topk = logits.log_softmax(-1).gather(1, ids).exp()  # missing entries (-inf teacher logprob) do not count
-        return {"kl": topk_divergence(logits, ids, lp, kind="forward_kl").cpu(),
-                "agree": (logits.argmax(-1) == ids[:, 0]).cpu(),
-                "ce": torch.nn.functional.cross_entropy(logits, labels, reduction="none").cpu(),
-                "mass": torch.where(torch.isfinite(lp), on_topk, 0.0).sum(-1).cpu()}
+        return {
+            "kl": topk_divergence(logits, ids, lp, kind="forward_kl").cpu(),
+            "agree": (logits.argmax(-1) == ids[:, 0]).cpu(),
+            "ce": torch.nn.functional.cross_entropy(logits, labels, reduction="none").cpu(),
+            "mass": torch.where(torch.isfinite(lp), on_topk, 0.0).sum(-1).cpu(),
+        }
 
-    parts = map_head_chunks(chunk, hidden, model.get_output_embeddings(), batch.labels, batch.topk_ids,
-                            batch.topk_logprobs, chunk_size=chunk_size)
+    parts = map_head_chunks(
+        chunk,
+        hidden,
+        model.get_output_embeddings(),
+        batch.labels,
+        batch.topk_ids,
+        batch.topk_logprobs,
+        chunk_size=chunk_size,
+    )
     out = {name: torch.cat([p[name] for p in parts]) for name in ("kl", "agree", "ce", "mass")}
     out["entropy"] = torch.from_numpy(topk_entropy(batch.topk_logprobs.cpu().numpy()))
     return out
@@ -75,10 +85,18 @@ def summarize_positions(parts: list[dict[str, torch.Tensor]]) -> dict[str, float
     """The student's metrics over all positions of `position_metrics` results."""
     kl_, agree_, ce_, ent_, mass_ = (torch.cat([p[name] for p in parts]).double() for name in _PER_POSITION)
     unc = ent_ > UNCERTAIN_NATS
-    mean = lambda x, m: float(x[m].mean()) if m.any() else None  # noqa: E731  (None: no such positions)
-    return {"kl": float(kl_.mean()), "kl_uncertain": mean(kl_, unc), "kl_deterministic": mean(kl_, ~unc),
-            "top1_agreement": float(agree_.mean()), "ce": float(ce_.mean()), "perplexity": float(torch.exp(ce_.mean())),
-            "topk_mass": float(mass_.mean()), "positions": int(len(kl_)), "uncertain_positions": int(unc.sum())}
+    mean = lambda x, m: float(x[m].mean()) if m.any() else None  # None: no such positions
+    return {
+        "kl": float(kl_.mean()),
+        "kl_uncertain": mean(kl_, unc),
+        "kl_deterministic": mean(kl_, ~unc),
+        "top1_agreement": float(agree_.mean()),
+        "ce": float(ce_.mean()),
+        "perplexity": float(torch.exp(ce_.mean())),
+        "topk_mass": float(mass_.mean()),
+        "positions": int(len(kl_)),
+        "uncertain_positions": int(unc.sum()),
+    }
 
 
 def teacher_forced(model, batches: Iterable[Batch], device, chunk_size: int) -> dict[str, float]:
@@ -108,50 +126,82 @@ class TeacherSide:
         """The teacher scored like the student: CE of its own samples, and -log(top-k mass) as its KL floor."""
         ce = float(-np.concatenate(self.token_logprobs).mean())
         log_mass = np.concatenate(self.topk_log_mass)
-        return {"ce": ce, "perplexity": float(np.exp(ce)), "kl": float(-log_mass.mean()), "top1_agreement": 1.0,
-                "topk_mass": float(np.exp(log_mass).mean())}
+        return {
+            "ce": ce,
+            "perplexity": float(np.exp(ce)),
+            "kl": float(-log_mass.mean()),
+            "top1_agreement": 1.0,
+            "topk_mass": float(np.exp(log_mass).mean()),
+        }
 
 
 @torch.inference_mode()
-def sample_accuracy(model, tokenizer, prompts: list[str], prompt_tokens, check, *, temperature: float,
-                    max_new_tokens: int, batch_size: int, seed: int, device) -> float:
+def sample_accuracy(
+    model,
+    tokenizer,
+    prompts: list[str],
+    prompt_tokens,
+    check,
+    *,
+    temperature: float,
+    max_new_tokens: int,
+    batch_size: int,
+    seed: int,
+    device,
+) -> float:
     """Fraction of prompts whose sampled completion passes the task's exact checker."""
     from transformers import GenerationConfig
 
     torch.manual_seed(seed)
     sample = temperature > 0
-    gen_cfg = GenerationConfig(do_sample=sample, temperature=temperature if sample else None,
-                               top_k=0 if sample else None, top_p=1.0 if sample else None,
-                               max_new_tokens=max_new_tokens,
-                               eos_token_id=model.generation_config.eos_token_id or tokenizer.eos_token_id,
-                               pad_token_id=tokenizer.pad_token_id)
+    gen_cfg = GenerationConfig(
+        do_sample=sample,
+        temperature=temperature if sample else None,
+        top_k=0 if sample else None,
+        top_p=1.0 if sample else None,
+        max_new_tokens=max_new_tokens,
+        eos_token_id=model.generation_config.eos_token_id or tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     correct = 0
     for lo in range(0, len(prompts), batch_size):
-        chunk = [list(map(int, p)) for p in prompt_tokens[lo:lo + batch_size]]
+        chunk = [list(map(int, p)) for p in prompt_tokens[lo : lo + batch_size]]
         width = max(map(len, chunk))
         ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(p)) + p for p in chunk], device=device)
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk], device=device)
         out = model.generate(input_ids=ids, attention_mask=mask, generation_config=gen_cfg)[:, width:]
         texts = tokenizer.batch_decode(out, skip_special_tokens=True)
-        correct += sum(check(p, c) for p, c in zip(prompts[lo:lo + batch_size], texts, strict=True))
+        correct += sum(check(p, c) for p, c in zip(prompts[lo : lo + batch_size], texts, strict=True))
     return correct / max(1, len(prompts))
 
 
-def evaluate(cfg: RunConfig, *, dataset_dir: Path | None = None, student_dir: Path | None = None,
-             metrics_path: Path | None = None) -> dict:
+def evaluate(
+    cfg: RunConfig,
+    *,
+    dataset_dir: Path | None = None,
+    student_dir: Path | None = None,
+    metrics_path: Path | None = None,
+) -> dict:
     """Evaluate the student against the teacher's held-out samples; write metrics.json (run dir + student dir)."""
     start = time.perf_counter()
     dataset_dir = Path(dataset_dir or cfg.dataset_dir)
     student_dir = Path(student_dir or cfg.student_dir)
     manifest = read_manifest(dataset_dir)
     if manifest.heldout_fraction <= 0:
-        raise DatasetError(f"{dataset_dir} has no held-out prompts (prompts.heldout_fraction was 0); evaluation on "
-                           "training prompts would not be honest: regenerate with heldout_fraction > 0")
+        raise DatasetError(
+            f"{dataset_dir} has no held-out prompts (prompts.heldout_fraction was 0); evaluation on "
+            "training prompts would not be honest: regenerate with heldout_fraction > 0"
+        )
     split = "heldout"
     device = resolve_device(cfg.train.device)
     tokenizer = load_tokenizer(str(student_dir))
-    batches = heldout_batches(dataset_dir, batch_size=cfg.eval.batch_size, pad_id=tokenizer.pad_token_id,
-                              max_prompts=cfg.eval.max_prompts, columns=EVAL_COLUMNS)
+    batches = heldout_batches(
+        dataset_dir,
+        batch_size=cfg.eval.batch_size,
+        pad_id=tokenizer.pad_token_id,
+        max_prompts=cfg.eval.max_prompts,
+        columns=EVAL_COLUMNS,
+    )
     model = load_causal_lm(str(student_dir), device=str(device))
     seen, parts = TeacherSide(), []
     for batch, columns in batches:
@@ -164,15 +214,28 @@ def evaluate(cfg: RunConfig, *, dataset_dir: Path | None = None, student_dir: Pa
         prompts, tokens = [r["prompt"] for r in firsts], [r["prompt_token_ids"] for r in firsts]
         decoded = tokenizer.batch_decode([r["completion_token_ids"] for r in firsts], skip_special_tokens=True)
         teacher["accuracy"] = float(np.mean([check(p, c) for p, c in zip(prompts, decoded, strict=True)]))
-        kw = dict(max_new_tokens=manifest.sampling.max_new_tokens, batch_size=cfg.eval.batch_size, seed=cfg.eval.seed,
-                  device=device)
-        student["accuracy"] = sample_accuracy(model, tokenizer, prompts, tokens, check,
-                                              temperature=manifest.sampling.temperature, **kw)
+        kw = dict(
+            max_new_tokens=manifest.sampling.max_new_tokens,
+            batch_size=cfg.eval.batch_size,
+            seed=cfg.eval.seed,
+            device=device,
+        )
+        student["accuracy"] = sample_accuracy(
+            model, tokenizer, prompts, tokens, check, temperature=manifest.sampling.temperature, **kw
+        )
         student["greedy_accuracy"] = sample_accuracy(model, tokenizer, prompts, tokens, check, temperature=0.0, **kw)
-    metrics = {"split": split, "heldout_prompts": len(seen.first), "heldout_samples": seen.samples,
-               "teacher": teacher, "student": student, "uncertain_threshold_nats": UNCERTAIN_NATS,
-               "student_params": sum(p.numel() for p in model.parameters()), "dataset": str(dataset_dir),
-               "student_dir": str(student_dir), "seconds": time.perf_counter() - start}
+    metrics = {
+        "split": split,
+        "heldout_prompts": len(seen.first),
+        "heldout_samples": seen.samples,
+        "teacher": teacher,
+        "student": student,
+        "uncertain_threshold_nats": UNCERTAIN_NATS,
+        "student_params": sum(p.numel() for p in model.parameters()),
+        "dataset": str(dataset_dir),
+        "student_dir": str(student_dir),
+        "seconds": time.perf_counter() - start,
+    }
     text = json.dumps(metrics, indent=2)
     metrics_path = Path(metrics_path or cfg.metrics_path)
     metrics_path.parent.mkdir(parents=True, exist_ok=True)

@@ -23,7 +23,7 @@ from typing import ClassVar, Protocol
 from pydantic import BaseModel
 
 from pipeline.config import ConfigError, RunConfig
-from pipeline.core import path_fingerprint, sha256_file, stable_id
+from pipeline.core import path_fingerprint, stable_id
 from pipeline.dataset.schema import (
     MANIFEST,
     DatasetError,
@@ -34,6 +34,7 @@ from pipeline.dataset.schema import (
     build_table,
     read_manifest,
 )
+from pipeline.dataset.validate import shard_is_intact
 from pipeline.dataset.writer import commit_shard, remove_stray_files, write_manifest, write_shard
 from pipeline.models import load_tokenizer, tokenizer_fingerprint
 from pipeline.progress import progress_bar
@@ -145,17 +146,13 @@ class ShardExecutor(Protocol):
 
 def generate_key(cfg: RunConfig) -> str:
     """Cache key of the generate stage: teacher + prompts + sampling config and their contents on disk."""
-    return stable_id(cfg.generate_fingerprint(), path_fingerprint(cfg.prompts.path), path_fingerprint(cfg.teacher.model))
+    return stable_id(
+        cfg.generate_fingerprint(), path_fingerprint(cfg.prompts.path), path_fingerprint(cfg.teacher.model)
+    )
 
 
 def shard_seed(seed: int, index: int) -> int:
     return int(stable_id("shard", seed, index)[:8], 16)
-
-
-def shard_is_intact(dataset_dir: Path, info: ShardInfo) -> bool:
-    """The shard file exists with the size and checksum its record says."""
-    path = Path(dataset_dir) / info.file
-    return path.is_file() and path.stat().st_size == info.bytes and sha256_file(path) == info.sha256
 
 
 _prompt_cache: dict[tuple, tuple] = {}
@@ -168,7 +165,14 @@ def load_prompts(cfg: RunConfig) -> tuple[object, PromptSet]:
     Shard tasks running in threads of one process share it instead of re-tokenizing every prompt per shard.
     """
     t = cfg.teacher
-    key = (t.model, t.revision, t.trust_remote_code, path_fingerprint(t.model), cfg.prompts, path_fingerprint(cfg.prompts.path))
+    key = (
+        t.model,
+        t.revision,
+        t.trust_remote_code,
+        path_fingerprint(t.model),
+        cfg.prompts,
+        path_fingerprint(cfg.prompts.path),
+    )
     with _prompt_lock:
         if key not in _prompt_cache:
             tokenizer = load_tokenizer(t.model, revision=t.revision, trust_remote_code=t.trust_remote_code)
@@ -200,40 +204,73 @@ def plan_dataset(cfg: RunConfig) -> GeneratePlan:
             manifest.total_samples = sum(s.rows for s in manifest.shards)
             manifest.total_tokens = sum(s.tokens for s in manifest.shards)
     if manifest is not None and manifest.complete:
-        return GeneratePlan(dataset_dir, fingerprint, manifest.num_prompts, manifest.num_shards,
-                            manifest.prompts_fingerprint, manifest.tokenizer_fingerprint, manifest.skipped_prompts,
-                            manifest)
+        return GeneratePlan(
+            dataset_dir,
+            fingerprint,
+            manifest.num_prompts,
+            manifest.num_shards,
+            manifest.prompts_fingerprint,
+            manifest.tokenizer_fingerprint,
+            manifest.skipped_prompts,
+            manifest,
+        )
     tokenizer, prompts = load_prompts(cfg)
-    if manifest is not None and (manifest.prompts_fingerprint, manifest.num_prompts) != (prompts.fingerprint, len(prompts)):
+    if manifest is not None and (manifest.prompts_fingerprint, manifest.num_prompts) != (
+        prompts.fingerprint,
+        len(prompts),
+    ):
         raise DatasetMismatchError(
             f"{dataset_dir} was generated from another prompt list ({manifest.num_prompts} prompts, "
             f"{manifest.prompts_fingerprint}); resuming would mix shards: set output_dir elsewhere"
         )
     num_shards = -(-len(prompts) // cfg.generate.shard_size)
     done = {s.index for s in manifest.shards} if manifest is not None else set()
-    return GeneratePlan(dataset_dir, fingerprint, len(prompts), num_shards, prompts.fingerprint,
-                        tokenizer_fingerprint(tokenizer), prompts.skipped, manifest,
-                        [i for i in range(num_shards) if i not in done], dropped)
+    return GeneratePlan(
+        dataset_dir,
+        fingerprint,
+        len(prompts),
+        num_shards,
+        prompts.fingerprint,
+        tokenizer_fingerprint(tokenizer),
+        prompts.skipped,
+        manifest,
+        [i for i in range(num_shards) if i not in done],
+        dropped,
+    )
 
 
 def new_manifest(cfg: RunConfig, plan: GeneratePlan, info: TeacherInfo) -> Manifest:
     """The manifest of a dataset about to be created, from the config, the plan and the teacher's info."""
     t, g = cfg.teacher, cfg.generate
     return Manifest(
-        teacher=TeacherRecord(model=t.model, backend=info.backend, revision=t.revision, versions=info.versions,
-                              vocab_size=info.vocab_size),
-        tokenizer_fingerprint=plan.tokenizer_fingerprint, k=g.k, logprobs_dtype=g.logprobs_dtype,
-        sampling=SamplingRecord(temperature=g.temperature, top_p=g.top_p, max_new_tokens=g.max_new_tokens, n=g.n, seed=g.seed),
-        prompts_source=cfg.prompts.path, prompts_fingerprint=plan.prompts_fingerprint, generate_fingerprint=plan.fingerprint,
-        config_hash=cfg.config_hash(), num_prompts=plan.num_prompts, shard_size=g.shard_size, num_shards=plan.num_shards,
-        heldout_fraction=cfg.prompts.heldout_fraction, skipped_prompts=plan.skipped_prompts)
+        teacher=TeacherRecord(
+            model=t.model, backend=info.backend, revision=t.revision, versions=info.versions, vocab_size=info.vocab_size
+        ),
+        tokenizer_fingerprint=plan.tokenizer_fingerprint,
+        k=g.k,
+        logprobs_dtype=g.logprobs_dtype,
+        sampling=SamplingRecord(
+            temperature=g.temperature, top_p=g.top_p, max_new_tokens=g.max_new_tokens, n=g.n, seed=g.seed
+        ),
+        prompts_source=cfg.prompts.path,
+        prompts_fingerprint=plan.prompts_fingerprint,
+        generate_fingerprint=plan.fingerprint,
+        config_hash=cfg.config_hash(),
+        num_prompts=plan.num_prompts,
+        shard_size=g.shard_size,
+        num_shards=plan.num_shards,
+        heldout_fraction=cfg.prompts.heldout_fraction,
+        skipped_prompts=plan.skipped_prompts,
+    )
 
 
 def check_teacher(cfg: RunConfig, info: TeacherInfo) -> None:
     """Settings the teacher cannot honour, stated before anything is written."""
     if info.vocab_size and cfg.generate.k > info.vocab_size:
-        raise ConfigError(f"generate.k={cfg.generate.k} is larger than the teacher's vocabulary ({info.vocab_size} tokens); "
-                          "lower generate.k")
+        raise ConfigError(
+            f"generate.k={cfg.generate.k} is larger than the teacher's vocabulary ({info.vocab_size} tokens); "
+            "lower generate.k"
+        )
 
 
 # ---- one shard ------------------------------------------------------------------------------------------------
@@ -246,27 +283,54 @@ def generate_shard(cfg: RunConfig, index: int, teacher: Teacher, *, dataset_dir:
     tokenizer, prompts = load_prompts(cfg)
     lo, hi = index * g.shard_size, min((index + 1) * g.shard_size, len(prompts))
     if not 0 <= lo < hi:
-        raise ValueError(f"shard {index} is out of range: {len(prompts)} prompts make {-(-len(prompts) // g.shard_size)} shards")
-    spec = SamplingSpec(n=g.n, temperature=g.temperature, top_p=g.top_p, max_new_tokens=g.max_new_tokens, k=g.k, seed=g.seed)
+        raise ValueError(
+            f"shard {index} is out of range: {len(prompts)} prompts make {-(-len(prompts) // g.shard_size)} shards"
+        )
+    spec = SamplingSpec(
+        n=g.n, temperature=g.temperature, top_p=g.top_p, max_new_tokens=g.max_new_tokens, k=g.k, seed=g.seed
+    )
     gens = teacher.generate(prompts.token_ids[lo:hi], spec, seed=shard_seed(g.seed, index))
     completions = [[tokenizer.decode(s.completion_token_ids, skip_special_tokens=True) for s in per] for per in gens]
-    table = build_table(prompt_ids=prompts.ids[lo:hi], prompts=prompts.texts[lo:hi], prompt_token_ids=prompts.token_ids[lo:hi],
-                        generations=gens, completions=completions, seed=g.seed, logprobs_dtype=g.logprobs_dtype)
-    return write_shard(Path(dataset_dir or cfg.dataset_dir), index, table, prompts=hi - lo,
-                       heldout_fraction=cfg.prompts.heldout_fraction)
+    table = build_table(
+        prompt_ids=prompts.ids[lo:hi],
+        prompts=prompts.texts[lo:hi],
+        prompt_token_ids=prompts.token_ids[lo:hi],
+        generations=gens,
+        completions=completions,
+        seed=g.seed,
+        logprobs_dtype=g.logprobs_dtype,
+    )
+    return write_shard(
+        Path(dataset_dir or cfg.dataset_dir),
+        index,
+        table,
+        prompts=hi - lo,
+        heldout_fraction=cfg.prompts.heldout_fraction,
+    )
 
 
 def run_shard(cfg: RunConfig, index: int, teacher: Teacher, endpoint: Endpoint) -> ShardDone:
     """`generate_shard` timed and described for the orchestrator."""
     start = time.perf_counter()
     info = generate_shard(cfg, index, teacher)
-    return ShardDone(index=index, shard=info, teacher=_teacher_dict(teacher.info), endpoint=endpoint.label,
-                     seconds=time.perf_counter() - start)
+    return ShardDone(
+        index=index,
+        shard=info,
+        teacher=_teacher_dict(teacher.info),
+        endpoint=endpoint.label,
+        seconds=time.perf_counter() - start,
+    )
 
 
 def _teacher_dict(info: TeacherInfo) -> dict:
-    return {"model": info.model, "backend": info.backend, "revision": info.revision, "versions": dict(info.versions),
-            "vocab_size": info.vocab_size, "eos_token_ids": list(info.eos_token_ids)}
+    return {
+        "model": info.model,
+        "backend": info.backend,
+        "revision": info.revision,
+        "versions": dict(info.versions),
+        "vocab_size": info.vocab_size,
+        "eos_token_ids": list(info.eos_token_ids),
+    }
 
 
 @dataclass
@@ -299,22 +363,38 @@ def generate_dataset(cfg: RunConfig, *, executor: ShardExecutor | None = None, p
     start = time.perf_counter()
     plan = plan_dataset(cfg)
     if plan.complete:
-        log.info("dataset %s is complete (%d samples); teacher not started", plan.dataset_dir, plan.manifest.total_samples)
-        return GenerateResult(str(plan.dataset_dir), plan.fingerprint, 0, plan.manifest.total_samples,
-                              plan.manifest.total_tokens, time.perf_counter() - start, False)
+        log.info(
+            "dataset %s is complete (%d samples); teacher not started", plan.dataset_dir, plan.manifest.total_samples
+        )
+        return GenerateResult(
+            str(plan.dataset_dir),
+            plan.fingerprint,
+            0,
+            plan.manifest.total_samples,
+            plan.manifest.total_tokens,
+            time.perf_counter() - start,
+            False,
+        )
     if plan.dropped:
-        log.warning("%d committed shard(s) missing or corrupted (%s); they will be generated again",
-                    len(plan.dropped), ", ".join(plan.dropped))
+        log.warning(
+            "%d committed shard(s) missing or corrupted (%s); they will be generated again",
+            len(plan.dropped),
+            ", ".join(plan.dropped),
+        )
     written, cached, teacher_seconds, per_endpoint, errors = 0, 0, 0.0, Counter(), []
-    with teacher_endpoints(cfg, max_servers=None if executor.parallel else 1) as endpoints, \
-            progress_bar("generate", plan.num_prompts, enabled=progress) as advance:
+    with (
+        teacher_endpoints(cfg, max_servers=None if executor.parallel else 1) as endpoints,
+        progress_bar("generate", plan.num_prompts, enabled=progress) as advance,
+    ):
         advance(sum(s.prompts for s in plan.manifest.shards) if plan.manifest else 0)
         for event in executor(cfg, plan, endpoints):
             if isinstance(event, ShardFailed):
                 log.error("shard %d failed: %s", event.index, event.error)
                 errors.append(event.error)
                 continue
-            manifest = _open_manifest(cfg, plan, event.info if isinstance(event, TeacherReady) else event.teacher_info())
+            manifest = _open_manifest(
+                cfg, plan, event.info if isinstance(event, TeacherReady) else event.teacher_info()
+            )
             if isinstance(event, TeacherReady):
                 continue
             if not shard_is_intact(plan.dataset_dir, event.shard):
@@ -324,16 +404,31 @@ def generate_dataset(cfg: RunConfig, *, executor: ShardExecutor | None = None, p
             teacher_seconds += 0.0 if event.cached else event.seconds
             per_endpoint[event.endpoint] += not event.cached
             advance(event.shard.prompts, info=f"shard {event.index + 1}/{plan.num_shards}")
-            log.info("committed shard %d/%d (%d samples, %s)", event.index + 1, plan.num_shards, event.shard.rows,
-                     "cached" if event.cached else event.endpoint)
+            log.info(
+                "committed shard %d/%d (%d samples, %s)",
+                event.index + 1,
+                plan.num_shards,
+                event.shard.rows,
+                "cached" if event.cached else event.endpoint,
+            )
     if errors:
         raise errors[0]  # the first failed shard's error; the committed shards stay for a rerun
     removed = remove_stray_files(plan.dataset_dir, plan.manifest)
     if removed:
         log.info("removed %d uncommitted file(s) left by an interrupted run", len(removed))
     manifest = plan.manifest
-    return GenerateResult(str(plan.dataset_dir), plan.fingerprint, written, manifest.total_samples, manifest.total_tokens,
-                          time.perf_counter() - start, True, cached, teacher_seconds, dict(per_endpoint))
+    return GenerateResult(
+        str(plan.dataset_dir),
+        plan.fingerprint,
+        written,
+        manifest.total_samples,
+        manifest.total_tokens,
+        time.perf_counter() - start,
+        True,
+        cached,
+        teacher_seconds,
+        dict(per_endpoint),
+    )
 
 
 def _open_manifest(cfg: RunConfig, plan: GeneratePlan, info: TeacherInfo) -> Manifest:

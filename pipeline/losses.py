@@ -142,12 +142,27 @@ def topk_divergence(
     """
     dtype = torch.promote_types(student_logits.dtype, torch.float32)
     log_q_topk = gathered_log_softmax(student_logits.to(dtype), topk_ids, temperature)
-    return _divergence(log_q_topk, student_logits.shape[-1], topk_logprobs, kind=kind, temperature=temperature,
-                       beta=beta, tail_bucket=tail_bucket)
+    return _divergence(
+        log_q_topk,
+        student_logits.shape[-1],
+        topk_logprobs,
+        kind=kind,
+        temperature=temperature,
+        beta=beta,
+        tail_bucket=tail_bucket,
+    )
 
 
-def _divergence(log_q_topk: Tensor, vocab_size: int, topk_logprobs: Tensor, *, kind: Kind, temperature: float,
-                beta: float, tail_bucket: bool) -> Tensor:
+def _divergence(
+    log_q_topk: Tensor,
+    vocab_size: int,
+    topk_logprobs: Tensor,
+    *,
+    kind: Kind,
+    temperature: float,
+    beta: float,
+    tail_bucket: bool,
+) -> Tensor:
     """`topk_divergence` from the student's gathered full-vocabulary logprobs log_q_topk [N, k] -> [N]."""
     if kind not in ("forward_kl", "reverse_kl", "jsd"):
         raise ValueError(f"unknown divergence kind {kind!r}")
@@ -220,14 +235,19 @@ def distill_loss_sums(
     if alpha < 1.0:
         if not shared:
             log_q_topk = gathered_log_softmax(z, topk_ids, temperature)
-        kd_sum = _divergence(log_q_topk, z.shape[-1], topk_logprobs, kind=kind, temperature=temperature, beta=beta,
-                             tail_bucket=tail_bucket).sum()
+        kd_sum = _divergence(
+            log_q_topk,
+            z.shape[-1],
+            topk_logprobs,
+            kind=kind,
+            temperature=temperature,
+            beta=beta,
+            tail_bucket=tail_bucket,
+        ).sum()
     return LossSums(ce_sum=ce_sum, kd_sum=kd_sum, n_tokens=int(student_logits.shape[0]))
 
 
-def combine(
-    sums: LossSums, *, alpha: float, temperature: float, n_tokens_global: int
-) -> tuple[Tensor, Tensor, Tensor]:
+def combine(sums: LossSums, *, alpha: float, temperature: float, n_tokens_global: int) -> tuple[Tensor, Tensor, Tensor]:
     """The training loss (alpha CE + (1 - alpha) T² D) / n_tokens_global, and the two means.
 
     n_tokens_global is the active-token count of the whole gradient-accumulation step (all
@@ -273,6 +293,7 @@ def chunked_distill_loss_sums(
     Returns:
         LossSums over all N positions.
     """
+
     def chunk_sums(logits: Tensor, y: Tensor, ids: Tensor, lps: Tensor) -> Tensor:
         s = distill_loss_sums(
             logits, y, ids, lps,
@@ -280,8 +301,9 @@ def chunked_distill_loss_sums(
         )  # fmt: skip
         return torch.stack([s.ce_sum, s.kd_sum])  # [2]
 
-    parts = map_head_chunks(chunk_sums, hidden, lm_head, labels, topk_ids, topk_logprobs, chunk_size=chunk_size,
-                            checkpointed=True)
+    parts = map_head_chunks(
+        chunk_sums, hidden, lm_head, labels, topk_ids, topk_logprobs, chunk_size=chunk_size, checkpointed=True
+    )
     total = parts[0]
     for part in parts[1:]:
         total = total + part

@@ -28,7 +28,9 @@ def resolve_device(device: str) -> torch.device:
 def _check_local(name: str, what: str) -> None:
     # A path-looking name that does not exist would otherwise become a confusing hub lookup error.
     if looks_local(name) and not Path(name).expanduser().exists():
-        raise ModelLoadError(f"{what} path {name!r} does not exist; check the config (or run `make demo` to build the demo teacher)")
+        raise ModelLoadError(
+            f"{what} path {name!r} does not exist; check the config (or run `make demo` to build the demo teacher)"
+        )
 
 
 def load_tokenizer(name: str, *, revision: str | None = None, trust_remote_code: bool = False):
@@ -46,15 +48,26 @@ def load_tokenizer(name: str, *, revision: str | None = None, trust_remote_code:
     return tok
 
 
-def load_causal_lm(name: str, *, revision: str | None = None, dtype: str = "float32", device: str = "auto",
-                   trust_remote_code: bool = False):
+def load_causal_lm(
+    name: str,
+    *,
+    revision: str | None = None,
+    dtype: str = "float32",
+    device: str = "auto",
+    trust_remote_code: bool = False,
+):
     """AutoModelForCausalLM from safetensors, in eval mode on the resolved device."""
     from transformers import AutoModelForCausalLM
 
     _check_local(name, "model")
     try:
-        model = AutoModelForCausalLM.from_pretrained(name, revision=revision, dtype=getattr(torch, dtype),
-                                                     trust_remote_code=trust_remote_code, use_safetensors=True)
+        model = AutoModelForCausalLM.from_pretrained(
+            name,
+            revision=revision,
+            dtype=getattr(torch, dtype),
+            trust_remote_code=trust_remote_code,
+            use_safetensors=True,
+        )
     except OSError as err:
         raise ModelLoadError(f"cannot load model {name!r}: {str(err).splitlines()[0]}") from None
     # Sampling must follow our config only: transformers fills unset fields from the model's own
@@ -62,8 +75,9 @@ def load_causal_lm(name: str, *, revision: str | None = None, dtype: str = "floa
     from transformers import GenerationConfig
 
     own = model.generation_config
-    model.generation_config = GenerationConfig(eos_token_id=own.eos_token_id, pad_token_id=own.pad_token_id,
-                                               bos_token_id=own.bos_token_id)
+    model.generation_config = GenerationConfig(
+        eos_token_id=own.eos_token_id, pad_token_id=own.pad_token_id, bos_token_id=own.bos_token_id
+    )
     return model.to(resolve_device(device)).eval()
 
 

@@ -18,29 +18,44 @@ def _local_missing(name: str) -> bool:
 def preflight(cfg: RunConfig, stages: list[str] | tuple[str, ...]) -> None:
     """Raise a one-line error for missing paths, unreadable prompts or a tokenizer mismatch."""
     if _local_missing(cfg.teacher.model):
-        raise ConfigError(f"teacher.model path {cfg.teacher.model!r} does not exist (run `make demo` to build the demo teacher, or fix the path)")
+        raise ConfigError(
+            f"teacher.model path {cfg.teacher.model!r} does not exist (run `make demo` to build the demo teacher, or "
+            "fix the path)"
+        )
     for path in (Path(cfg.output_dir), *Path(cfg.output_dir).parents):
         if path.exists() and not path.is_dir():
-            raise ConfigError(f"output_dir {cfg.output_dir!r} cannot be a directory: {str(path)!r} is a file; "
-                              "set output_dir to a directory path")
+            raise ConfigError(
+                f"output_dir {cfg.output_dir!r} cannot be a directory: {str(path)!r} is a file; "
+                "set output_dir to a directory path"
+            )
     if "eval" in stages and "generate" in stages and cfg.prompts.heldout_fraction <= 0:
-        raise ConfigError("the eval stage needs held-out prompts: set prompts.heldout_fraction > 0 (e.g. 0.05) "
-                          "or run --stages generate,train")
+        raise ConfigError(
+            "the eval stage needs held-out prompts: set prompts.heldout_fraction > 0 (e.g. 0.05) "
+            "or run --stages generate,train"
+        )
     t = cfg.teacher
     if "generate" in stages and t.backend == "vllm_server" and not t.endpoints() and not Path(t.python).exists():
-        raise ConfigError(f"teacher.python {t.python!r} not found: create the vLLM teacher environment with "
-                          "`make teacher-env`, point teacher.python at a Python that has vllm, or set teacher.url(s)")
+        raise ConfigError(
+            f"teacher.python {t.python!r} not found: create the vLLM teacher environment with "
+            "`make teacher-env`, point teacher.python at a Python that has vllm, or set teacher.url(s)"
+        )
     if cfg.student.model and _local_missing(cfg.student.model):
         raise ConfigError(f"student.model path {cfg.student.model!r} does not exist")
     if "generate" in stages:
         read_prompts(cfg.prompts)  # empty / malformed / non-UTF-8 prompts fail here, not mid-flow
     elif not (cfg.dataset_dir / MANIFEST).is_file():
-        raise ConfigError(f"no dataset at {cfg.dataset_dir}; run the generate stage first (distill run CONFIG --stages generate)")
+        raise ConfigError(
+            f"no dataset at {cfg.dataset_dir}; run the generate stage first (distill run CONFIG --stages generate)"
+        )
     if "train" in stages and cfg.student.model:
-        teacher_fp = (read_manifest(cfg.dataset_dir).tokenizer_fingerprint if (cfg.dataset_dir / MANIFEST).is_file()
-                      else tokenizer_fingerprint(load_tokenizer(cfg.teacher.model, revision=cfg.teacher.revision)))
+        teacher_fp = (
+            read_manifest(cfg.dataset_dir).tokenizer_fingerprint
+            if (cfg.dataset_dir / MANIFEST).is_file()
+            else tokenizer_fingerprint(load_tokenizer(cfg.teacher.model, revision=cfg.teacher.revision))
+        )
         student_fp = tokenizer_fingerprint(load_tokenizer(cfg.student.model, revision=cfg.student.revision))
         if student_fp != teacher_fp:
             raise TokenizerMismatchError(
                 f"student {cfg.student.model!r} has a different tokenizer than the teacher {cfg.teacher.model!r}; "
-                "distillation on top-k ids needs the same tokenizer: pick a student of the teacher's family")
+                "distillation on top-k ids needs the same tokenizer: pick a student of the teacher's family"
+            )

@@ -8,7 +8,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-
 from pipeline.config import PromptsConfig
 from pipeline.core import UserError, stable_id
 
@@ -57,7 +56,9 @@ def read_prompts(cfg: PromptsConfig) -> list[Any]:
     """Raw prompts (strings or chat message lists) from the configured source, in file order."""
     path = Path(cfg.path)
     if not path.exists():
-        raise PromptsError(f"prompts source {cfg.path!r} not found; set prompts.path to a .jsonl, .parquet or datasets directory")
+        raise PromptsError(
+            f"prompts source {cfg.path!r} not found; set prompts.path to a .jsonl, .parquet or datasets directory"
+        )
     if path.is_dir():
         import datasets
 
@@ -65,14 +66,18 @@ def read_prompts(cfg: PromptsConfig) -> list[Any]:
         if isinstance(ds, datasets.DatasetDict):
             ds = ds[next(iter(ds))]
         if cfg.field not in ds.column_names:
-            raise PromptsError(f"{path}: no column {cfg.field!r} (columns: {', '.join(ds.column_names)}); set prompts.field")
+            raise PromptsError(
+                f"{path}: no column {cfg.field!r} (columns: {', '.join(ds.column_names)}); set prompts.field"
+            )
         items = list(ds[cfg.field])
     elif path.suffix == ".parquet":
         import pyarrow.parquet as pq
 
         table = pq.read_table(path)
         if cfg.field not in table.column_names:
-            raise PromptsError(f"{path}: no column {cfg.field!r} (columns: {', '.join(table.column_names)}); set prompts.field")
+            raise PromptsError(
+                f"{path}: no column {cfg.field!r} (columns: {', '.join(table.column_names)}); set prompts.field"
+            )
         items = table.column(cfg.field).to_pylist()
     else:
         items = _read_jsonl(path, cfg.field)

@@ -84,13 +84,15 @@ def build_student(cfg: StudentConfig, teacher_model: str, *, seed: int) -> torch
     if cfg.model is not None:
         from pipeline.models import load_causal_lm
 
-        return load_causal_lm(cfg.model, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code, device="cpu",
-                              dtype="float32").train()
+        return load_causal_lm(
+            cfg.model, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code, device="cpu", dtype="float32"
+        ).train()
     try:
         config = AutoConfig.from_pretrained(teacher_model, trust_remote_code=cfg.trust_remote_code)
     except OSError as err:
-        raise ModelLoadError(f"cannot read the teacher config {teacher_model!r} to shrink it: "
-                             f"{str(err).splitlines()[0]}") from None
+        raise ModelLoadError(
+            f"cannot read the teacher config {teacher_model!r} to shrink it: {str(err).splitlines()[0]}"
+        ) from None
     for key, value in cfg.shrink.model_dump(exclude_none=True).items():
         setattr(config, key, value)
     if cfg.shrink.hidden_size and cfg.shrink.head_dim is None and hasattr(config, "head_dim"):
@@ -111,7 +113,8 @@ def student_tokenizer(cfg: RunConfig, manifest_fingerprint: str):
         raise TokenizerMismatchError(
             f"student tokenizer {source!r} ({found}) differs from the dataset's teacher tokenizer "
             f"({manifest_fingerprint}); "
-            "distillation on top-k ids needs the same tokenizer: pick a student of the teacher's family")
+            "distillation on top-k ids needs the same tokenizer: pick a student of the teacher's family"
+        )
     return tok
 
 
@@ -142,18 +145,30 @@ def loss_sums(model: torch.nn.Module, batch: Batch, t: TrainConfig) -> LossSums:
     trunk = getattr(model, model.base_model_prefix)
     hidden = trunk(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
     return chunked_distill_loss_sums(
-        hidden[batch.loss_mask], model.get_output_embeddings(), batch.labels, batch.topk_ids, batch.topk_logprobs,
-        alpha=t.alpha, temperature=t.temperature, kind=t.kind, beta=t.beta, tail_bucket=t.tail_bucket,
-        chunk_size=t.loss_chunk_size)
+        hidden[batch.loss_mask],
+        model.get_output_embeddings(),
+        batch.labels,
+        batch.topk_ids,
+        batch.topk_logprobs,
+        alpha=t.alpha,
+        temperature=t.temperature,
+        kind=t.kind,
+        beta=t.beta,
+        tail_bucket=t.tail_bucket,
+        chunk_size=t.loss_chunk_size,
+    )
 
 
 def make_optimizer(model: torch.nn.Module, t: TrainConfig, device: torch.device) -> torch.optim.AdamW:
     """AdamW with weight decay on matrices only."""
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
-    return torch.optim.AdamW([{"params": decay, "weight_decay": t.weight_decay},
-                              {"params": no_decay, "weight_decay": 0.0}],
-                             lr=t.lr, betas=(0.9, 0.95), fused=device.type == "cuda")
+    return torch.optim.AdamW(
+        [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=t.lr,
+        betas=(0.9, 0.95),
+        fused=device.type == "cuda",
+    )
 
 
 def _resume_point(root: Path, fingerprint: str, load) -> dict | None:
@@ -165,7 +180,8 @@ def _resume_point(root: Path, fingerprint: str, load) -> dict | None:
     if ckpt.state.get("fingerprint") != fingerprint:
         raise CheckpointMismatchError(
             f"checkpoints in {root} come from a run with other student/training settings or another dataset; "
-            "train without --resume (they are replaced) or restore the original config")
+            "train without --resume (they are replaced) or restore the original config"
+        )
     load(ckpt)
     log.info("resuming from %s (step %d)", ckpt.path, ckpt.step)
     return ckpt.state
@@ -217,8 +233,9 @@ def setup(cfg: RunConfig, *, dataset_dir: Path, student_dir: Path, resume: bool)
     manifest = read_manifest(dataset_dir)
     tokenizer = student_tokenizer(cfg, manifest.tokenizer_fingerprint)
     # streamed one row group at a time: memory does not grow with the dataset
-    stream = TrainStream(dataset_dir, split="train", batch_size=t.batch_size, pad_id=tokenizer.pad_token_id,
-                         seed=t.seed)
+    stream = TrainStream(
+        dataset_dir, split="train", batch_size=t.batch_size, pad_id=tokenizer.pad_token_id, seed=t.seed
+    )
     # picks up `accelerate launch` / torchrun's environment; a plain call is one process
     accelerator = make_accelerator(t)
     device = accelerator.device if t.device == "auto" else resolve_device(t.device)
@@ -230,12 +247,13 @@ def setup(cfg: RunConfig, *, dataset_dir: Path, student_dir: Path, resume: bool)
     model, opt = accelerator.prepare(objective, make_optimizer(student, t, device))
     fingerprint = stable_id(cfg.train_fingerprint(), manifest.generate_fingerprint)
     root = checkpoint_root(student_dir)
-    load = lambda ckpt: load_checkpoint(ckpt, accelerator, model, objective, opt, tied=tied, shapes=shapes)  # noqa: E731
+    load = lambda ckpt: load_checkpoint(ckpt, accelerator, model, objective, opt, tied=tied, shapes=shapes)
     state = _resume_point(root, fingerprint, load) if resume else None
     if state is None and accelerator.is_main_process:
         clear(root)  # checkpoints of an earlier run must not be resumed into this one
-    return Setup(cfg, student_dir, tokenizer, stream, accelerator, device, objective, model, opt, tied, fingerprint,
-                 state)
+    return Setup(
+        cfg, student_dir, tokenizer, stream, accelerator, device, objective, model, opt, tied, fingerprint, state
+    )
 
 
 @dataclass
@@ -260,7 +278,7 @@ def fit(s: Setup, *, progress: bool) -> Fit:
             for group in s.opt.param_groups:
                 group["lr"] = lr_at(step, t)
             step_batches = [next(batches) for _ in range(acc.num_processes * t.grad_accum)]
-            micro = [b.to(s.device) for b in step_batches[acc.process_index::acc.num_processes]]
+            micro = [b.to(s.device) for b in step_batches[acc.process_index :: acc.num_processes]]
             parts, n_global = accumulate(s, micro)
             grad_norm = float(acc.clip_grad_norm_(s.model.parameters(), t.max_grad_norm))
             s.opt.step()
@@ -270,10 +288,20 @@ def fit(s: Setup, *, progress: bool) -> Fit:
             if step % t.log_every == 0 or last:
                 loss_v, ce_v, kd_v = (acc.reduce(parts, "sum") if acc.num_processes > 1 else parts).tolist()
                 rate = tokens_seen / (time.perf_counter() - start)
-                history.append({"step": step + 1, "loss": loss_v, "ce": ce_v, "kd": kd_v, "lr": lr_at(step, t),
-                                "grad_norm": grad_norm, "tokens_per_s": rate})
-                log.info("step %d/%d loss %.4f ce %.4f kd %.4f %.0f tok/s", step + 1, t.max_steps, loss_v, ce_v, kd_v,
-                         rate)
+                history.append(
+                    {
+                        "step": step + 1,
+                        "loss": loss_v,
+                        "ce": ce_v,
+                        "kd": kd_v,
+                        "lr": lr_at(step, t),
+                        "grad_norm": grad_norm,
+                        "tokens_per_s": rate,
+                    }
+                )
+                log.info(
+                    "step %d/%d loss %.4f ce %.4f kd %.4f %.0f tok/s", step + 1, t.max_steps, loss_v, ce_v, kd_v, rate
+                )
             if t.checkpoint_every and (step + 1) % t.checkpoint_every == 0 and not last:
                 tokens_before = s.resumed["tokens_seen"] if s.resumed else 0
                 write_checkpoint(s, step + 1, history, tokens_before + tokens_seen)
@@ -293,10 +321,20 @@ def accumulate(s: Setup, micro: list[Batch]) -> tuple[torch.Tensor, int]:
         # gradients are all-reduced once per step, on the last micro-batch
         with contextlib.nullcontext() if i == len(micro) - 1 else acc.no_sync(s.model):
             with _autocast(s.device):
-                ce_sum, kd_sum = s.model(batch.input_ids, batch.attention_mask, batch.loss_mask, batch.labels,
-                                         batch.topk_ids, batch.topk_logprobs)
-            loss, ce, kd = combine(LossSums(ce_sum, kd_sum, batch.n_tokens), alpha=t.alpha,
-                                   temperature=t.temperature, n_tokens_global=n_global)
+                ce_sum, kd_sum = s.model(
+                    batch.input_ids,
+                    batch.attention_mask,
+                    batch.loss_mask,
+                    batch.labels,
+                    batch.topk_ids,
+                    batch.topk_logprobs,
+                )
+            loss, ce, kd = combine(
+                LossSums(ce_sum, kd_sum, batch.n_tokens),
+                alpha=t.alpha,
+                temperature=t.temperature,
+                n_tokens_global=n_global,
+            )
             acc.backward(loss * world)  # DDP/FSDP average gradients over ranks; we want the global sum
         parts += torch.stack([loss.detach(), ce, kd])
     return parts, n_global
@@ -316,10 +354,20 @@ def write_checkpoint(s: Setup, step: int, history: list[dict], tokens_seen: int)
     weights = full_weights(acc, s.model, s.objective)
     optim_state = full_optimizer_state(acc, s.model, s.objective, s.opt)
     if acc.is_main_process:
-        save_checkpoint(checkpoint_root(s.student_dir), step, model_state=weights, optimizer_state=optim_state,
-                        tied=s.tied, keep=s.cfg.train.keep_checkpoints, state={
-                            "fingerprint": s.fingerprint, "data": s.stream.position, "history": history,
-                            "tokens_seen": tokens_seen})
+        save_checkpoint(
+            checkpoint_root(s.student_dir),
+            step,
+            model_state=weights,
+            optimizer_state=optim_state,
+            tied=s.tied,
+            keep=s.cfg.train.keep_checkpoints,
+            state={
+                "fingerprint": s.fingerprint,
+                "data": s.stream.position,
+                "history": history,
+                "tokens_seen": tokens_seen,
+            },
+        )
     del weights, optim_state
     acc.wait_for_everyone()
 
@@ -328,11 +376,22 @@ def save(s: Setup, f: Fit) -> TrainResult:
     """Write the student as an HF model directory with its tokenizer, train_log.json and loss_curves.png (rank 0)."""
     acc = s.accelerator
     last_log = f.history[-1]
-    result = TrainResult(str(s.student_dir), s.cfg.train.max_steps, last_log["loss"], last_log["ce"], last_log["kd"],
-                         f.tokens_seen / f.seconds if f.seconds > 0 else 0.0, f.seconds, s.stream.num_samples,
-                         s.start_step)
-    distributed = {"type": acc.distributed_type.value, "processes": acc.num_processes,
-                   "fsdp_version": acc.state.fsdp_plugin.fsdp_version if is_fsdp(acc) else None}
+    result = TrainResult(
+        str(s.student_dir),
+        s.cfg.train.max_steps,
+        last_log["loss"],
+        last_log["ce"],
+        last_log["kd"],
+        f.tokens_seen / f.seconds if f.seconds > 0 else 0.0,
+        f.seconds,
+        s.stream.num_samples,
+        s.start_step,
+    )
+    distributed = {
+        "type": acc.distributed_type.value,
+        "processes": acc.num_processes,
+        "fsdp_version": acc.state.fsdp_plugin.fsdp_version if is_fsdp(acc) else None,
+    }
     weights = full_weights(acc, s.model, s.objective, s.tied) if is_fsdp(acc) else None  # collective
     if acc.is_main_process:
         s.student.eval()
@@ -340,23 +399,41 @@ def save(s: Setup, f: Fit) -> TrainResult:
         # under FSDP the module holds shards: save the gathered full weights (same files as one process)
         s.student.save_pretrained(s.student_dir, state_dict=weights, safe_serialization=True)
         s.tokenizer.save_pretrained(s.student_dir)
-        (s.student_dir / "train_log.json").write_text(json.dumps({"result": asdict(result), "history": f.history,
-                                                                  "config": s.cfg.train.model_dump(),
-                                                                  "distributed": distributed}, indent=2))
+        (s.student_dir / "train_log.json").write_text(
+            json.dumps(
+                {
+                    "result": asdict(result),
+                    "history": f.history,
+                    "config": s.cfg.train.model_dump(),
+                    "distributed": distributed,
+                },
+                indent=2,
+            )
+        )
         plot_curves(f.history, s.student_dir / "loss_curves.png")
     acc.wait_for_everyone()
     return result
 
 
-def train_student(cfg: RunConfig, *, dataset_dir: Path | None = None, student_dir: Path | None = None,
-                  progress: bool = True, resume: bool = False) -> TrainResult:
+def train_student(
+    cfg: RunConfig,
+    *,
+    dataset_dir: Path | None = None,
+    student_dir: Path | None = None,
+    progress: bool = True,
+    resume: bool = False,
+) -> TrainResult:
     """Train the student on the dataset's training split and save it as an HF model directory.
 
     With `resume`, continue from the newest good checkpoint in `<student_dir>/checkpoints` (weights,
     optimizer, RNG and data position), giving the same result as an uninterrupted run.
     """
-    s = setup(cfg, dataset_dir=Path(dataset_dir or cfg.dataset_dir), student_dir=Path(student_dir or cfg.student_dir),
-              resume=resume)
+    s = setup(
+        cfg,
+        dataset_dir=Path(dataset_dir or cfg.dataset_dir),
+        student_dir=Path(student_dir or cfg.student_dir),
+        resume=resume,
+    )
     return save(s, fit(s, progress=progress))
 
 

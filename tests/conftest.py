@@ -27,8 +27,9 @@ def tiny_teacher(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("models") / "teacher"
     tok = train_tokenizer(out, seed=0)
     torch.manual_seed(0)
-    model = LlamaForCausalLM(teacher_config(len(tok), bos_id=tok.bos_token_id, eos_id=tok.eos_token_id,
-                                            pad_id=tok.pad_token_id))
+    model = LlamaForCausalLM(
+        teacher_config(len(tok), bos_id=tok.bos_token_id, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id)
+    )
     train(model, tok, seed=0, max_steps=60, max_seconds=120, batch_size=32, log=lambda _m: None)
     model.generation_config = GenerationConfig(eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     model.save_pretrained(out)
@@ -45,12 +46,21 @@ def prompts_file(tmp_path_factory) -> Path:
 def raw_config(tiny_teacher: Path, prompts_file: Path, out: Path, **sections) -> dict:
     """A small but complete run config as a dict (sections override the defaults key by key)."""
     cfg = {
-        "name": "test", "output_dir": str(out),
+        "name": "test",
+        "output_dir": str(out),
         "teacher": {"backend": "hf", "model": str(tiny_teacher), "batch_size": 64},
         "prompts": {"path": str(prompts_file), "heldout_fraction": 0.25},
         "generate": {"k": 8, "max_new_tokens": 20, "shard_size": 32, "seed": 0},
-        "student": {"shrink": {"hidden_size": 64, "num_attention_heads": 2, "num_key_value_heads": 2,
-                               "head_dim": 32, "intermediate_size": 128, "num_hidden_layers": 2}},
+        "student": {
+            "shrink": {
+                "hidden_size": 64,
+                "num_attention_heads": 2,
+                "num_key_value_heads": 2,
+                "head_dim": 32,
+                "intermediate_size": 128,
+                "num_hidden_layers": 2,
+            }
+        },
         "train": {"max_steps": 6, "batch_size": 16, "lr": 3e-3, "warmup_steps": 1, "log_every": 1},
         "eval": {"task": "demo", "max_prompts": 16, "batch_size": 64},
     }

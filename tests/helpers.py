@@ -12,12 +12,17 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
+from pipeline.core import stable_id
+from pipeline.dataset.schema import Generation, Manifest, SamplingRecord, StorageRecord, TeacherRecord, build_table
+from pipeline.dataset.writer import commit_shard, write_manifest, write_shard
+
 TEACHER_PYTHON = os.environ.get(
     "DISTILL_TEACHER_PYTHON", str(Path(__file__).resolve().parent.parent / ".venv-teacher/bin/python")
 )
 """The vLLM teacher environment's Python (`make teacher-env`); tests that start vLLM skip without it."""
 needs_vllm = pytest.mark.skipif(
-    not Path(TEACHER_PYTHON).exists(), reason=f"no vLLM teacher environment at {TEACHER_PYTHON} (run `make teacher-env`)"
+    not Path(TEACHER_PYTHON).exists(),
+    reason=f"no vLLM teacher environment at {TEACHER_PYTHON} (run `make teacher-env`)",
 )
 
 
@@ -83,9 +88,18 @@ def server_config(model: Path, **kw):
     from pipeline.config import VLLMServerTeacherConfig
 
     kw = {"extra_args": ["--enforce-eager"], **kw}
-    return VLLMServerTeacherConfig(model=str(model), python=TEACHER_PYTHON, dtype="float32", max_model_len=128,
-                                   gpu_memory_utilization=0.3, cpu_kvcache_space_gb=1, startup_timeout_s=300,
-                                   concurrency=16, max_retries=1, **kw)
+    return VLLMServerTeacherConfig(
+        model=str(model),
+        python=TEACHER_PYTHON,
+        dtype="float32",
+        max_model_len=128,
+        gpu_memory_utilization=0.3,
+        cpu_kvcache_space_gb=1,
+        startup_timeout_s=300,
+        concurrency=16,
+        max_retries=1,
+        **kw,
+    )
 
 
 def fake_generation(rng, length: int, k: int, vocab: int):
@@ -94,17 +108,91 @@ def fake_generation(rng, length: int, k: int, vocab: int):
     logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
     ids = np.argsort(-logp, axis=1)[:, :k].astype(np.int32)
     sampled = rng.integers(0, vocab, size=length).astype(np.int32)
-    from pipeline.dataset.schema import Generation
-
-    return Generation(sampled, np.take_along_axis(logp, sampled[:, None], 1)[:, 0].astype(np.float32), ids,
-                      np.take_along_axis(logp, ids, 1).astype(np.float32), "length")
+    return Generation(
+        sampled,
+        np.take_along_axis(logp, sampled[:, None], 1)[:, 0].astype(np.float32),
+        ids,
+        np.take_along_axis(logp, ids, 1).astype(np.float32),
+        "length",
+    )
 
 
 def tiny_manifest(num_shards: int = 1, k: int = 4, vocab: int = 50):
     """A manifest for hand-built shards (3 prompts per shard, n=2)."""
-    from pipeline.dataset.schema import Manifest, SamplingRecord, TeacherRecord
+    return Manifest(
+        teacher=TeacherRecord(model="m", backend="hf", vocab_size=vocab),
+        tokenizer_fingerprint="t",
+        k=k,
+        sampling=SamplingRecord(temperature=1, top_p=1, max_new_tokens=8, n=2, seed=0),
+        prompts_source="p",
+        prompts_fingerprint="p",
+        generate_fingerprint="g",
+        config_hash="c",
+        num_prompts=3,
+        shard_size=3,
+        num_shards=num_shards,
+    )
 
-    return Manifest(teacher=TeacherRecord(model="m", backend="hf", vocab_size=vocab), tokenizer_fingerprint="t", k=k,
-                    sampling=SamplingRecord(temperature=1, top_p=1, max_new_tokens=8, n=2, seed=0), prompts_source="p",
-                    prompts_fingerprint="p", generate_fingerprint="g", config_hash="c", num_prompts=3, shard_size=3,
-                    num_shards=num_shards)
+
+FIELDS = ("input_ids", "attention_mask", "loss_mask", "labels", "topk_ids", "topk_logprobs")
+
+
+def small_dataset(
+    tmp_path, *, shards=3, rows_per_shard=23, row_group_size=5, heldout=0.3, k=3, vocab=40, split_layout=True
+) -> Manifest:
+    """A small dataset with several row groups per shard; sample i's prompt is [i+1] so batches identify samples.
+    `split_layout=False`: training and held-out rows interleaved, as written before `heldout_row_groups`."""
+    rng = np.random.default_rng(0)
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    manifest = Manifest(
+        teacher=TeacherRecord(model="m", backend="hf", vocab_size=vocab),
+        tokenizer_fingerprint="t",
+        k=k,
+        sampling=SamplingRecord(temperature=1, top_p=1, max_new_tokens=6, n=1, seed=0),
+        prompts_source="p",
+        prompts_fingerprint="p",
+        generate_fingerprint="g",
+        config_hash="c",
+        num_prompts=shards * rows_per_shard,
+        shard_size=rows_per_shard,
+        num_shards=shards,
+        heldout_fraction=heldout,
+        storage=StorageRecord(row_group_size=row_group_size, heldout_row_groups=split_layout),
+    )
+    write_manifest(tmp_path, manifest)
+    for s in range(shards):
+        ids = list(range(s * rows_per_shard, (s + 1) * rows_per_shard))
+        gens = []
+        for _ in ids:
+            length = int(rng.integers(1, 6))
+            lp = np.sort(np.log(rng.dirichlet(np.ones(vocab), length)), axis=1)[:, ::-1][:, :k].astype(np.float32)
+            gens.append(
+                [
+                    Generation(
+                        rng.integers(0, vocab, length).astype(np.int32),
+                        lp[:, 0].copy(),
+                        rng.integers(0, vocab, (length, k)).astype(np.int32),
+                        lp,
+                        "length",
+                    )
+                ]
+            )
+        table = build_table(
+            prompt_ids=[stable_id("p", i) for i in ids],
+            prompts=[""] * len(ids),
+            prompt_token_ids=[[i + 1] for i in ids],
+            generations=gens,
+            completions=[[""]] * len(ids),
+            seed=0,
+        )
+        commit_shard(
+            tmp_path,
+            manifest,
+            write_shard(tmp_path, s, table, prompts=len(ids), storage=manifest.storage, heldout_fraction=heldout),
+        )
+    return manifest
+
+
+def sample_ids(batch) -> list[int]:
+    """The sample numbers of a batch of `small_dataset` (prompt [i+1] -> i)."""
+    return (batch.input_ids[:, 0] - 1).tolist()

@@ -27,8 +27,15 @@ class _Tied(torch.nn.Module):
 
 def _save(root, step, model, keep=2):
     opt = {"state": {"head.weight": {"step": torch.tensor(float(step))}}, "param_groups": [{"params": ["head.weight"]}]}
-    return save_checkpoint(root, step, model_state=model.state_dict(), optimizer_state=opt, tied=tied_names(model),
-                           keep=keep, state={"fingerprint": "f", "data": {"epoch": 0, "batch": step}})
+    return save_checkpoint(
+        root,
+        step,
+        model_state=model.state_dict(),
+        optimizer_state=opt,
+        tied=tied_names(model),
+        keep=keep,
+        state={"fingerprint": "f", "data": {"epoch": 0, "batch": step}},
+    )
 
 
 def test_round_trip_keeps_the_newest_and_stores_tied_weights_once(tmp_path):

@@ -31,7 +31,9 @@ def test_unknown_key(raw, tmp_path):
 
 
 def test_wrong_type_via_override(raw, tmp_path):
-    one_line_error(runner.invoke(app, ["generate", str(_write(tmp_path, raw)), "--set", "generate.n=two"]), "'generate.n'")
+    one_line_error(
+        runner.invoke(app, ["generate", str(_write(tmp_path, raw)), "--set", "generate.n=two"]), "'generate.n'"
+    )
 
 
 def test_missing_model_path(raw, tmp_path):
@@ -57,12 +59,13 @@ def test_malformed_jsonl_names_the_line(raw, tmp_path):
 
 
 def test_tokenizer_mismatch_before_anything_runs(raw, tmp_path, generated):
-    from transformers import PreTrainedTokenizerFast
     from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
 
     other = tmp_path / "other-student"
-    PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"a": 0, "<e>": 1}, unk_token="a")),
-                            eos_token="<e>").save_pretrained(other)
+    PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer(models.WordLevel({"a": 0, "<e>": 1}, unk_token="a")), eos_token="<e>"
+    ).save_pretrained(other)
     raw["student"] = {"model": str(other)}
     shutil.copytree(generated.dataset_dir, tmp_path / "run/dataset")
     before = sorted(p.name for p in (tmp_path / "run/dataset/shards").iterdir())
@@ -91,7 +94,9 @@ def test_generate_command_reuses_a_complete_dataset(raw, tmp_path, generated):
 
 def test_k_above_the_teachers_vocabulary_is_one_line_and_writes_nothing(raw, tmp_path):
     raw["generate"]["k"] = 500  # the tiny teacher has 287 tokens
-    one_line_error(runner.invoke(app, ["generate", str(_write(tmp_path, raw))]), "generate.k=500 is larger than the teacher's")
+    one_line_error(
+        runner.invoke(app, ["generate", str(_write(tmp_path, raw))]), "generate.k=500 is larger than the teacher's"
+    )
     assert not (tmp_path / "run" / "dataset" / "manifest.json").exists()
 
 

@@ -11,8 +11,16 @@ from pipeline.compat import set_process_distributed_type, share_no_split_modules
 
 
 def _tiny_llama(tie: bool) -> LlamaForCausalLM:
-    return LlamaForCausalLM(LlamaConfig(vocab_size=16, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
-                                        num_attention_heads=2, tie_word_embeddings=tie))
+    return LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=16,
+            hidden_size=8,
+            intermediate_size=16,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            tie_word_embeddings=tie,
+        )
+    )
 
 
 def test_tied_names_are_the_aliases_save_model_drops(tmp_path):
@@ -47,9 +55,9 @@ def test_accelerate_still_refuses_fsdp_on_cpu_processes():
     from accelerate.state import AcceleratorState
 
     source = inspect.getsource(AcceleratorState.__init__)
-    before = source[:source.index('os.environ.get("ACCELERATE_USE_FSDP"')]
-    branch = before[before.rindex("elif self.distributed_type in ["):]
-    devices = branch[:branch.index("]:")]  # the device types whose processes may become FSDP
+    before = source[: source.index('os.environ.get("ACCELERATE_USE_FSDP"')]
+    branch = before[before.rindex("elif self.distributed_type in [") :]
+    devices = branch[: branch.index("]:")]  # the device types whose processes may become FSDP
     assert "DistributedType.MULTI_GPU" in devices and "DistributedType.MULTI_CPU" not in devices
 
 

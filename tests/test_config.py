@@ -63,7 +63,10 @@ def test_yaml_syntax_error_names_the_line(tmp_path):
 def test_generate_fingerprint_ignores_training_settings():
     raw = {"teacher": {"model": "x"}, "prompts": {"path": "p"}, "student": {"model": "s"}}
     base = build_config(raw)
-    assert build_config(raw, ["train.lr=0.1", "train.alpha=1", "eval.max_prompts=5"]).generate_fingerprint() == base.generate_fingerprint()
+    assert (
+        build_config(raw, ["train.lr=0.1", "train.alpha=1", "eval.max_prompts=5"]).generate_fingerprint()
+        == base.generate_fingerprint()
+    )
     assert build_config(raw, ["generate.k=5"]).generate_fingerprint() != base.generate_fingerprint()
     assert build_config(raw, ["teacher.model=y"]).generate_fingerprint() != base.generate_fingerprint()
 
@@ -78,5 +81,7 @@ def test_operational_teacher_settings_do_not_change_the_dataset_key():
 
 def test_extra_server_flags_change_the_dataset_key():
     raw = {"teacher": {"backend": "vllm_server", "model": "x"}, "prompts": {"path": "p"}, "student": {"model": "s"}}
-    assert (build_config(raw, ["teacher.extra_args=[--quantization, fp8]"]).generate_fingerprint()
-            != build_config(raw).generate_fingerprint())
+    assert (
+        build_config(raw, ["teacher.extra_args=[--quantization, fp8]"]).generate_fingerprint()
+        != build_config(raw).generate_fingerprint()
+    )

@@ -6,7 +6,6 @@ import errno
 import os
 
 import pyarrow as pa
-import pytest
 
 from pipeline.core import (
     DiskFullError,

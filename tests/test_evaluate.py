@@ -21,6 +21,7 @@ from pipeline.train import train_student
 def test_eval_reports_teacher_and_student(generated, tmp_path, monkeypatch):
     chunk_sizes = []
     real = evaluate_mod.map_head_chunks
+
     def spy(*args, chunk_size, **kw):
         chunk_sizes.append(chunk_size)
         return real(*args, chunk_size=chunk_size, **kw)
@@ -54,18 +55,32 @@ KNOWN = [
 
 def _write_known(path):
     """One sample whose three positions have the teacher distributions of KNOWN (logprobs on the storage grid)."""
-    manifest = Manifest(teacher=TeacherRecord(model="m", backend="hf", vocab_size=8), tokenizer_fingerprint="t", k=2,
-                        sampling=SamplingRecord(temperature=1.0, top_p=1.0, max_new_tokens=3, n=1, seed=0),
-                        prompts_source="hand", prompts_fingerprint="p", generate_fingerprint="g", config_hash="c",
-                        num_prompts=1, shard_size=1, num_shards=1)
+    manifest = Manifest(
+        teacher=TeacherRecord(model="m", backend="hf", vocab_size=8),
+        tokenizer_fingerprint="t",
+        k=2,
+        sampling=SamplingRecord(temperature=1.0, top_p=1.0, max_new_tokens=3, n=1, seed=0),
+        prompts_source="hand",
+        prompts_fingerprint="p",
+        generate_fingerprint="g",
+        config_hash="c",
+        num_prompts=1,
+        shard_size=1,
+        num_shards=1,
+    )
     path.mkdir(parents=True)
     write_manifest(path, manifest)
     lp = np.round(np.log(np.array([p for p, _ in KNOWN])) * 128) / 128
-    gen = Generation(completion_token_ids=np.array([1, 3, 5], np.int32), token_logprobs=lp[:, 0].astype(np.float32),
-                     topk_token_ids=np.array([[1, 2], [3, 4], [5, 6]], np.int32), topk_logprobs=lp.astype(np.float32),
-                     finish_reason="length")
-    table = build_table(prompt_ids=["p0"], prompts=["p"], prompt_token_ids=[[7]], generations=[[gen]],
-                        completions=[["c"]], seed=0)
+    gen = Generation(
+        completion_token_ids=np.array([1, 3, 5], np.int32),
+        token_logprobs=lp[:, 0].astype(np.float32),
+        topk_token_ids=np.array([[1, 2], [3, 4], [5, 6]], np.int32),
+        topk_logprobs=lp.astype(np.float32),
+        finish_reason="length",
+    )
+    table = build_table(
+        prompt_ids=["p0"], prompts=["p"], prompt_token_ids=[[7]], generations=[[gen]], completions=[["c"]], seed=0
+    )
     commit_shard(path, manifest, write_shard(path, 0, table, prompts=1, heldout_fraction=0.0))
     return path
 

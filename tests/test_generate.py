@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
+from pipeline.config import ConfigError
 from pipeline.core import sha256_file
 from pipeline.dataset.schema import read_manifest
 from pipeline.dataset.validate import validate_dataset
-from pipeline.config import ConfigError
 from pipeline.generate import DatasetMismatchError, InSequence, generate_dataset, generate_key
 from pipeline.models import load_causal_lm
 from pipeline.teachers.hf import HFTeacher

@@ -11,10 +11,10 @@ pytestmark = pytest.mark.gpu
 
 def test_hf_teacher_on_cuda_matches_cpu_logprobs(tiny_teacher):
     from pipeline.config import HFTeacherConfig
+    from pipeline.demo.task import make_prompts
     from pipeline.models import load_tokenizer
     from pipeline.teachers.base import SamplingSpec
     from pipeline.teachers.hf import HFTeacher
-    from pipeline.demo.task import make_prompts
 
     tok = load_tokenizer(str(tiny_teacher))
     prompts = [tok(p, add_special_tokens=False)["input_ids"] for p in make_prompts(8, seed=9)]

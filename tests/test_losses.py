@@ -274,9 +274,10 @@ def test_mixed_alpha_and_accumulation_matches_one_big_batch() -> None:
     kw = dict(alpha=0.3, temperature=2.0, kind="jsd", beta=0.5, tail_bucket=True)
     s = distill_loss_sums(z, labels, ids, lps, **kw)
     loss, _, _ = combine(s, alpha=0.3, temperature=2.0, n_tokens_global=10)
-    want = 0.3 * F.cross_entropy(z, labels) + 0.7 * 4.0 * topk_divergence(
-        z, ids, lps, kind="jsd", temperature=2.0, tail_bucket=True
-    ).mean()
+    want = (
+        0.3 * F.cross_entropy(z, labels)
+        + 0.7 * 4.0 * topk_divergence(z, ids, lps, kind="jsd", temperature=2.0, tail_bucket=True).mean()
+    )
     torch.testing.assert_close(loss, want)
     (g_big,) = torch.autograd.grad(loss, z)
     g_acc = torch.zeros_like(z)

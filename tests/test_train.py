@@ -44,8 +44,9 @@ def test_tokenizer_mismatch_stops_before_training(generated, tmp_path):
     tk = Tokenizer(models.WordLevel({"a": 0, "b": 1, "<e>": 2}, unk_token="a"))
     tk.pre_tokenizer = pre_tokenizers.Whitespace()
     PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<e>", pad_token="<e>").save_pretrained(other)
-    LlamaForCausalLM(LlamaConfig(vocab_size=3, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                 num_attention_heads=2)).save_pretrained(other)
+    LlamaForCausalLM(
+        LlamaConfig(vocab_size=3, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)
+    ).save_pretrained(other)
     student = generated.student.model_copy(update={"model": str(other), "shrink": None})
     cfg = generated.model_copy(update={"student": student})
     with pytest.raises(TokenizerMismatchError, match="differs from the dataset's teacher tokenizer"):

@@ -138,8 +138,16 @@ FSDP_ENV = {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2", "FSDP_AUTO_WRAP_
 
 
 def _train_cli(config: Path, dataset: str, *, launcher=(sys.executable,), env=None, resume=False):
-    cmd = [*launcher, "-m", "pipeline.cli", "train", str(config), "--dataset", dataset,
-           *(["--resume"] if resume else [])]
+    cmd = [
+        *launcher,
+        "-m",
+        "pipeline.cli",
+        "train",
+        str(config),
+        "--dataset",
+        dataset,
+        *(["--resume"] if resume else []),
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", **(env or {})}
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -196,7 +204,10 @@ def test_two_fsdp_processes_equal_one_process_and_resume(one_process, generated,
 
     one, two, two_yaml = _two_processes_vs_one(one_process, generated.dataset_dir, tmp_path, env=FSDP_ENV)
     assert json.loads((two / "train_log.json").read_text())["distributed"] == {
-        "type": "FSDP", "processes": 2, "fsdp_version": 2}
+        "type": "FSDP",
+        "processes": 2,
+        "fsdp_version": 2,
+    }
     assert sorted(p.name for p in two.iterdir()) == sorted(p.name for p in one.iterdir())
     assert json.loads((two / "config.json").read_text()) == json.loads((one / "config.json").read_text())
     student = AutoModelForCausalLM.from_pretrained(two)
@@ -206,7 +217,8 @@ def test_two_fsdp_processes_equal_one_process_and_resume(one_process, generated,
     # the checkpoint holds full tensors under the student's names, as a single process writes them
     step2 = checkpoint_root(two) / "step-0000002"
     assert {k: v.shape for k, v in load_file(str(step2 / "model.safetensors")).items()} == {
-        k: v.shape for k, v in load_file(str(checkpoint_root(one) / "step-0000002" / "model.safetensors")).items()}
+        k: v.shape for k, v in load_file(str(checkpoint_root(one) / "step-0000002" / "model.safetensors")).items()
+    }
     optim = torch.load(step2 / "optimizer.pt", weights_only=True)
     assert set(optim["state"]) == set(ref)
     assert optim["state"]["lm_head.weight"]["exp_avg"].shape == ref["lm_head.weight"].shape

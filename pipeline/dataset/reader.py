@@ -43,8 +43,11 @@ def load_samples(dataset_dir: Path, *, split: str = "all", limit_prompts: int | 
     token_lp = pc.list_flatten(table["token_logprobs"]).to_numpy()
     cut = rows.completion_offsets[1:-1]
     return Samples(
-        prompt_ids=table["prompt_id"].to_pylist(), prompts=table["prompt"].to_pylist(),
+        prompt_ids=table["prompt_id"].to_pylist(),
+        prompts=table["prompt"].to_pylist(),
         prompt_tokens=np.split(rows.prompt, rows.prompt_offsets[1:-1]),
         completion_tokens=np.split(rows.completion, cut),
-        token_logprobs=np.split(token_lp, cut), topk_ids=np.split(rows.topk_ids, cut),
-        topk_logprobs=np.split(rows.topk_logprobs.astype(np.float32), cut))
+        token_logprobs=np.split(token_lp, cut),
+        topk_ids=np.split(rows.topk_ids, cut),
+        topk_logprobs=np.split(rows.topk_logprobs.astype(np.float32), cut),
+    )

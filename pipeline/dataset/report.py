@@ -19,14 +19,16 @@ from matplotlib.figure import Figure
 from pipeline.dataset.stats import MASS_LEVELS, DatasetSummary, SampleView, TokenView, summary_rows
 
 CSS = """
-body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 2em auto; max-width: 1100px; color: #222; }
+body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 2em auto; max-width: 1100px;
+       color: #222; }
 h1 { font-size: 1.4em; } h2 { font-size: 1.15em; margin-top: 1.6em; border-bottom: 1px solid #ddd; }
 table.summary { border-collapse: collapse; font-size: 0.92em; }
 table.summary td { padding: 3px 10px; border-bottom: 1px solid #eee; vertical-align: top; }
 table.summary td.group { color: #888; }
 .plots { display: flex; flex-wrap: wrap; gap: 12px; }
 .plots img { width: 520px; border: 1px solid #eee; }
-.sample { font-family: ui-monospace, "DejaVu Sans Mono", monospace; white-space: pre-wrap; line-height: 2; font-size: 1.1em;
+.sample { font-family: ui-monospace, "DejaVu Sans Mono", monospace; white-space: pre-wrap; line-height: 2;
+          font-size: 1.1em;
           border: 1px solid #ddd; padding: 10px; }
 .sample span.tok { padding: 2px 0; border-radius: 3px; }
 .sample span.nontop { text-decoration: underline dotted #333; }
@@ -52,8 +54,13 @@ def coverage_figure(s: DatasetSummary) -> Figure:
     ax.plot(j, s.coverage_curve, "k-o", ms=3, label="mean top-j mass")
     for level in MASS_LEVELS:
         ax.step(j, s.k_needed_share(level), where="post", label=f"positions with >= {level:.0%} in top-j")
-    ax.set(xlabel="j (top-j candidates)", ylabel="share", ylim=(0, 1.02), xlim=(0.5, s.k + 0.5),
-           title="Top-k coverage of the teacher distribution")
+    ax.set(
+        xlabel="j (top-j candidates)",
+        ylabel="share",
+        ylim=(0, 1.02),
+        xlim=(0.5, s.k + 0.5),
+        title="Top-k coverage of the teacher distribution",
+    )
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
     return fig
@@ -68,7 +75,9 @@ def _log_counts(ax, counts: list[int]) -> None:
 
 def _hist(ax, stat, color: str) -> None:
     edges = np.asarray(stat.histogram.edges)
-    ax.bar(edges[:-1], stat.histogram.counts, width=np.diff(edges), align="edge", color=color, edgecolor="white", lw=0.3)
+    ax.bar(
+        edges[:-1], stat.histogram.counts, width=np.diff(edges), align="edge", color=color, edgecolor="white", lw=0.3
+    )
     _log_counts(ax, stat.histogram.counts)
 
 
@@ -90,7 +99,9 @@ def length_figure(s: DatasetSummary) -> Figure:
     ax = fig.add_subplot()
     ax.bar(np.arange(len(s.length.counts)), s.length.counts, width=1.0, color="#7570b3", edgecolor="white", lw=0.3)
     _log_counts(ax, s.length.counts)
-    ax.set(xlabel="completion length (tokens)", ylabel="samples", title=f"Completion lengths (mean {s.length.mean:.1f})")
+    ax.set(
+        xlabel="completion length (tokens)", ylabel="samples", title=f"Completion lengths (mean {s.length.mean:.1f})"
+    )
     return fig
 
 
@@ -115,45 +126,63 @@ def entropy_color(entropy: float, k: int) -> str:
 def _token_span(tok: TokenView, k: int) -> str:
     shown = tok.text.replace("\n", "\u21b5\n") or "\u2205"
     rank = f"rank {tok.rank}" if tok.rank is not None else f"outside top-{k}"
-    lines = [f"position {tok.position}, id {tok.token_id}: p={np.exp(tok.logprob):.3f} ({rank})",
-             f"entropy {tok.entropy:.3f} nats, top-{k} mass {tok.coverage:.4f}"]
+    lines = [
+        f"position {tok.position}, id {tok.token_id}: p={np.exp(tok.logprob):.3f} ({rank})",
+        f"entropy {tok.entropy:.3f} nats, top-{k} mass {tok.coverage:.4f}",
+    ]
     lines += [f"{p:7.3f}  {text!r}" for _, text, p in tok.candidates[:10]]
     cls = "tok" if tok.rank == 1 else "tok nontop"
-    return (f'<span class="{cls}" style="background:{entropy_color(tok.entropy, k)}" '
-            f'title="{html.escape(chr(10).join(lines))}">{html.escape(shown)}</span>')
+    return (
+        f'<span class="{cls}" style="background:{entropy_color(tok.entropy, k)}" '
+        f'title="{html.escape(chr(10).join(lines))}">{html.escape(shown)}</span>'
+    )
 
 
 def sample_html(view: SampleView) -> str:
     """The prompt, then the completion with each token coloured by teacher entropy; hover shows the candidates."""
     gradient = ", ".join(to_hex(colormaps[CMAP](x * CMAP_MAX)) for x in np.linspace(0, 1, 6))
     note = "" if view.decoded else " Token texts are ids: the teacher's tokenizer was not found locally."
-    return (f'<p class="note">Sample {view.index} (id {html.escape(view.sample_id)}, finish: '
-            f'{html.escape(view.finish_reason)}). Background = teacher entropy, 0 '
-            f'<span class="legend" style="background: linear-gradient(to right, {gradient})"></span> '
-            f'{np.log(view.k + 1):.2f} nats; dotted underline = the sampled token was not the teacher\'s top-1; '
-            f'hover a token for its top candidates.{note}</p>'
-            f'<div class="sample"><span class="prompt">{html.escape(view.prompt)}</span>'
-            + "".join(_token_span(t, view.k) for t in view.tokens) + "</div>")
+    return (
+        f'<p class="note">Sample {view.index} (id {html.escape(view.sample_id)}, finish: '
+        f"{html.escape(view.finish_reason)}). Background = teacher entropy, 0 "
+        f'<span class="legend" style="background: linear-gradient(to right, {gradient})"></span> '
+        f"{np.log(view.k + 1):.2f} nats; dotted underline = the sampled token was not the teacher's top-1; "
+        f"hover a token for its top candidates.{note}</p>"
+        f'<div class="sample"><span class="prompt">{html.escape(view.prompt)}</span>'
+        + "".join(_token_span(t, view.k) for t in view.tokens)
+        + "</div>"
+    )
 
 
 def render_report(summary: DatasetSummary, view: SampleView | None, out: Path) -> Path:
     """Write the report to `out` (parent directories created) and return its path."""
-    rows = "".join(f'<tr><td class="group">{html.escape(r["group"])}</td><td>{html.escape(r["metric"])}</td>'
-                   f'<td>{html.escape(r["value"])}</td></tr>' for r in summary_rows(summary))
-    figures = [("coverage", coverage_figure), ("uncertainty", uncertainty_figure), ("lengths", length_figure),
-               ("ranks", rank_figure)]
+    rows = "".join(
+        f'<tr><td class="group">{html.escape(r["group"])}</td><td>{html.escape(r["metric"])}</td>'
+        f"<td>{html.escape(r['value'])}</td></tr>"
+        for r in summary_rows(summary)
+    )
+    figures = [
+        ("coverage", coverage_figure),
+        ("uncertainty", uncertainty_figure),
+        ("lengths", length_figure),
+        ("ranks", rank_figure),
+    ]
     imgs = "".join(f'<img alt="{name}" src="{_png(make(summary))}">' for name, make in figures)
-    body = (f"<h1>distill dataset: {html.escape(summary.dataset_dir)}</h1>"
-            f'<table class="summary">{rows}</table>'
-            f'<h2>Plots</h2><div class="plots">{imgs}</div>'
-            + (f"<h2>A sample</h2>{sample_html(view)}" if view is not None else "")
-            + '<h2>Definitions</h2><p class="note">Per generated position, from the teacher\'s raw (T=1) top-k '
-              "logprobs: coverage = sum of exp(top-k logprobs); entropy over the k candidates plus the mass outside "
-              "them as one extra bucket (a lower bound on the full-vocabulary entropy); k for p of the mass = "
-              "the smallest j whose top-j mass reaches p (\"&gt;k\" if the top-k never does); sampled-token rank is "
-              "1-based (1 = the teacher's most likely token).</p>")
-    page = (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>distill dataset report</title>'
-            f"<style>{CSS}</style></head><body>{body}</body></html>\n")
+    body = (
+        f"<h1>distill dataset: {html.escape(summary.dataset_dir)}</h1>"
+        f'<table class="summary">{rows}</table>'
+        f'<h2>Plots</h2><div class="plots">{imgs}</div>'
+        + (f"<h2>A sample</h2>{sample_html(view)}" if view is not None else "")
+        + '<h2>Definitions</h2><p class="note">Per generated position, from the teacher\'s raw (T=1) top-k '
+        "logprobs: coverage = sum of exp(top-k logprobs); entropy over the k candidates plus the mass outside "
+        "them as one extra bucket (a lower bound on the full-vocabulary entropy); k for p of the mass = "
+        'the smallest j whose top-j mass reaches p ("&gt;k" if the top-k never does); sampled-token rank is '
+        "1-based (1 = the teacher's most likely token).</p>"
+    )
+    page = (
+        f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>distill dataset report</title>'
+        f"<style>{CSS}</style></head><body>{body}</body></html>\n"
+    )
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(page, encoding="utf-8")

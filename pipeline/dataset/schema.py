@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from pipeline.core import UserError, stable_id, utc_now
 
+
 class DatasetError(UserError):
     """A dataset that cannot be used as asked (missing, incomplete, newer, made with other settings)."""
 
@@ -29,7 +30,7 @@ SHARDS_DIR = "shards"
 IDS_LEAF = "topk_token_ids.list.element.list.element"
 LP_LEAF = "topk_logprobs.list.element.list.element"
 TOKEN_LP_LEAF = "token_logprobs.list.element"
-LOGPROBS_STEP = 2.0 ** -7
+LOGPROBS_STEP = 2.0**-7
 """Default grid for stored logprobs (nats): round-to-nearest error <= 2^-8 = 0.0039; bench/storage.py."""
 
 
@@ -61,8 +62,10 @@ def arrow_schema(logprobs_dtype: str = "float32", *, nullable: bool = False) -> 
         ("topk_logprobs", _list(_list(lp, nullable), nullable)),
         ("finish_reason", pa.string()),
     ]
-    return pa.schema([pa.field(name, typ, nullable=nullable) for name, typ in columns],
-                     metadata={b"distill_schema_version": str(SCHEMA_VERSION).encode()})
+    return pa.schema(
+        [pa.field(name, typ, nullable=nullable) for name, typ in columns],
+        metadata={b"distill_schema_version": str(SCHEMA_VERSION).encode()},
+    )
 
 
 class StorageRecord(BaseModel):
@@ -80,8 +83,13 @@ class StorageRecord(BaseModel):
     """Rows per row group: the unit the streaming reader reads and shuffles."""
     logprobs_step: float = LOGPROBS_STEP
     """`topk_logprobs` and `token_logprobs` are rounded to the nearest multiple of this (0: not rounded)."""
-    column_encoding: dict[str, str] = Field(default_factory=lambda: {
-        IDS_LEAF: "BYTE_STREAM_SPLIT", LP_LEAF: "BYTE_STREAM_SPLIT", TOKEN_LP_LEAF: "BYTE_STREAM_SPLIT"})
+    column_encoding: dict[str, str] = Field(
+        default_factory=lambda: {
+            IDS_LEAF: "BYTE_STREAM_SPLIT",
+            LP_LEAF: "BYTE_STREAM_SPLIT",
+            TOKEN_LP_LEAF: "BYTE_STREAM_SPLIT",
+        }
+    )
     """Parquet encoding per leaf column; the grid's zeroed low mantissa bytes compress to almost nothing.
     With `logprobs_dtype: float16` the logprobs leaf is written PLAIN (DuckDB cannot read float16 BYTE_STREAM_SPLIT)."""
     dictionary_columns: list[str] = Field(default_factory=lambda: ["*"])
@@ -176,15 +184,28 @@ def read_manifest(dataset_dir: Path) -> Manifest:
     """Load and check the manifest; a newer schema version is refused with a clear message."""
     path = Path(dataset_dir) / MANIFEST
     if not path.is_file():
-        raise DatasetError(f"{dataset_dir}: no {MANIFEST} (not a distill dataset, or generation never committed a shard)")
+        raise DatasetError(
+            f"{dataset_dir}: no {MANIFEST} (not a distill dataset, or generation never committed a shard)"
+        )
     raw = json.loads(path.read_text())
     version = raw.get("schema_version")
     if not isinstance(version, int) or version > SCHEMA_VERSION:
-        raise DatasetError(f"{path}: schema_version {version!r} is newer than this distill supports ({SCHEMA_VERSION}); upgrade distill")
+        raise DatasetError(
+            f"{path}: schema_version {version!r} is newer than this distill supports ({SCHEMA_VERSION}); upgrade "
+            "distill"
+        )
     raw.setdefault("storage", None)
     if isinstance(raw["storage"], dict):
         raw["storage"].setdefault("heldout_row_groups", False)  # written before shards were laid out by split
     return Manifest.model_validate(raw)
+
+
+def committed_shards(dataset_dir: Path, manifest: Manifest) -> list[Path]:
+    """The shard files the manifest lists, in order (other files in shards/ are not part of the dataset);
+    a dataset with none committed yet is a DatasetError."""
+    if not manifest.shards:
+        raise DatasetError(f"{dataset_dir}: the dataset has no committed shards yet; run the generate stage")
+    return [Path(dataset_dir) / s.file for s in manifest.shards]
 
 
 @dataclass
@@ -207,8 +228,9 @@ def _list_array(arrays: list[np.ndarray], list_type: pa.ListType) -> pa.Array:
     offsets = np.zeros(len(arrays) + 1, dtype=np.int32)
     np.cumsum(lengths, out=offsets[1:])
     flat = np.concatenate(arrays) if arrays else np.zeros(0)
-    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat.astype(dtype.to_pandas_dtype(), copy=False), type=dtype),
-                                    type=list_type)
+    return pa.ListArray.from_arrays(
+        pa.array(offsets), pa.array(flat.astype(dtype.to_pandas_dtype(), copy=False), type=dtype), type=list_type
+    )
 
 
 def _nested_array(arrays: list[np.ndarray], list_type: pa.ListType) -> pa.Array:
@@ -216,12 +238,17 @@ def _nested_array(arrays: list[np.ndarray], list_type: pa.ListType) -> pa.Array:
     inner_type = list_type.value_type
     dtype = inner_type.value_type
     rows = [a.reshape(a.shape[0], -1) for a in arrays]
-    inner_lengths = np.concatenate([np.full(r.shape[0], r.shape[1], dtype=np.int32) for r in rows]) if rows else np.zeros(0, np.int32)
+    inner_lengths = (
+        np.concatenate([np.full(r.shape[0], r.shape[1], dtype=np.int32) for r in rows])
+        if rows
+        else np.zeros(0, np.int32)
+    )
     inner_offsets = np.zeros(len(inner_lengths) + 1, dtype=np.int32)
     np.cumsum(inner_lengths, out=inner_offsets[1:])
     flat = np.concatenate([r.ravel() for r in rows]) if rows else np.zeros(0)
-    inner = pa.ListArray.from_arrays(pa.array(inner_offsets), pa.array(flat.astype(dtype.to_pandas_dtype(), copy=False), type=dtype),
-                                     type=inner_type)
+    inner = pa.ListArray.from_arrays(
+        pa.array(inner_offsets), pa.array(flat.astype(dtype.to_pandas_dtype(), copy=False), type=dtype), type=inner_type
+    )
     outer_offsets = np.zeros(len(rows) + 1, dtype=np.int32)
     np.cumsum([r.shape[0] for r in rows], out=outer_offsets[1:])
     return pa.ListArray.from_arrays(pa.array(outer_offsets), inner, type=list_type)
@@ -250,11 +277,17 @@ def build_table(
         "prompt_id": pa.array([prompt_ids[i] for i, _, _ in rows], pa.string()),
         "prompt": pa.array([prompts[i] for i, _, _ in rows], pa.string()),
         "completion": pa.array([completions[i][j] for i, j, _ in rows], pa.string()),
-        "prompt_token_ids": _list_array([np.asarray(prompt_token_ids[i], np.int32) for i, _, _ in rows], typ["prompt_token_ids"]),
+        "prompt_token_ids": _list_array(
+            [np.asarray(prompt_token_ids[i], np.int32) for i, _, _ in rows], typ["prompt_token_ids"]
+        ),
         "completion_token_ids": _list_array([g.completion_token_ids for _, _, g in rows], typ["completion_token_ids"]),
-        "token_logprobs": _list_array([quantize_logprobs(g.token_logprobs, logprobs_step) for _, _, g in rows], typ["token_logprobs"]),
+        "token_logprobs": _list_array(
+            [quantize_logprobs(g.token_logprobs, logprobs_step) for _, _, g in rows], typ["token_logprobs"]
+        ),
         "topk_token_ids": _nested_array([g.topk_token_ids for _, _, g in rows], typ["topk_token_ids"]),
-        "topk_logprobs": _nested_array([quantize_logprobs(g.topk_logprobs, logprobs_step) for _, _, g in rows], typ["topk_logprobs"]),
+        "topk_logprobs": _nested_array(
+            [quantize_logprobs(g.topk_logprobs, logprobs_step) for _, _, g in rows], typ["topk_logprobs"]
+        ),
         "finish_reason": pa.array([g.finish_reason for _, _, g in rows], pa.string()),
     }
     return pa.table(cols, schema=schema)

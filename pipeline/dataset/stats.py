@@ -25,10 +25,24 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from pydantic import BaseModel
 
-from pipeline.dataset.schema import DatasetError, Manifest, SamplingRecord, TeacherRecord, read_manifest
+from pipeline.dataset.schema import (
+    DatasetError,
+    Manifest,
+    SamplingRecord,
+    TeacherRecord,
+    committed_shards,
+    read_manifest,
+)
 
 MASS_LEVELS = (0.9, 0.95, 0.99)
-STAT_COLUMNS = ["prompt_id", "completion_token_ids", "token_logprobs", "topk_token_ids", "topk_logprobs", "finish_reason"]
+STAT_COLUMNS = [
+    "prompt_id",
+    "completion_token_ids",
+    "token_logprobs",
+    "topk_token_ids",
+    "topk_logprobs",
+    "finish_reason",
+]
 NEAR_ONE_HOT = 0.99
 BINS = 40
 
@@ -167,8 +181,11 @@ class _Accumulator:
 
     def __init__(self, k: int):
         self.k = k
-        self.edges = {"entropy": np.linspace(0.0, float(np.log(k + 1)), BINS + 1),
-                      "top1": np.linspace(0.0, 1.0, BINS + 1), "coverage": np.linspace(0.0, 1.0, BINS + 1)}
+        self.edges = {
+            "entropy": np.linspace(0.0, float(np.log(k + 1)), BINS + 1),
+            "top1": np.linspace(0.0, 1.0, BINS + 1),
+            "coverage": np.linspace(0.0, 1.0, BINS + 1),
+        }
         self.hist = {name: np.zeros(BINS, np.int64) for name in self.edges}
         self.sums = {name: 0.0 for name in self.edges}
         self.cum_sum = np.zeros(k, np.float64)
@@ -192,7 +209,9 @@ class _Accumulator:
         ids = topk_matrix(batch.column("topk_token_ids"), self.k, np.int64)
         lps = topk_matrix(batch.column("topk_logprobs"), self.k, np.float32)
         if ids.shape[0] != sampled.size or lps.shape[0] != sampled.size:
-            raise DatasetError("top-k rows and completion tokens disagree in length; run `distill validate` on the dataset")
+            raise DatasetError(
+                "top-k rows and completion tokens disagree in length; run `distill validate` on the dataset"
+            )
         stats = position_stats(lps)
         for name, edges in self.edges.items():
             values = np.clip(stats[name], edges[0], edges[-1])
@@ -208,22 +227,24 @@ class _Accumulator:
 
     def token_stat(self, name: str) -> TokenStat:
         mean = self.sums[name] / self.tokens if self.tokens else None
-        return TokenStat(mean=mean, histogram=Histogram(edges=self.edges[name].tolist(), counts=self.hist[name].tolist()))
+        return TokenStat(
+            mean=mean, histogram=Histogram(edges=self.edges[name].tolist(), counts=self.hist[name].tolist())
+        )
 
     def length_stats(self) -> LengthStats:
         lengths = np.concatenate(self.lengths) if self.lengths else np.zeros(0, np.int64)
         if lengths.size == 0:
             return LengthStats(min=0, max=0, mean=0.0, p50=0, p90=0, p99=0, counts=[])
         q = np.percentile(lengths, [50, 90, 99], method="lower")
-        return LengthStats(min=int(lengths.min()), max=int(lengths.max()), mean=float(lengths.mean()), p50=int(q[0]),
-                           p90=int(q[1]), p99=int(q[2]), counts=np.bincount(lengths).tolist())
-
-
-def committed_shards(dataset_dir: Path, manifest: Manifest) -> list[Path]:
-    """The shards the manifest lists, in order; a dataset with none yet is a user error."""
-    if not manifest.shards:
-        raise DatasetError(f"{dataset_dir}: the dataset has no committed shards yet; run the generate stage")
-    return [Path(dataset_dir) / s.file for s in manifest.shards]
+        return LengthStats(
+            min=int(lengths.min()),
+            max=int(lengths.max()),
+            mean=float(lengths.mean()),
+            p50=int(q[0]),
+            p90=int(q[1]),
+            p99=int(q[2]),
+            counts=np.bincount(lengths).tolist(),
+        )
 
 
 def summarize(dataset_dir: Path, *, batch_rows: int = 128) -> DatasetSummary:
@@ -238,16 +259,32 @@ def summarize(dataset_dir: Path, *, batch_rows: int = 128) -> DatasetSummary:
             acc.add(batch)
     samples = int(sum(len(x) for x in acc.lengths))
     return DatasetSummary(
-        dataset_dir=str(dataset_dir), shards=len(manifest.shards), complete=manifest.complete, samples=samples,
-        prompts=len(acc.prompts), tokens=acc.tokens, k=manifest.k, finish_reasons=dict(sorted(acc.finish.items())),
-        length=acc.length_stats(), entropy=acc.token_stat("entropy"), top1=acc.token_stat("top1"),
-        coverage=acc.token_stat("coverage"), near_one_hot=acc.near_one_hot / acc.tokens if acc.tokens else None,
+        dataset_dir=str(dataset_dir),
+        shards=len(manifest.shards),
+        complete=manifest.complete,
+        samples=samples,
+        prompts=len(acc.prompts),
+        tokens=acc.tokens,
+        k=manifest.k,
+        finish_reasons=dict(sorted(acc.finish.items())),
+        length=acc.length_stats(),
+        entropy=acc.token_stat("entropy"),
+        top1=acc.token_stat("top1"),
+        coverage=acc.token_stat("coverage"),
+        near_one_hot=acc.near_one_hot / acc.tokens if acc.tokens else None,
         coverage_curve=(acc.cum_sum / max(1, acc.tokens)).tolist(),
         k_needed={str(level): counts.tolist() for level, counts in acc.k_needed.items()},
-        sampled_rank=acc.rank.tolist(), sampled_logprob_mean=acc.sampled_lp / acc.tokens if acc.tokens else None,
-        teacher=manifest.teacher, sampling=manifest.sampling, logprobs_mode=manifest.logprobs_mode,
-        logprobs_dtype=manifest.logprobs_dtype, prompts_source=manifest.prompts_source,
-        heldout_fraction=manifest.heldout_fraction, created_at=manifest.created_at, updated_at=manifest.updated_at)
+        sampled_rank=acc.rank.tolist(),
+        sampled_logprob_mean=acc.sampled_lp / acc.tokens if acc.tokens else None,
+        teacher=manifest.teacher,
+        sampling=manifest.sampling,
+        logprobs_mode=manifest.logprobs_mode,
+        logprobs_dtype=manifest.logprobs_dtype,
+        prompts_source=manifest.prompts_source,
+        heldout_fraction=manifest.heldout_fraction,
+        created_at=manifest.created_at,
+        updated_at=manifest.updated_at,
+    )
 
 
 def _quantile_k(counts: list[int], q: float) -> str:
@@ -277,31 +314,58 @@ def summary_rows(summary: DatasetSummary) -> list[dict[str, str]]:
         ("dataset", "prompts", f"{s.prompts:,}"),
         ("dataset", "completion tokens", f"{s.tokens:,}"),
         ("dataset", "shards", f"{s.shards} ({'complete' if s.complete else 'incomplete'})"),
-        ("dataset", "finish reasons", ", ".join(f"{k} {v:,} ({_pct(v / max(1, s.samples))})"
-                                              for k, v in sorted(s.finish_reasons.items(), key=lambda kv: -kv[1]))),
-        ("dataset", "completion length (tokens)",
-         f"mean {s.length.mean:.1f}, min {s.length.min}, p50 {s.length.p50}, p90 {s.length.p90}, p99 {s.length.p99}, max {s.length.max}"),
+        (
+            "dataset",
+            "finish reasons",
+            ", ".join(
+                f"{k} {v:,} ({_pct(v / max(1, s.samples))})"
+                for k, v in sorted(s.finish_reasons.items(), key=lambda kv: -kv[1])
+            ),
+        ),
+        (
+            "dataset",
+            "completion length (tokens)",
+            f"mean {s.length.mean:.1f}, min {s.length.min}, p50 {s.length.p50}, p90 {s.length.p90}, p99 "
+            f"{s.length.p99}, max {s.length.max}",
+        ),
         ("teacher distribution", "entropy (nats, top-k + tail bucket)", f"mean {_num(s.entropy.mean)}"),
-        ("teacher distribution", "top-1 probability", f"mean {_num(s.top1.mean)}; >= {NEAR_ONE_HOT}: {_pct(s.near_one_hot)} of positions"),
+        (
+            "teacher distribution",
+            "top-1 probability",
+            f"mean {_num(s.top1.mean)}; >= {NEAR_ONE_HOT}: {_pct(s.near_one_hot)} of positions",
+        ),
         ("teacher distribution", f"top-{s.k} mass (coverage)", f"mean {_num(s.coverage.mean, 4)}"),
     ]
     for level in MASS_LEVELS:
         counts = s.k_needed[str(level)]
-        rows.append(("teacher distribution", f"k for {level:.0%} of the mass",
-                     f"median {_quantile_k(counts, 0.5)}, p90 {_quantile_k(counts, 0.9)}, p99 {_quantile_k(counts, 0.99)}; "
-                     f">{s.k}: {_pct(counts[-1] / n if s.tokens else None)} of positions"))
+        rows.append(
+            (
+                "teacher distribution",
+                f"k for {level:.0%} of the mass",
+                f"median {_quantile_k(counts, 0.5)}, p90 {_quantile_k(counts, 0.9)}, p99 {_quantile_k(counts, 0.99)}; "
+                f">{s.k}: {_pct(counts[-1] / n if s.tokens else None)} of positions",
+            )
+        )
     rank1, outside = s.sampled_rank[0], s.sampled_rank[-1]
     rows += [
-        ("sampled tokens", "rank in teacher top-k (1-based)",
-         f"rank 1: {_pct(rank1 / n if s.tokens else None)}, ranks 2-{s.k}: "
-         f"{_pct((s.tokens - rank1 - outside) / n if s.tokens else None)}, outside top-{s.k}: {_pct(outside / n if s.tokens else None)}"),
+        (
+            "sampled tokens",
+            "rank in teacher top-k (1-based)",
+            f"rank 1: {_pct(rank1 / n if s.tokens else None)}, ranks 2-{s.k}: "
+            f"{_pct((s.tokens - rank1 - outside) / n if s.tokens else None)}, outside top-{s.k}: "
+            f"{_pct(outside / n if s.tokens else None)}",
+        ),
         ("sampled tokens", "mean teacher logprob", _num(s.sampled_logprob_mean)),
         ("teacher", "model", s.teacher.model),
         ("teacher", "backend", s.teacher.backend + "".join(f", {k} {v}" for k, v in s.teacher.versions.items())),
         ("teacher", "vocab size", str(s.teacher.vocab_size)),
         ("teacher", "k, logprobs", f"k={s.k}, {s.logprobs_mode} (T=1), {s.logprobs_dtype}"),
-        ("sampling", "settings", f"temperature {s.sampling.temperature}, top_p {s.sampling.top_p}, "
-                                 f"max_new_tokens {s.sampling.max_new_tokens}, n {s.sampling.n}, seed {s.sampling.seed}"),
+        (
+            "sampling",
+            "settings",
+            f"temperature {s.sampling.temperature}, top_p {s.sampling.top_p}, "
+            f"max_new_tokens {s.sampling.max_new_tokens}, n {s.sampling.n}, seed {s.sampling.seed}",
+        ),
         ("sampling", "prompts", f"{s.prompts_source} (held-out fraction {s.heldout_fraction})"),
         ("sampling", "created / updated", f"{s.created_at} / {s.updated_at}"),
     ]
@@ -374,10 +438,21 @@ def sample_view(dataset_dir: Path, index: int, *, decoder=None, top: int | None 
     order = np.argsort(-lps, axis=1, kind="stable")
     text = decoder or (lambda token_id: f"#{token_id}")
     keep = k if top is None else min(top, k)
-    tokens = [TokenView(position=t, token_id=int(sampled[t]), text=text(int(sampled[t])), logprob=float(token_lp[t]),
-                        rank=int(ranks[t]) if ranks[t] <= k else None, entropy=float(stats["entropy"][t]),
-                        coverage=float(stats["coverage"][t]),
-                        candidates=[(int(ids[t, i]), text(int(ids[t, i])), float(np.exp(lps[t, i]))) for i in order[t, :keep]])
-              for t in range(len(sampled))]
-    first = {name: row.column(name)[0].as_py() for name in ("sample_id", "prompt_id", "prompt", "completion", "finish_reason")}
+    tokens = [
+        TokenView(
+            position=t,
+            token_id=int(sampled[t]),
+            text=text(int(sampled[t])),
+            logprob=float(token_lp[t]),
+            rank=int(ranks[t]) if ranks[t] <= k else None,
+            entropy=float(stats["entropy"][t]),
+            coverage=float(stats["coverage"][t]),
+            candidates=[(int(ids[t, i]), text(int(ids[t, i])), float(np.exp(lps[t, i]))) for i in order[t, :keep]],
+        )
+        for t in range(len(sampled))
+    ]
+    first = {
+        name: row.column(name)[0].as_py()
+        for name in ("sample_id", "prompt_id", "prompt", "completion", "finish_reason")
+    }
     return SampleView(index=index, k=k, decoded=decoder is not None, tokens=tokens, **first)

@@ -20,17 +20,11 @@ import pyarrow.parquet as pq
 import torch
 
 from pipeline.core import heldout_mask
-from pipeline.dataset.schema import DatasetError, Manifest, read_manifest
+from pipeline.dataset.schema import DatasetError, committed_shards, read_manifest
 from pipeline.dataset.validate import verify_shards
 
 _LOWER_HEX = re.compile(r"^[0-9a-f]{8}")
 STREAM_COLUMNS = ["prompt_token_ids", "completion_token_ids", "topk_token_ids", "topk_logprobs"]
-
-
-def shard_paths(dataset_dir: Path, manifest: Manifest | None = None) -> list[Path]:
-    """The committed shards, in order (files the manifest does not list are not part of the dataset)."""
-    manifest = manifest or read_manifest(dataset_dir)
-    return [Path(dataset_dir) / s.file for s in manifest.shards]
 
 
 @dataclass
@@ -53,8 +47,19 @@ class Batch:
         return int(self.labels.numel())
 
     def to(self, device: torch.device) -> Batch:
-        return Batch(*(t.to(device, non_blocking=True) for t in (self.input_ids, self.attention_mask, self.loss_mask,
-                                                               self.labels, self.topk_ids, self.topk_logprobs)))
+        return Batch(
+            *(
+                t.to(device, non_blocking=True)
+                for t in (
+                    self.input_ids,
+                    self.attention_mask,
+                    self.loss_mask,
+                    self.labels,
+                    self.topk_ids,
+                    self.topk_logprobs,
+                )
+            )
+        )
 
 
 @dataclass
@@ -74,6 +79,7 @@ class Rows:
     @staticmethod
     def from_table(table: pa.Table, k: int) -> Rows:
         """Zero-copy where Arrow allows; slices and filtered tables are handled by rebasing the offsets."""
+
         def flat(name: str, depth: int) -> tuple[np.ndarray, np.ndarray]:
             col = table[name]
             arr = col.chunk(0) if col.num_chunks == 1 else col.combine_chunks()  # combine_chunks copies even one chunk
@@ -92,20 +98,33 @@ class Rows:
         """The samples at `idx`, in that order (one vectorised gather per column)."""
         p_src, p_off = _gather_ranges(self.prompt_offsets, idx)
         c_src, c_off = _gather_ranges(self.completion_offsets, idx)
-        return Rows(self.prompt[p_src], p_off, self.completion[c_src], c_off,
-                    np.take(self.topk_ids, c_src, axis=0), np.take(self.topk_logprobs, c_src, axis=0))
+        return Rows(
+            self.prompt[p_src],
+            p_off,
+            self.completion[c_src],
+            c_off,
+            np.take(self.topk_ids, c_src, axis=0),
+            np.take(self.topk_logprobs, c_src, axis=0),
+        )
 
     def slice(self, lo: int, hi: int) -> Rows:
         """Samples [lo, hi) as views."""
         p0, p1 = self.prompt_offsets[lo], self.prompt_offsets[hi]
         c0, c1 = self.completion_offsets[lo], self.completion_offsets[hi]
-        return Rows(self.prompt[p0:p1], self.prompt_offsets[lo:hi + 1] - p0, self.completion[c0:c1],
-                    self.completion_offsets[lo:hi + 1] - c0, self.topk_ids[c0:c1], self.topk_logprobs[c0:c1])
+        return Rows(
+            self.prompt[p0:p1],
+            self.prompt_offsets[lo : hi + 1] - p0,
+            self.completion[c0:c1],
+            self.completion_offsets[lo : hi + 1] - c0,
+            self.topk_ids[c0:c1],
+            self.topk_logprobs[c0:c1],
+        )
 
     @staticmethod
     def concat(parts: list[Rows], scratch: dict[str, np.ndarray] | None = None) -> Rows:
         """The parts one after the other. With `scratch`, the flat arrays are written into buffers kept there
         (grown as needed) and the result is a view of them, valid until the next concat with that scratch."""
+
         def offsets(name: str) -> np.ndarray:
             offs = [getattr(r, name) for r in parts]
             starts = np.cumsum([0] + [o[-1] for o in offs[:-1]])
@@ -121,8 +140,14 @@ class Rows:
                 buf = scratch[name] = np.empty((n * 5 // 4,) + first.shape[1:], first.dtype)  # room for larger windows
             return np.concatenate(arrays, out=buf[:n])
 
-        return Rows(join("prompt"), offsets("prompt_offsets"), join("completion"), offsets("completion_offsets"),
-                    join("topk_ids"), join("topk_logprobs"))
+        return Rows(
+            join("prompt"),
+            offsets("prompt_offsets"),
+            join("completion"),
+            offsets("completion_offsets"),
+            join("topk_ids"),
+            join("topk_logprobs"),
+        )
 
 
 def _gather_ranges(offsets: np.ndarray, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -151,8 +176,9 @@ def _collate(rows: Rows, idx: np.ndarray | None, pad_id: int) -> Batch:
         p_len, c_len = rows.prompt_offsets[idx + 1] - p_start, rows.completion_offsets[idx + 1] - c_start
     n = len(p_len)
     if n and p_len.min() < 1:
-        raise DatasetError("every sample needs at least one prompt token "
-                           "(the position that predicts its first completion token)")
+        raise DatasetError(
+            "every sample needs at least one prompt token (the position that predicts its first completion token)"
+        )
     seq = p_len + c_len
     width = int(seq.max()) if n else 0
     p_row, c_row = np.repeat(np.arange(n), p_len), np.repeat(np.arange(n), c_len)
@@ -180,9 +206,14 @@ def _collate(rows: Rows, idx: np.ndarray | None, pad_id: int) -> Batch:
     loss_mask = np.zeros(n * width, dtype=bool)
     loss_mask[c_pos - 1] = True  # position t predicts token t+1
     attention = (np.arange(width)[None, :] < seq[:, None]).astype(np.int64)
-    return Batch(torch.from_numpy(flat_ids.reshape(n, width)), torch.from_numpy(attention),
-                 torch.from_numpy(loss_mask.reshape(n, width)), torch.from_numpy(labels), torch.from_numpy(topk_ids),
-                 torch.from_numpy(topk_lp))
+    return Batch(
+        torch.from_numpy(flat_ids.reshape(n, width)),
+        torch.from_numpy(attention),
+        torch.from_numpy(loss_mask.reshape(n, width)),
+        torch.from_numpy(labels),
+        torch.from_numpy(topk_ids),
+        torch.from_numpy(topk_lp),
+    )
 
 
 @dataclass(frozen=True, eq=False)
@@ -215,23 +246,30 @@ class TrainStream:
     window where it resumes.
     """
 
-    def __init__(self, dataset_dir: Path, *, split: str = "train", batch_size: int, pad_id: int, seed: int = 0,
-                 shuffle_rows: int = 4096):
+    def __init__(
+        self,
+        dataset_dir: Path,
+        *,
+        split: str = "train",
+        batch_size: int,
+        pad_id: int,
+        seed: int = 0,
+        shuffle_rows: int = 4096,
+    ):
         if split not in ("train", "heldout", "all"):
             raise ValueError(f"split must be train, heldout or all, got {split!r}")
         if batch_size < 1 or shuffle_rows < 1:
             raise ValueError("batch_size and shuffle_rows must be >= 1")
         self.dataset_dir = Path(dataset_dir)
         self.manifest = read_manifest(self.dataset_dir)
-        if not self.manifest.shards:
-            raise DatasetError(f"{dataset_dir}: the dataset has no committed shards yet; run the generate stage")
+        paths = committed_shards(self.dataset_dir, self.manifest)
         verify_shards(self.dataset_dir, self.manifest)
         self.split, self.batch_size, self.pad_id, self.seed = split, batch_size, pad_id, seed
         self.shuffle_rows = shuffle_rows
         self.k = self.manifest.k
         self._footers: dict[Path, pq.FileMetaData] = {}  # parsed once; reopening a shard then skips its footer
         self.units = []
-        for path in shard_paths(self.dataset_dir, self.manifest):
+        for path in paths:
             pf = pq.ParquetFile(path)
             self._footers[path] = pf.metadata
             self.units += [_Unit(path, rg, self._row_group_keep(pf, rg)) for rg in range(pf.metadata.num_row_groups)]
@@ -255,8 +293,9 @@ class TrainStream:
             bounds = heldout_mask(pa.array([stats.min, stats.max], pa.string()), self.manifest.heldout_fraction)
             if bounds[0] == bounds[1]:
                 return np.full(meta.num_rows, bounds[0] == (self.split == "heldout"))
-        held = heldout_mask(pf.read_row_group(rg, columns=["prompt_id"], use_threads=False)["prompt_id"],
-                            self.manifest.heldout_fraction)
+        held = heldout_mask(
+            pf.read_row_group(rg, columns=["prompt_id"], use_threads=False)["prompt_id"], self.manifest.heldout_fraction
+        )
         return held if self.split == "heldout" else ~held
 
     def windows(self, epoch: int) -> list[list[_Unit]]:
@@ -276,8 +315,9 @@ class TrainStream:
         pf = pq.ParquetFile(unit.path, metadata=self._footers[unit.path])
         return Rows.from_table(pf.read_row_group(unit.row_group, columns=STREAM_COLUMNS, use_threads=False), self.k)
 
-    def _window(self, epoch: int, index: int, units: list[_Unit],
-                scratch: dict | None = None) -> tuple[Rows, np.ndarray]:
+    def _window(
+        self, epoch: int, index: int, units: list[_Unit], scratch: dict | None = None
+    ) -> tuple[Rows, np.ndarray]:
         """All rows of the window's row groups (joined: one copy, into `scratch` if given) and the shuffled
         order of its split rows."""
         units = [u for u in units if u.kept]  # a row group of the other split only is never read (order unchanged)
@@ -304,7 +344,7 @@ class TrainStream:
                 continue
             rows, order = self._window(epoch, index, units, scratch)
             if skip > seen:
-                order = order[skip - seen:]
+                order = order[skip - seen :]
             seen += kept
             lo = 0
             if pending is not None:
@@ -317,7 +357,7 @@ class TrainStream:
                 yield _collate(pending, None, self.pad_id)
                 pending = None
             while len(order) - lo >= size:
-                batch = _collate(rows, order[lo:lo + size], self.pad_id)
+                batch = _collate(rows, order[lo : lo + size], self.pad_id)
                 lo += size
                 b += 1
                 self.position = {"epoch": epoch, "batch": b}
@@ -361,8 +401,9 @@ class TrainStream:
                 seen.setdefault(pid)
         return pa.array(list(seen), pa.string())
 
-    def in_order(self, columns: Sequence[str] = (), *,
-                 limit_prompts: int | None = None) -> Iterator[tuple[Batch, pa.Table]]:
+    def in_order(
+        self, columns: Sequence[str] = (), *, limit_prompts: int | None = None
+    ) -> Iterator[tuple[Batch, pa.Table]]:
         """One unshuffled pass over the split in file order (evaluation): batches of `batch_size` consecutive
         samples (the last may be short), collated as `batches` collates them, each with the same samples'
         `columns` as a table. Memory holds about one row group and one batch."""
@@ -386,8 +427,10 @@ class TrainStream:
         """Batches forever, epoch after epoch, from `start` (a saved `position`) or the beginning."""
         epoch, batch = (int(start["epoch"]), int(start["batch"])) if start else (0, 0)
         if not 0 <= batch <= self.batches_per_epoch:
-            raise DatasetError(f"position {start} is outside an epoch of {self.batches_per_epoch} batches "
-                               "(another dataset or batch size?)")
+            raise DatasetError(
+                f"position {start} is outside an epoch of {self.batches_per_epoch} batches "
+                "(another dataset or batch size?)"
+            )
         self.position = {"epoch": epoch, "batch": batch}
         while True:
             yield from self._epoch(epoch, batch)

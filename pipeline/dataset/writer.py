@@ -42,14 +42,20 @@ def parquet_options(storage: StorageRecord, schema: pa.Schema | None = None) -> 
     """
     schema = schema or arrow_schema()
     half = {p for p, f in zip(leaf_paths(schema), schema) if _leaf_type(f.type) == pa.float16()}
-    explicit = {c: ("PLAIN" if c in half and e == "BYTE_STREAM_SPLIT" else e) for c, e in storage.column_encoding.items()}
+    explicit = {
+        c: ("PLAIN" if c in half and e == "BYTE_STREAM_SPLIT" else e) for c, e in storage.column_encoding.items()
+    }
     if "*" in storage.dictionary_columns:
         dictionary = [p for p in leaf_paths(schema) if p not in explicit]
     else:
         dictionary = list(storage.dictionary_columns)
-    return {"compression": storage.compression, "compression_level": storage.compression_level,
-            "row_group_size": storage.row_group_size, "use_dictionary": dictionary or False,
-            "column_encoding": dict(explicit) or None}
+    return {
+        "compression": storage.compression,
+        "compression_level": storage.compression_level,
+        "row_group_size": storage.row_group_size,
+        "use_dictionary": dictionary or False,
+        "column_encoding": dict(explicit) or None,
+    }
 
 
 def write_manifest(dataset_dir: Path, manifest: Manifest) -> None:
@@ -57,8 +63,15 @@ def write_manifest(dataset_dir: Path, manifest: Manifest) -> None:
     atomic_write_bytes(Path(dataset_dir) / MANIFEST, (manifest.model_dump_json(indent=2) + "\n").encode())
 
 
-def write_shard(dataset_dir: Path, index: int, table: pa.Table, *, prompts: int, heldout_fraction: float,
-                storage: StorageRecord | None = None) -> ShardInfo:
+def write_shard(
+    dataset_dir: Path,
+    index: int,
+    table: pa.Table,
+    *,
+    prompts: int,
+    heldout_fraction: float,
+    storage: StorageRecord | None = None,
+) -> ShardInfo:
     """Write shard `index` atomically, encoded as `storage` (default: `StorageRecord()`, what a new
     manifest records), and return its record (not yet committed). With `storage.heldout_row_groups`, the
     rows held out at `heldout_fraction` (the manifest's) go after the others, in row groups of their own."""
@@ -85,8 +98,15 @@ def write_shard(dataset_dir: Path, index: int, table: pa.Table, *, prompts: int,
     os.replace(tmp, final)
     fsync_dir(shards)
     tokens = int(pc.sum(pc.list_value_length(table["completion_token_ids"])).as_py() or 0)
-    return ShardInfo(index=index, file=f"{SHARDS_DIR}/{final.name}", rows=table.num_rows, prompts=prompts,
-                     tokens=tokens, bytes=final.stat().st_size, sha256=sha256_file(final))
+    return ShardInfo(
+        index=index,
+        file=f"{SHARDS_DIR}/{final.name}",
+        rows=table.num_rows,
+        prompts=prompts,
+        tokens=tokens,
+        bytes=final.stat().st_size,
+        sha256=sha256_file(final),
+    )
 
 
 def commit_shard(dataset_dir: Path, manifest: Manifest, info: ShardInfo) -> Manifest:

@@ -90,9 +90,17 @@ def lr_at(progress: float, *, peak: float, warmup: float = 0.03, floor: float = 
     return peak * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * t)))
 
 
-def train(model: LlamaForCausalLM, tok: PreTrainedTokenizerFast, *, seed: int, max_steps: int | None,
-          max_seconds: float, batch_size: int = 128, peak_lr: float = 3e-3,
-          log: Callable[[str], None]) -> dict:
+def train(
+    model: LlamaForCausalLM,
+    tok: PreTrainedTokenizerFast,
+    *,
+    seed: int,
+    max_steps: int | None,
+    max_seconds: float,
+    batch_size: int = 128,
+    peak_lr: float = 3e-3,
+    log: Callable[[str], None],
+) -> dict:
     """Train on fresh samples every step until max_steps or max_seconds; progress drives the LR."""
     rng = random.Random(seed + TRAIN_SEED_OFFSET)
     opt = torch.optim.AdamW(model.parameters(), lr=peak_lr, betas=(0.9, 0.98), weight_decay=0.01)
@@ -122,12 +130,18 @@ def train(model: LlamaForCausalLM, tok: PreTrainedTokenizerFast, *, seed: int, m
 
 
 @torch.no_grad()
-def accuracy(model: LlamaForCausalLM, tok: PreTrainedTokenizerFast, prompts: list[str], *,
-             do_sample: bool, seed: int = 0, batch_size: int = 500) -> float:
+def accuracy(
+    model: LlamaForCausalLM,
+    tok: PreTrainedTokenizerFast,
+    prompts: list[str],
+    *,
+    do_sample: bool,
+    seed: int = 0,
+    batch_size: int = 500,
+) -> float:
     """Fraction of prompts whose generated completion passes task.check (greedy or temperature 1)."""
     torch.manual_seed(seed)
-    sampling = {"do_sample": True, "temperature": 1.0, "top_k": 0, "top_p": 1.0} if do_sample else {
-        "do_sample": False}
+    sampling = {"do_sample": True, "temperature": 1.0, "top_k": 0, "top_p": 1.0} if do_sample else {"do_sample": False}
     correct = 0
     for i in range(0, len(prompts), batch_size):
         chunk = prompts[i : i + batch_size]
@@ -139,8 +153,7 @@ def accuracy(model: LlamaForCausalLM, tok: PreTrainedTokenizerFast, prompts: lis
 
 
 @torch.no_grad()
-def draw_kl(model: LlamaForCausalLM, tok: PreTrainedTokenizerFast, prompts: list[str], *,
-            seed: int = 0) -> list[float]:
+def draw_kl(model: LlamaForCausalLM, tok: PreTrainedTokenizerFast, prompts: list[str], *, seed: int = 0) -> list[float]:
     """Mean KL(true || teacher) at each draw position, teacher-forced on ground-truth completions."""
     rng = random.Random(seed)
     symbol_ids = [tok.convert_tokens_to_ids(tok.tokenize(" " + s))[0] for s in task.LETTERS]
@@ -153,14 +166,19 @@ def draw_kl(model: LlamaForCausalLM, tok: PreTrainedTokenizerFast, prompts: list
         true = task.draw_distribution(prompt)
         for d, word in enumerate(task.DRAW_WORDS):  # each completion word is exactly one token
             row = logp[len(p_ids) + word - 1]
-            kls[d] += sum(p * (math.log(p) - row[symbol_ids[task.LETTERS.index(s)]].item())
-                          for s, p in true.items())
+            kls[d] += sum(p * (math.log(p) - row[symbol_ids[task.LETTERS.index(s)]].item()) for s, p in true.items())
     return (kls / len(prompts)).tolist()
 
 
-def build_teacher(out_dir: Path, *, seed: int = 0, max_steps: int | None = None,
-                  max_seconds: float = 180.0, eval_prompts: int = 1_000,
-                  log: Callable[[str], None] | None = None) -> dict:
+def build_teacher(
+    out_dir: Path,
+    *,
+    seed: int = 0,
+    max_steps: int | None = None,
+    max_seconds: float = 180.0,
+    eval_prompts: int = 1_000,
+    log: Callable[[str], None] | None = None,
+) -> dict:
     """Train tokenizer and teacher, evaluate, and move the finished directory into out_dir."""
     log = log or (lambda _msg: None)
     out_dir = Path(out_dir)
@@ -176,14 +194,20 @@ def build_teacher(out_dir: Path, *, seed: int = 0, max_steps: int | None = None,
         log(f"demo teacher: {params / 1e6:.2f}M params, vocab {len(tok)}")
         stats = train(model, tok, seed=seed, max_steps=max_steps, max_seconds=max_seconds, log=log)
         model.generation_config = GenerationConfig(
-            bos_token_id=ids[0], eos_token_id=ids[1], pad_token_id=ids[2], max_new_tokens=32)
+            bos_token_id=ids[0], eos_token_id=ids[1], pad_token_id=ids[2], max_new_tokens=32
+        )
         model.save_pretrained(tmp)
         held_out = task.make_prompts(eval_prompts, seed + EVAL_SEED_OFFSET)
-        marker = {"version": task.TASK_VERSION, "seed": seed, **stats,
-                  "greedy_accuracy": accuracy(model, tok, held_out, do_sample=False),
-                  "sampled_accuracy": accuracy(model, tok, held_out, do_sample=True, seed=seed),
-                  "draw_kl": [round(k, 4) for k in draw_kl(model, tok, held_out[:min(500, eval_prompts)], seed=seed)],
-                  "params": params, "vocab_size": len(tok)}
+        marker = {
+            "version": task.TASK_VERSION,
+            "seed": seed,
+            **stats,
+            "greedy_accuracy": accuracy(model, tok, held_out, do_sample=False),
+            "sampled_accuracy": accuracy(model, tok, held_out, do_sample=True, seed=seed),
+            "draw_kl": [round(k, 4) for k in draw_kl(model, tok, held_out[: min(500, eval_prompts)], seed=seed)],
+            "params": params,
+            "vocab_size": len(tok),
+        }
         log(f"demo teacher: {json.dumps(marker)}")
         (tmp / MARKER).write_text(json.dumps(marker, indent=2) + "\n")
         _replace_dir(tmp, out_dir)
@@ -212,8 +236,14 @@ def read_marker(out_dir: Path) -> dict | None:
     return marker if marker.get("version") == task.TASK_VERSION else None
 
 
-def ensure_demo_teacher(out_dir: Path, *, seed: int = 0, max_steps: int | None = 750, max_seconds: float = 1800.0,
-                        log: Callable[[str], None] | None = None) -> Path:
+def ensure_demo_teacher(
+    out_dir: Path,
+    *,
+    seed: int = 0,
+    max_steps: int | None = 750,
+    max_seconds: float = 1800.0,
+    log: Callable[[str], None] | None = None,
+) -> Path:
     """Return out_dir, building the demo teacher there first unless a current one is present.
 
     A step budget (not a time budget) keeps the teacher the same on a slow or busy machine.

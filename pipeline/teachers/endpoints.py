@@ -49,7 +49,9 @@ def teacher_endpoints(cfg: RunConfig, *, max_servers: int | None = None) -> Iter
         yield [Endpoint(url, t.served_model_name or t.model) for url in t.endpoints()]
     else:
         count = min(t.num_servers, max_servers or t.num_servers)
-        with managed_servers(t, count=count, max_logprobs=max_logprobs(cfg.generate.k), workdir=Path(cfg.output_dir)) as servers:
+        with managed_servers(
+            t, count=count, max_logprobs=max_logprobs(cfg.generate.k), workdir=Path(cfg.output_dir)
+        ) as servers:
             yield [Endpoint(s.url, s.model_name, s) for s in servers]
 
 
@@ -62,6 +64,12 @@ def open_teacher(cfg: RunConfig, endpoint: Endpoint) -> Teacher:
         return HFTeacher(t)
     from pipeline.teachers.vllm_server import VLLMServerTeacher
 
-    attach = t.model_copy(update={"url": endpoint.url, "urls": [], "num_servers": 1,
-                                  "served_model_name": endpoint.model_name or t.served_model_name})
+    attach = t.model_copy(
+        update={
+            "url": endpoint.url,
+            "urls": [],
+            "num_servers": 1,
+            "served_model_name": endpoint.model_name or t.served_model_name,
+        }
+    )
     return VLLMServerTeacher(attach, server=endpoint.server)

@@ -10,8 +10,8 @@ import numpy as np
 import torch
 
 from pipeline.config import HFTeacherConfig
-from pipeline.models import eos_ids, load_causal_lm, load_tokenizer
 from pipeline.dataset.schema import Generation
+from pipeline.models import eos_ids, load_causal_lm, load_tokenizer
 from pipeline.teachers.base import SamplingSpec, TeacherInfo
 
 
@@ -23,13 +23,22 @@ class HFTeacher:
 
         self.cfg = cfg
         self.tokenizer = load_tokenizer(cfg.model, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
-        self.model = load_causal_lm(cfg.model, revision=cfg.revision, dtype=cfg.dtype, device=cfg.device,
-                                    trust_remote_code=cfg.trust_remote_code)
+        self.model = load_causal_lm(
+            cfg.model,
+            revision=cfg.revision,
+            dtype=cfg.dtype,
+            device=cfg.device,
+            trust_remote_code=cfg.trust_remote_code,
+        )
         self.eos = eos_ids(self.tokenizer, self.model)
         self.info = TeacherInfo(
-            model=cfg.model, backend="hf", revision=cfg.revision,
+            model=cfg.model,
+            backend="hf",
+            revision=cfg.revision,
             versions={"transformers": transformers.__version__, "torch": torch.__version__},
-            vocab_size=int(self.model.get_output_embeddings().weight.shape[0]), eos_token_ids=tuple(self.eos))
+            vocab_size=int(self.model.get_output_embeddings().weight.shape[0]),
+            eos_token_ids=tuple(self.eos),
+        )
 
     @torch.inference_mode()
     def generate(self, prompts: list[list[int]], spec: SamplingSpec, seed: int) -> list[list[Generation]]:
@@ -37,9 +46,9 @@ class HFTeacher:
         bs = max(1, self.cfg.batch_size // spec.n)
         for start in range(0, len(prompts), bs):
             torch.manual_seed(seed * 1_000_003 + start)
-            batch = [p for p in prompts[start:start + bs] for _ in range(spec.n)]
+            batch = [p for p in prompts[start : start + bs] for _ in range(spec.n)]
             gens = self._generate_batch(batch, spec)
-            out.extend(gens[i:i + spec.n] for i in range(0, len(gens), spec.n))
+            out.extend(gens[i : i + spec.n] for i in range(0, len(gens), spec.n))
         return out
 
     def _generate_batch(self, batch: list[list[int]], spec: SamplingSpec) -> list[Generation]:
@@ -52,9 +61,16 @@ class HFTeacher:
         attention = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch], device=device)
         sample = spec.temperature > 0
         gen_cfg = GenerationConfig(  # explicit values; load_causal_lm already blanked the model's own defaults
-            do_sample=sample, temperature=spec.temperature if sample else None, top_p=spec.top_p if sample else None,
-            top_k=0 if sample else None, max_new_tokens=spec.max_new_tokens, eos_token_id=self.eos,
-            pad_token_id=pad, output_logits=True, return_dict_in_generate=True)
+            do_sample=sample,
+            temperature=spec.temperature if sample else None,
+            top_p=spec.top_p if sample else None,
+            top_k=0 if sample else None,
+            max_new_tokens=spec.max_new_tokens,
+            eos_token_id=self.eos,
+            pad_token_id=pad,
+            output_logits=True,
+            return_dict_in_generate=True,
+        )
         res = self.model.generate(input_ids=input_ids, attention_mask=attention, generation_config=gen_cfg)
         new = res.sequences[:, width:]
         topk_ids, topk_lp, tok_lp = [], [], []
@@ -63,7 +79,7 @@ class HFTeacher:
             values, ids = logp.topk(spec.k, dim=-1)
             topk_ids.append(ids)
             topk_lp.append(values)
-            tok_lp.append(logp.gather(-1, new[:, step:step + 1]).squeeze(-1))
+            tok_lp.append(logp.gather(-1, new[:, step : step + 1]).squeeze(-1))
         ids_all = torch.stack(topk_ids, 1).cpu().numpy().astype(np.int32)
         lp_all = torch.stack(topk_lp, 1).cpu().numpy().astype(np.float32)
         tok_all = torch.stack(tok_lp, 1).cpu().numpy().astype(np.float32)
@@ -72,10 +88,15 @@ class HFTeacher:
         for b in range(len(batch)):
             stops = np.nonzero(np.isin(seqs[b], self.eos))[0]
             length = int(stops[0]) + 1 if len(stops) else seqs.shape[1]
-            gens.append(Generation(
-                completion_token_ids=seqs[b, :length].copy(), token_logprobs=tok_all[b, :length].copy(),
-                topk_token_ids=ids_all[b, :length].copy(), topk_logprobs=lp_all[b, :length].copy(),
-                finish_reason="stop" if len(stops) else "length"))
+            gens.append(
+                Generation(
+                    completion_token_ids=seqs[b, :length].copy(),
+                    token_logprobs=tok_all[b, :length].copy(),
+                    topk_token_ids=ids_all[b, :length].copy(),
+                    topk_logprobs=lp_all[b, :length].copy(),
+                    finish_reason="stop" if len(stops) else "length",
+                )
+            )
         return gens
 
     def close(self) -> None:

@@ -18,7 +18,7 @@ GRACE_S = 15.0
 
 
 def main() -> int:
-    parent, cmd = int(sys.argv[1]), sys.argv[sys.argv.index("--") + 1:]
+    parent, cmd = int(sys.argv[1]), sys.argv[sys.argv.index("--") + 1 :]
     try:
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
     except (OSError, AttributeError):  # not Linux: the caller's stop() is the only guard

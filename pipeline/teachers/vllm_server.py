@@ -54,11 +54,32 @@ class ManagedServer:
 
     def command(self) -> list[str]:
         c = self.cfg
-        cmd = [c.python, "-m", "vllm.entrypoints.openai.api_server", "--model", c.model, "--host", "127.0.0.1",
-               "--port", str(self.port), "--dtype", c.dtype, "--max-logprobs", str(self.max_logprobs),
-               "--logprobs-mode", "raw_logprobs", "--tensor-parallel-size", str(c.tensor_parallel_size),
-               "--gpu-memory-utilization", str(c.gpu_memory_utilization), "--seed", "0",
-               "--served-model-name", self.model_name, "--disable-uvicorn-access-log"]
+        cmd = [
+            c.python,
+            "-m",
+            "vllm.entrypoints.openai.api_server",
+            "--model",
+            c.model,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--dtype",
+            c.dtype,
+            "--max-logprobs",
+            str(self.max_logprobs),
+            "--logprobs-mode",
+            "raw_logprobs",
+            "--tensor-parallel-size",
+            str(c.tensor_parallel_size),
+            "--gpu-memory-utilization",
+            str(c.gpu_memory_utilization),
+            "--seed",
+            "0",
+            "--served-model-name",
+            self.model_name,
+            "--disable-uvicorn-access-log",
+        ]
         if c.max_model_len:
             cmd += ["--max-model-len", str(c.max_model_len)]
         if c.revision:
@@ -90,15 +111,24 @@ class ManagedServer:
         """Spawn the server process (returns at once). Call from the thread that outlives the server: the
         guard's PR_SET_PDEATHSIG fires when the spawning *thread* exits."""
         if not Path(self.cfg.python).exists():
-            raise TeacherServerError(f"teacher python {self.cfg.python!r} not found; create the teacher environment "
-                                     "(`make teacher-env`) or set teacher.python / teacher.url")
+            raise TeacherServerError(
+                f"teacher python {self.cfg.python!r} not found; create the teacher environment "
+                "(`make teacher-env`) or set teacher.python / teacher.url"
+            )
         env = self.environment()
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         log = open(self.log_path, "ab")
         # Own process group, so stop() reaches every child; the guard stops that group if we are killed (-9 included).
-        guarded = [self.cfg.python, str(Path(__file__).with_name("server_guard.py")), str(os.getpid()), "--", *self.command()]
-        self.proc = subprocess.Popen(guarded, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                     env=env, start_new_session=True)
+        guarded = [
+            self.cfg.python,
+            str(Path(__file__).with_name("server_guard.py")),
+            str(os.getpid()),
+            "--",
+            *self.command(),
+        ]
+        self.proc = subprocess.Popen(
+            guarded, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, start_new_session=True
+        )
         log.close()
         self._deadline = time.monotonic() + self.cfg.startup_timeout_s
 
@@ -106,8 +136,10 @@ class ManagedServer:
         """Block until the launched server answers /health; stop it and raise if it exits or times out."""
         while time.monotonic() < self._deadline:
             if self.proc.poll() is not None:
-                raise TeacherServerError(f"teacher server exited with code {self.proc.returncode} during start-up: "
-                                         f"{self.log_tail()} (log: {self.log_path})")
+                raise TeacherServerError(
+                    f"teacher server exited with code {self.proc.returncode} during start-up: "
+                    f"{self.log_tail()} (log: {self.log_path})"
+                )
             try:
                 if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
                     return
@@ -115,7 +147,9 @@ class ManagedServer:
                 pass
             time.sleep(1)
         self.stop()
-        raise TeacherServerError(f"teacher server not healthy after {self.cfg.startup_timeout_s:.0f}s (log: {self.log_path})")
+        raise TeacherServerError(
+            f"teacher server not healthy after {self.cfg.startup_timeout_s:.0f}s (log: {self.log_path})"
+        )
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
@@ -155,23 +189,26 @@ def gpu_slices(count: int, tensor_parallel_size: int, visible: str | None) -> li
     need = count * tensor_parallel_size
     pool = [d.strip() for d in visible.split(",") if d.strip()] if visible else [str(i) for i in range(need)]
     if len(pool) < need:
-        raise TeacherServerError(f"teacher.num_servers={count} x tensor_parallel_size={tensor_parallel_size} needs {need} "
-                                 f"GPUs but CUDA_VISIBLE_DEVICES lists {len(pool)} ({visible!r}); lower num_servers or "
-                                 "list more devices")
-    return [pool[i * tensor_parallel_size:(i + 1) * tensor_parallel_size] for i in range(count)]
+        raise TeacherServerError(
+            f"teacher.num_servers={count} x tensor_parallel_size={tensor_parallel_size} needs {need} "
+            f"GPUs but CUDA_VISIBLE_DEVICES lists {len(pool)} ({visible!r}); lower num_servers or "
+            "list more devices"
+        )
+    return [pool[i * tensor_parallel_size : (i + 1) * tensor_parallel_size] for i in range(count)]
 
 
 @contextmanager
 def managed_servers(cfg, *, count: int, max_logprobs: int, workdir: Path) -> Iterator[list[ManagedServer]]:
-    """Start `count` servers of `cfg` side by side (each on its own free port, logging to
-    `teacher_server.log`, or `teacher_server-<i>.log` when there are several), yield them once all are healthy, and always stop all of them; a SIGTERM in
-    the main thread becomes SystemExit."""
+    """Start `count` servers of `cfg` side by side (each on its own free port, logging to `teacher_server.log`,
+    or `teacher_server-<i>.log` when there are several), yield them once all are healthy, and always stop all of
+    them; a SIGTERM in the main thread becomes SystemExit."""
     devices = gpu_slices(count, cfg.tensor_parallel_size, os.environ.get("CUDA_VISIBLE_DEVICES"))
     servers: list[ManagedServer] = []
     while len(servers) < count:
         log_name = "teacher_server.log" if count == 1 else f"teacher_server-{len(servers)}.log"
-        server = ManagedServer(cfg, max_logprobs=max_logprobs, log_path=Path(workdir) / log_name,
-                               devices=devices[len(servers)])
+        server = ManagedServer(
+            cfg, max_logprobs=max_logprobs, log_path=Path(workdir) / log_name, devices=devices[len(servers)]
+        )
         if server.port not in {s.port for s in servers}:  # free_port() may hand out a port twice
             servers.append(server)
     try:
@@ -224,7 +261,9 @@ def parse_choice(choice: dict, k: int) -> Generation:
             top_ids[t, j], top_lp[t, j] = tok, value
     tok_lp = np.array([v if v is not None else -np.inf for v in lp.get("token_logprobs", [])], np.float32)
     if len(tok_lp) != len(ids) or len(lp.get("top_logprobs") or []) != len(ids):
-        raise TeacherServerError(f"server returned {len(ids)} tokens but {len(tok_lp)} logprobs; is logprobs={k} supported?")
+        raise TeacherServerError(
+            f"server returned {len(ids)} tokens but {len(tok_lp)} logprobs; is logprobs={k} supported?"
+        )
     return Generation(ids, tok_lp, top_ids, top_lp, "stop" if choice.get("finish_reason") == "stop" else "length")
 
 
@@ -243,23 +282,36 @@ class VLLMServerTeacher:
         self.cfg, self.server = cfg, server
         tok = load_tokenizer(cfg.model, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
         try:
-            vocab = AutoConfig.from_pretrained(cfg.model, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code).vocab_size
+            vocab = AutoConfig.from_pretrained(
+                cfg.model, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code
+            ).vocab_size
         except OSError:
             vocab = len(tok)
         headers = {}
         if cfg.api_key_env:
             key = os.environ.get(cfg.api_key_env)
             if not key:
-                raise TeacherServerError(f"teacher.api_key_env={cfg.api_key_env!r} is set but that environment variable is empty")
+                raise TeacherServerError(
+                    f"teacher.api_key_env={cfg.api_key_env!r} is set but that environment variable is empty"
+                )
             headers["Authorization"] = f"Bearer {key}"
         if not cfg.endpoints():
             raise ValueError("VLLMServerTeacher needs teacher.url: start servers with teacher_endpoints()")
         self.url, self.model_name = cfg.endpoints()[0], cfg.served_model_name or cfg.model
-        self.client = httpx.Client(base_url=self.url, headers=headers, timeout=cfg.request_timeout_s,
-                                   limits=httpx.Limits(max_connections=cfg.concurrency))
-        self.info = TeacherInfo(model=cfg.model, backend="vllm_server", revision=cfg.revision,
-                                versions={"vllm": self._server_version()}, vocab_size=int(vocab),
-                                eos_token_ids=tuple(eos_ids(tok)))
+        self.client = httpx.Client(
+            base_url=self.url,
+            headers=headers,
+            timeout=cfg.request_timeout_s,
+            limits=httpx.Limits(max_connections=cfg.concurrency),
+        )
+        self.info = TeacherInfo(
+            model=cfg.model,
+            backend="vllm_server",
+            revision=cfg.revision,
+            versions={"vllm": self._server_version()},
+            vocab_size=int(vocab),
+            eos_token_ids=tuple(eos_ids(tok)),
+        )
 
     def _server_version(self) -> str:
         try:
@@ -271,8 +323,10 @@ class VLLMServerTeacher:
         c = self.cfg
         for attempt in range(c.max_retries + 1):
             if self.server is not None and not self.server.alive():
-                raise TeacherServerError(f"teacher server died (exit code {self.server.proc.returncode}): "
-                                         f"{self.server.log_tail()} (log: {self.server.log_path})")
+                raise TeacherServerError(
+                    f"teacher server died (exit code {self.server.proc.returncode}): "
+                    f"{self.server.log_tail()} (log: {self.server.log_path})"
+                )
             try:
                 resp = self.client.post("/v1/completions", json=body)
             except httpx.TransportError as err:
@@ -282,22 +336,39 @@ class VLLMServerTeacher:
                     try:
                         return resp.json()
                     except ValueError:
-                        raise TeacherServerError(f"teacher server at {self.url} answered with non-JSON: {resp.text[:200]!r}") from None
+                        raise TeacherServerError(
+                            f"teacher server at {self.url} answered with non-JSON: {resp.text[:200]!r}"
+                        ) from None
                 detail = _error_message(resp)
                 if resp.status_code < 500 and resp.status_code not in (408, 429):  # those two are worth a retry
                     if "logprobs" in detail and "max" in detail:
-                        raise TeacherRequestError(f"k={body['logprobs']} exceeds the server's --max-logprobs ({detail}); lower generate.k or raise --max-logprobs")
+                        raise TeacherRequestError(
+                            f"k={body['logprobs']} exceeds the server's --max-logprobs ({detail}); lower generate.k "
+                            "or raise --max-logprobs"
+                        )
                     raise TeacherRequestError(f"teacher server refused the request (HTTP {resp.status_code}): {detail}")
                 problem = f"teacher server error HTTP {resp.status_code}: {detail}"
             if attempt < c.max_retries:
-                time.sleep(min(30.0, 0.5 * 2 ** attempt) * (1 + random.random() * 0.25))
+                time.sleep(min(30.0, 0.5 * 2**attempt) * (1 + random.random() * 0.25))
         raise TeacherServerError(f"{problem}; gave up after {c.max_retries} retries")
 
     def _request(self, prompt: list[int], spec: SamplingSpec, seed: int) -> list[Generation]:
-        body = {"model": self.model_name, "prompt": prompt, "n": spec.n, "max_tokens": spec.max_new_tokens,
-                "temperature": spec.temperature, "top_p": spec.top_p, "top_k": -1, "min_p": 0.0,
-                "repetition_penalty": 1.0, "seed": seed, "logprobs": spec.k, "return_tokens_as_token_ids": True,
-                "return_token_ids": True, "skip_special_tokens": True}
+        body = {
+            "model": self.model_name,
+            "prompt": prompt,
+            "n": spec.n,
+            "max_tokens": spec.max_new_tokens,
+            "temperature": spec.temperature,
+            "top_p": spec.top_p,
+            "top_k": -1,
+            "min_p": 0.0,
+            "repetition_penalty": 1.0,
+            "seed": seed,
+            "logprobs": spec.k,
+            "return_tokens_as_token_ids": True,
+            "return_token_ids": True,
+            "skip_special_tokens": True,
+        }
         choices = sorted(self._post(body)["choices"], key=lambda c: c["index"])
         return [parse_choice(c, spec.k) for c in choices]
 

@@ -1,17 +1,25 @@
-"""The Parquet contract: round trip within the stated bound, invariants of generated data, interop (datasets, pandas, DuckDB)."""
+"""The Parquet contract: round trip within the stated bound, invariants of generated data, and interop
+(datasets, pandas, DuckDB)."""
 
 import json
-import shutil
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from tests.helpers import copy_dataset, fake_generation, read_rows, tiny_manifest
-from pipeline.dataset.schema import (IDS_LEAF, LP_LEAF, TOKEN_LP_LEAF, Manifest, SamplingRecord, StorageRecord, TeacherRecord,
-                                     arrow_schema, build_table, quantize_logprobs, read_manifest)
-from pipeline.dataset.validate import DatasetInvalid, validate_dataset
+from pipeline.dataset.schema import (
+    IDS_LEAF,
+    LP_LEAF,
+    TOKEN_LP_LEAF,
+    StorageRecord,
+    arrow_schema,
+    build_table,
+    quantize_logprobs,
+    read_manifest,
+)
+from pipeline.dataset.validate import validate_dataset
 from pipeline.dataset.writer import commit_shard, write_manifest, write_shard
+from tests.helpers import copy_dataset, fake_generation, read_rows, tiny_manifest
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
@@ -19,23 +27,33 @@ def test_round_trip_within_stated_bound(tmp_path, dtype):
     """Ids exact; logprobs within the grid's half step (float32) or that plus float16's half ulp."""
     rng = np.random.default_rng(0)
     gens = [[fake_generation(rng, length, 4, 50) for length in (3, 5)] for _ in range(3)]
-    table = build_table(prompt_ids=["a", "b", "c"], prompts=["pa", "pb", "pc"], prompt_token_ids=[[1, 2], [3], [4, 5, 6]],
-                        generations=gens, completions=[["x", "y"]] * 3, seed=0, logprobs_dtype=dtype)
+    table = build_table(
+        prompt_ids=["a", "b", "c"],
+        prompts=["pa", "pb", "pc"],
+        prompt_token_ids=[[1, 2], [3], [4, 5, 6]],
+        generations=gens,
+        completions=[["x", "y"]] * 3,
+        seed=0,
+        logprobs_dtype=dtype,
+    )
     assert table.schema.equals(arrow_schema(dtype), check_metadata=False)
     manifest = tiny_manifest()
     manifest.logprobs_dtype = dtype
     write_manifest(tmp_path, manifest)
-    commit_shard(tmp_path, manifest, write_shard(tmp_path, 0, table, prompts=3,
-                                                 heldout_fraction=manifest.heldout_fraction))
+    commit_shard(
+        tmp_path, manifest, write_shard(tmp_path, 0, table, prompts=3, heldout_fraction=manifest.heldout_fraction)
+    )
     samples = read_rows(tmp_path)
     flat = [g for per in gens for g in per]
     assert len(samples) == 6 and samples.prompt_ids == ["a", "a", "b", "b", "c", "c"]
     bound = read_manifest(tmp_path).storage.max_logprob_error
-    assert bound == 2.0 ** -8
+    assert bound == 2.0**-8
     for got_ids, got_lp, got_tok, g in zip(samples.topk_ids, samples.topk_logprobs, samples.completion_tokens, flat):
         np.testing.assert_array_equal(got_ids, g.topk_token_ids)
         np.testing.assert_array_equal(got_tok, g.completion_token_ids)
-        f16_ulp = np.spacing(np.abs(g.topk_logprobs).astype(np.float16)).astype(np.float32) / 2 if dtype == "float16" else 0
+        f16_ulp = (
+            np.spacing(np.abs(g.topk_logprobs).astype(np.float16)).astype(np.float32) / 2 if dtype == "float16" else 0
+        )
         assert (np.abs(got_lp - g.topk_logprobs) <= bound + f16_ulp).all()
         assert np.abs(got_lp - g.topk_logprobs).max() > 0  # really rounded, so the bound is the one being tested
     assert validate_dataset(tmp_path).samples == 6
@@ -74,7 +92,7 @@ def test_hf_datasets_loads_the_shards(generated):
 
 def test_quantize_logprobs_error_bound():
     x = np.random.default_rng(0).uniform(-40, 0, 100_000).astype(np.float32)
-    for step in (2.0 ** -6, 2.0 ** -7, 2.0 ** -8):
+    for step in (2.0**-6, 2.0**-7, 2.0**-8):
         q = quantize_logprobs(x, step)
         assert q.dtype == np.float32 and np.abs(q - x).max() <= step / 2
         np.testing.assert_array_equal(q / step, np.round(q / step))  # exactly on the grid
@@ -87,16 +105,25 @@ def test_quantize_logprobs_error_bound():
 def test_manifest_records_the_encoding_and_shards_use_it(tmp_path):
     rng = np.random.default_rng(2)
     gens = [[fake_generation(rng, 6, 4, 50)] for _ in range(3)]
-    table = build_table(prompt_ids=["a", "b", "c"], prompts=["pa", "pb", "pc"], prompt_token_ids=[[1], [2], [3]],
-                        generations=gens, completions=[["x"]] * 3, seed=0)
+    table = build_table(
+        prompt_ids=["a", "b", "c"],
+        prompts=["pa", "pb", "pc"],
+        prompt_token_ids=[[1], [2], [3]],
+        generations=gens,
+        completions=[["x"]] * 3,
+        seed=0,
+    )
     storage = StorageRecord(compression_level=5, row_group_size=2)
     manifest = tiny_manifest()
     manifest.storage = storage
     write_manifest(tmp_path, manifest)
-    commit_shard(tmp_path, manifest, write_shard(tmp_path, 0, table, prompts=3, storage=storage,
-                                                 heldout_fraction=manifest.heldout_fraction))
+    commit_shard(
+        tmp_path,
+        manifest,
+        write_shard(tmp_path, 0, table, prompts=3, storage=storage, heldout_fraction=manifest.heldout_fraction),
+    )
     back = read_manifest(tmp_path).storage
-    assert back == storage and back.logprobs_step == 2.0 ** -7
+    assert back == storage and back.logprobs_step == 2.0**-7
     md = pq.ParquetFile(tmp_path / "shards/part-00000.parquet").metadata
     assert md.num_row_groups == 2 and md.row_group(0).num_rows == 2
     cols = {md.row_group(0).column(i).path_in_schema: md.row_group(0).column(i) for i in range(md.num_columns)}
@@ -117,12 +144,23 @@ def test_shards_are_required_and_older_nullable_shards_still_read(tmp_path):
     tables = []
     for index in range(2):
         gens = [[fake_generation(rng, 3 + i, 4, 50)] for i in range(3)]
-        tables.append(build_table(prompt_ids=[f"{index}a", f"{index}b", f"{index}c"], prompts=["p"] * 3,
-                                  prompt_token_ids=[[1], [2, 3], [4]], generations=gens, completions=[["x"]] * 3, seed=0))
+        tables.append(
+            build_table(
+                prompt_ids=[f"{index}a", f"{index}b", f"{index}c"],
+                prompts=["p"] * 3,
+                prompt_token_ids=[[1], [2, 3], [4]],
+                generations=gens,
+                completions=[["x"]] * 3,
+                seed=0,
+            )
+        )
     old = tables[0].cast(arrow_schema(nullable=True))
     for index, table in enumerate([old, tables[1]]):
-        manifest = commit_shard(tmp_path, manifest, write_shard(tmp_path, index, table, prompts=3,
-                                                                heldout_fraction=manifest.heldout_fraction))
+        manifest = commit_shard(
+            tmp_path,
+            manifest,
+            write_shard(tmp_path, index, table, prompts=3, heldout_fraction=manifest.heldout_fraction),
+        )
     schemas = [pq.ParquetFile(tmp_path / f"shards/part-0000{i}.parquet").schema for i in range(2)]
     assert "optional" in str(schemas[0]) and "optional" not in str(schemas[1])  # the older layout really is written
     assert str(schemas[1]).count("required int32 field_id=-1 element") == 3  # prompt, completion, top-k ids
@@ -139,13 +177,21 @@ def test_shards_are_required_and_older_nullable_shards_still_read(tmp_path):
 
 def test_float16_logprobs_are_written_plain_for_duckdb(tmp_path):
     rng = np.random.default_rng(3)
-    table = build_table(prompt_ids=["a"], prompts=["p"], prompt_token_ids=[[1]], generations=[[fake_generation(rng, 5, 4, 50)]],
-                        completions=[["c"]], seed=0, logprobs_dtype="float16")
+    table = build_table(
+        prompt_ids=["a"],
+        prompts=["p"],
+        prompt_token_ids=[[1]],
+        generations=[[fake_generation(rng, 5, 4, 50)]],
+        completions=[["c"]],
+        seed=0,
+        logprobs_dtype="float16",
+    )
     manifest = tiny_manifest()
     manifest.logprobs_dtype = "float16"
     write_manifest(tmp_path, manifest)
-    commit_shard(tmp_path, manifest, write_shard(tmp_path, 0, table, prompts=1,
-                                                 heldout_fraction=manifest.heldout_fraction))
+    commit_shard(
+        tmp_path, manifest, write_shard(tmp_path, 0, table, prompts=1, heldout_fraction=manifest.heldout_fraction)
+    )
     path = tmp_path / "shards/part-00000.parquet"
     cols = {c.path_in_schema: c for c in (pq.ParquetFile(path).metadata.row_group(0).column(i) for i in range(10))}
     assert "BYTE_STREAM_SPLIT" not in cols[LP_LEAF].encodings and "BYTE_STREAM_SPLIT" in cols[IDS_LEAF].encodings
@@ -158,7 +204,7 @@ def test_float16_logprobs_are_written_plain_for_duckdb(tmp_path):
 def test_old_manifest_without_storage_reads_as_unrecorded(generated, tmp_path):
     ds = copy_dataset(generated.dataset_dir, tmp_path / "ds")
     raw = json.loads((ds / "manifest.json").read_text())
-    assert raw["storage"]["logprobs_step"] == 2.0 ** -7
+    assert raw["storage"]["logprobs_step"] == 2.0**-7
     del raw["storage"]
     (ds / "manifest.json").write_text(json.dumps(raw))
     assert read_manifest(ds).storage is None

@@ -15,11 +15,19 @@ import pytest
 from typer.testing import CliRunner
 
 from pipeline.cli import app
-from tests.helpers import one_line_error, read_rows
 from pipeline.dataset.report import render_report
-from pipeline.dataset.schema import DatasetError, Generation, Manifest, SamplingRecord, TeacherRecord, build_table, read_manifest
+from pipeline.dataset.schema import (
+    DatasetError,
+    Generation,
+    Manifest,
+    SamplingRecord,
+    TeacherRecord,
+    build_table,
+    read_manifest,
+)
 from pipeline.dataset.stats import DatasetSummary, sample_view, summarize, summary_rows
 from pipeline.dataset.writer import commit_shard, write_manifest, write_shard
+from tests.helpers import one_line_error, read_rows
 
 runner = CliRunner()
 CHROMIUM = "/usr/bin/chromium"
@@ -47,22 +55,40 @@ def _generation(rows: list[int], finish: str) -> Generation:
         token_logprobs=_on_grid([SAMPLED_P[r] for r in rows]).astype(np.float32),
         topk_token_ids=np.array([POSITIONS[r][1] for r in rows], np.int32),
         topk_logprobs=_on_grid([POSITIONS[r][0] for r in rows]).astype(np.float32),
-        finish_reason=finish)
+        finish_reason=finish,
+    )
 
 
 def _write_hand_dataset(path: Path, dtype: str = "float32") -> Path:
-    manifest = Manifest(teacher=TeacherRecord(model=str(path / "no-such-teacher"), backend="hf", vocab_size=10),
-                        tokenizer_fingerprint="t", k=3, logprobs_dtype=dtype,
-                        sampling=SamplingRecord(temperature=1.0, top_p=0.9, max_new_tokens=4, n=1, seed=7),
-                        prompts_source="hand", prompts_fingerprint="p", generate_fingerprint="g", config_hash="c",
-                        num_prompts=2, shard_size=1, num_shards=2)
+    manifest = Manifest(
+        teacher=TeacherRecord(model=str(path / "no-such-teacher"), backend="hf", vocab_size=10),
+        tokenizer_fingerprint="t",
+        k=3,
+        logprobs_dtype=dtype,
+        sampling=SamplingRecord(temperature=1.0, top_p=0.9, max_new_tokens=4, n=1, seed=7),
+        prompts_source="hand",
+        prompts_fingerprint="p",
+        generate_fingerprint="g",
+        config_hash="c",
+        num_prompts=2,
+        shard_size=1,
+        num_shards=2,
+    )
     path.mkdir(parents=True)
     write_manifest(path, manifest)
     for index, (rows, finish) in enumerate([([0, 1], "stop"), ([2], "length")]):
-        table = build_table(prompt_ids=[f"p{index}"], prompts=[f"prompt {index}"], prompt_token_ids=[[1, 2]],
-                            generations=[[_generation(rows, finish)]], completions=[["c"]], seed=0, logprobs_dtype=dtype)
-        manifest = commit_shard(path, manifest, write_shard(path, index, table, prompts=1,
-                                                            heldout_fraction=manifest.heldout_fraction))
+        table = build_table(
+            prompt_ids=[f"p{index}"],
+            prompts=[f"prompt {index}"],
+            prompt_token_ids=[[1, 2]],
+            generations=[[_generation(rows, finish)]],
+            completions=[["c"]],
+            seed=0,
+            logprobs_dtype=dtype,
+        )
+        manifest = commit_shard(
+            path, manifest, write_shard(path, index, table, prompts=1, heldout_fraction=manifest.heldout_fraction)
+        )
     return path
 
 
@@ -111,7 +137,9 @@ def test_summary_rows_and_json(hand):
     by_metric = {r["metric"]: r["value"] for r in rows}
     assert by_metric["samples"] == "2" and by_metric["completion tokens"] == "3"
     assert by_metric["rank in teacher top-k (1-based)"] == "rank 1: 33.3%, ranks 2-3: 33.3%, outside top-3: 33.3%"
-    assert by_metric["k for 90% of the mass"].startswith("median 3,") and by_metric["k for 99% of the mass"].startswith("median >3,")
+    assert by_metric["k for 90% of the mass"].startswith("median 3,") and by_metric["k for 99% of the mass"].startswith(
+        "median >3,"
+    )
 
 
 def test_sample_view(hand):
@@ -155,7 +183,10 @@ def test_cli(hand, tmp_path):
     assert (as_json["samples"], as_json["sampled_rank"]) == (2, [1, 1, 0, 1])
     view = runner.invoke(app, ["inspect", str(hand), "--sample", "0"])
     assert view.exit_code == 0 and "'#2'" in view.output and "tokenizer was not found" in view.output, view.output
-    assert json.loads(runner.invoke(app, ["inspect", str(hand), "--sample", "1", "--json"]).output)["tokens"][0]["rank"] is None
+    assert (
+        json.loads(runner.invoke(app, ["inspect", str(hand), "--sample", "1", "--json"]).output)["tokens"][0]["rank"]
+        is None
+    )
     report = runner.invoke(app, ["inspect", str(hand), "--report", str(tmp_path / "r/out.html"), "--sample", "1"])
     assert report.exit_code == 0 and (tmp_path / "r/out.html").is_file(), report.output
     one_line_error(runner.invoke(app, ["inspect", str(hand), "--sample", "5"]), "sample 5 is out of range")
@@ -176,11 +207,28 @@ class DevTools:
         self.to_chrome_r, self.to_chrome_w = os.pipe()
         self.from_chrome_r, self.from_chrome_w = os.pipe()
         # the child sees our pipe ends as fds 3 and 4
-        args = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                "--remote-debugging-pipe", f"--user-data-dir={user_data_dir}", "about:blank"]
-        self.proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                     pass_fds=(3, 4), preexec_fn=self._map_fds)
+        args = [
+            CHROMIUM,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--remote-debugging-pipe",
+            f"--user-data-dir={user_data_dir}",
+            "about:blank",
+        ]
+        self.proc = subprocess.Popen(
+            args,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            pass_fds=(3, 4),
+            preexec_fn=self._map_fds,
+        )
         os.close(self.to_chrome_r)
         os.close(self.from_chrome_w)
         self.next_id, self.buffer, self.events = 0, b"", []
@@ -239,7 +287,9 @@ class DevTools:
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not os.access(CHROMIUM, os.X_OK), reason=f"{CHROMIUM} not found (the Makefile installs Debian's chromium)")
+@pytest.mark.skipif(
+    not os.access(CHROMIUM, os.X_OK), reason=f"{CHROMIUM} not found (the Makefile installs Debian's chromium)"
+)
 def test_report_renders_in_headless_chromium(hand, tmp_path):
     report = render_report(summarize(hand), sample_view(hand, 0), tmp_path / "report.html")
     page = report.read_text()
@@ -253,19 +303,31 @@ def test_report_renders_in_headless_chromium(hand, tmp_path):
         before = len(browser.events)
         browser.call("Page.navigate", session, url=report.as_uri())
         browser.wait_event("Page.loadEventFired", after=before)
-        result = browser.call("Runtime.evaluate", session, returnByValue=True, expression=(
-            "JSON.stringify({url: location.href, state: document.readyState,"
-            " imgs: [...document.images].map(i => [i.complete, i.naturalWidth, i.naturalHeight]),"
-            " tokens: [...document.querySelectorAll('span.tok')].map(s => [s.textContent, s.title,"
-            " getComputedStyle(s).backgroundColor])})"))
+        result = browser.call(
+            "Runtime.evaluate",
+            session,
+            returnByValue=True,
+            expression=(
+                "JSON.stringify({url: location.href, state: document.readyState,"
+                " imgs: [...document.images].map(i => [i.complete, i.naturalWidth, i.naturalHeight]),"
+                " tokens: [...document.querySelectorAll('span.tok')].map(s => [s.textContent, s.title,"
+                " getComputedStyle(s).backgroundColor])})"
+            ),
+        )
         found = json.loads(result["result"]["value"])
     finally:
         browser.close()
-    errors = [e for e in browser.events if e.get("method") in ("Runtime.exceptionThrown", "Network.loadingFailed")
-              or (e.get("method") == "Runtime.consoleAPICalled" and e["params"]["type"] in ("error", "assert"))
-              or (e.get("method") == "Log.entryAdded" and e["params"]["entry"]["level"] == "error")]
+    errors = [
+        e
+        for e in browser.events
+        if e.get("method") in ("Runtime.exceptionThrown", "Network.loadingFailed")
+        or (e.get("method") == "Runtime.consoleAPICalled" and e["params"]["type"] in ("error", "assert"))
+        or (e.get("method") == "Log.entryAdded" and e["params"]["entry"]["level"] == "error")
+    ]
     assert errors == []
-    requested = [e["params"]["request"]["url"] for e in browser.events if e.get("method") == "Network.requestWillBeSent"]
+    requested = [
+        e["params"]["request"]["url"] for e in browser.events if e.get("method") == "Network.requestWillBeSent"
+    ]
     assert requested and all(url.startswith(("file:", "data:")) for url in requested), requested
     assert (found["url"], found["state"]) == (report.as_uri(), "complete")
     assert len(found["imgs"]) == 4

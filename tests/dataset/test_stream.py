@@ -11,16 +11,16 @@ import pytest
 import torch
 
 from pipeline.core import heldout_mask, is_heldout, stable_id
-from pipeline.dataset.schema import DatasetError, read_manifest
-from pipeline.dataset.stream import Batch, Rows, TrainStream, collate_rows, shard_paths
-from tests.helpers_train import FIELDS, sample_ids, small_dataset
+from pipeline.dataset.schema import DatasetError, committed_shards, read_manifest
+from pipeline.dataset.stream import Batch, Rows, TrainStream, collate_rows
+from tests.helpers import FIELDS, sample_ids, small_dataset
 
 
 def _reference_split(dataset_dir, split="all", limit_prompts=None) -> pa.Table:
     """The split read whole with plain pyarrow (what evaluation loaded before it streamed): file order, then the
     split's first `limit_prompts` prompt ids and every row of theirs."""
     manifest = read_manifest(dataset_dir)
-    tables = [pq.read_table(p) for p in shard_paths(dataset_dir, manifest)]
+    tables = [pq.read_table(p) for p in committed_shards(dataset_dir, manifest)]
     table = pa.concat_tables(tables, promote_options="permissive")
     if split != "all":
         keep = heldout_mask(table["prompt_id"], manifest.heldout_fraction) == (split == "heldout")
@@ -47,8 +47,14 @@ def _reference_collate(table: pa.Table, pad_id: int) -> Batch:
     k = read_k(table)
     ids = np.concatenate([np.asarray(x, np.int64).reshape(-1, k) for x in table["topk_token_ids"].to_pylist()])
     lps = np.concatenate([np.asarray(x, np.float32).reshape(-1, k) for x in table["topk_logprobs"].to_pylist()])
-    return Batch(torch.from_numpy(input_ids), torch.from_numpy(attention), torch.from_numpy(loss_mask),
-                 torch.from_numpy(np.concatenate(comps)), torch.from_numpy(ids), torch.from_numpy(lps))
+    return Batch(
+        torch.from_numpy(input_ids),
+        torch.from_numpy(attention),
+        torch.from_numpy(loss_mask),
+        torch.from_numpy(np.concatenate(comps)),
+        torch.from_numpy(ids),
+        torch.from_numpy(lps),
+    )
 
 
 def read_k(table: pa.Table) -> int:
@@ -62,10 +68,14 @@ def _assert_same_batch(a: Batch, b: Batch) -> None:
 
 def test_collate_rows_on_a_hand_built_example():
     # sample 0: prompt [1, 2], completion [3, 4, 5]; sample 1: prompt [6], completion [7]; k = 2
-    rows = Rows(prompt=np.array([1, 2, 6], np.int32), prompt_offsets=np.array([0, 2, 3]),
-                completion=np.array([3, 4, 5, 7], np.int32), completion_offsets=np.array([0, 3, 4]),
-                topk_ids=np.array([[3, 9], [4, 9], [5, 9], [7, 8]], np.int32),
-                topk_logprobs=np.array([[-0.5, -1], [-0.25, -2], [-0.125, -3], [-1, -1.5]], np.float16))
+    rows = Rows(
+        prompt=np.array([1, 2, 6], np.int32),
+        prompt_offsets=np.array([0, 2, 3]),
+        completion=np.array([3, 4, 5, 7], np.int32),
+        completion_offsets=np.array([0, 3, 4]),
+        topk_ids=np.array([[3, 9], [4, 9], [5, 9], [7, 8]], np.int32),
+        topk_logprobs=np.array([[-0.5, -1], [-0.25, -2], [-0.125, -3], [-1, -1.5]], np.float16),
+    )
     b = collate_rows(rows, pad_id=0)
     assert b.input_ids.tolist() == [[1, 2, 3, 4, 5], [6, 7, 0, 0, 0]]
     assert b.attention_mask.tolist() == [[1, 1, 1, 1, 1], [1, 1, 0, 0, 0]]
@@ -113,7 +123,7 @@ def test_every_train_sample_exactly_once_per_epoch(tmp_path, split_layout):
 
 def test_resume_from_any_position_gives_the_same_batches(tmp_path):
     small_dataset(tmp_path)
-    make = lambda: TrainStream(tmp_path, batch_size=5, pad_id=0, seed=7, shuffle_rows=9)  # noqa: E731
+    make = lambda: TrainStream(tmp_path, batch_size=5, pad_id=0, seed=7, shuffle_rows=9)
     ref_stream = make()
     it = ref_stream.batches()
     total = 2 * ref_stream.batches_per_epoch + 3  # across two epoch boundaries
@@ -150,15 +160,35 @@ def test_seeded_batch_order_is_pinned(tmp_path):
     stream = TrainStream(tmp_path, batch_size=4, pad_id=0, seed=3, shuffle_rows=12)
     it = stream.batches()
     got = [sample_ids(next(it)) for _ in range(stream.batches_per_epoch + 2)]
-    assert got == [[11, 14, 53, 13], [51, 52, 43, 67], [66, 12, 45, 55], [10, 3, 50, 48], [4, 65, 49, 63],
-                   [1, 46, 34, 8], [9, 20, 35, 33], [22, 36, 7, 31], [56, 26, 25, 57], [28, 30, 58, 59],
-                   [27, 40, 42, 15], [38, 17, 19, 41], [22, 34, 35, 20], [33, 3, 4, 1]]
+    assert got == [
+        [11, 14, 53, 13],
+        [51, 52, 43, 67],
+        [66, 12, 45, 55],
+        [10, 3, 50, 48],
+        [4, 65, 49, 63],
+        [1, 46, 34, 8],
+        [9, 20, 35, 33],
+        [22, 36, 7, 31],
+        [56, 26, 25, 57],
+        [28, 30, 58, 59],
+        [27, 40, 42, 15],
+        [38, 17, 19, 41],
+        [22, 34, 35, 20],
+        [33, 3, 4, 1],
+    ]
     held = TrainStream(tmp_path, split="heldout", batch_size=4, pad_id=0, seed=1, shuffle_rows=7).batches()
-    assert [sample_ids(next(held)) for _ in range(4)] == [[5, 6, 60, 37], [47, 21, 24, 23], [68, 39, 2, 0],
-                                                          [44, 62, 54, 64]]
+    assert [sample_ids(next(held)) for _ in range(4)] == [
+        [5, 6, 60, 37],
+        [47, 21, 24, 23],
+        [68, 39, 2, 0],
+        [44, 62, 54, 64],
+    ]
     every = TrainStream(tmp_path, split="all", batch_size=6, pad_id=0, seed=0, shuffle_rows=1).batches()
-    assert [sample_ids(next(every)) for _ in range(3)] == [[12, 14, 13, 10, 11, 52], [54, 55, 53, 51, 16, 17],
-                                                           [19, 18, 15, 46, 47, 50]]
+    assert [sample_ids(next(every)) for _ in range(3)] == [
+        [12, 14, 13, 10, 11, 52],
+        [54, 55, 53, 51, 16, 17],
+        [19, 18, 15, 46, 47, 50],
+    ]
     first = next(TrainStream(tmp_path, batch_size=4, pad_id=0, seed=3, shuffle_rows=12).batches())
     assert first.labels.tolist() == [20, 11, 28, 21, 12, 23, 18, 16, 33, 29, 17, 3]
     assert first.topk_ids.sum().item() == 755 and first.topk_logprobs.sum().item() == pytest.approx(-86.2109375)
@@ -170,10 +200,14 @@ def test_gathering_collate_matches_take_then_collate_rows():
     rng = np.random.default_rng(1)
     p_len, c_len = rng.integers(1, 5, 30), rng.integers(0, 7, 30)
     p_off, c_off = np.concatenate([[0], np.cumsum(p_len)]), np.concatenate([[0], np.cumsum(c_len)])
-    rows = Rows(rng.integers(1, 50, p_off[-1]).astype(np.int32), p_off,
-                rng.integers(1, 50, c_off[-1]).astype(np.int32), c_off,
-                rng.integers(0, 50, (c_off[-1], 3)).astype(np.int32),
-                rng.normal(size=(c_off[-1], 3)).astype(np.float16))
+    rows = Rows(
+        rng.integers(1, 50, p_off[-1]).astype(np.int32),
+        p_off,
+        rng.integers(1, 50, c_off[-1]).astype(np.int32),
+        c_off,
+        rng.integers(0, 50, (c_off[-1], 3)).astype(np.int32),
+        rng.normal(size=(c_off[-1], 3)).astype(np.float16),
+    )
     idx = rng.permutation(30)[:11]
     got, want = _collate(rows, idx, pad_id=99), collate_rows(rows.take(idx), pad_id=99)
     for f in FIELDS:
@@ -195,8 +229,11 @@ def test_split_masks_from_footer_statistics_equal_reading_the_ids(tmp_path, monk
     manifest = small_dataset(tmp_path, split_layout=split_layout)
     reads = []
     real = pq.ParquetFile.read_row_group
-    monkeypatch.setattr(pq.ParquetFile, "read_row_group", lambda self, i, columns=None, **kw: (
-        reads.append(columns), real(self, i, columns=columns, **kw))[1])
+    monkeypatch.setattr(
+        pq.ParquetFile,
+        "read_row_group",
+        lambda self, i, columns=None, **kw: (reads.append(columns), real(self, i, columns=columns, **kw))[1],
+    )
     for split in ("train", "heldout"):
         reads.clear()
         stream = TrainStream(tmp_path, split=split, batch_size=4, pad_id=0)
@@ -207,7 +244,6 @@ def test_split_masks_from_footer_statistics_equal_reading_the_ids(tmp_path, monk
         mixed = sum(0 < u.kept < u.rows for u in stream.units)
         assert len(reads) == mixed  # only row groups holding both splits are read
         assert (mixed == 0) if split_layout else (mixed >= 5)
-
 
 
 @pytest.mark.parametrize("split_layout", [True, False])
@@ -243,8 +279,9 @@ def test_in_order_limit_keeps_every_row_of_the_chosen_prompts(generated):
 
 def test_collate_aligns_positions_with_labels(generated):
     """Moved from tests/test_dataset.py (it collated with the removed per-sample `collate`): the first three samples."""
-    batch, columns = next(TrainStream(generated.dataset_dir, split="all", batch_size=3, pad_id=0).in_order(
-        ["completion_token_ids"]))
+    batch, columns = next(
+        TrainStream(generated.dataset_dir, split="all", batch_size=3, pad_id=0).in_order(["completion_token_ids"])
+    )
     lengths = [len(c) for c in columns["completion_token_ids"].to_pylist()]
     assert int(batch.loss_mask.sum()) == batch.n_tokens == sum(lengths) and len(lengths) == 3
     # position t predicts token t+1: the token after each masked position is the label

@@ -1,17 +1,16 @@
 """`distill validate`: damaged, missing, mismatched and newer datasets are refused with the first problem."""
 
 import json
-import shutil
 
 import numpy as np
-import pyarrow.parquet as pq
 import pytest
 
-from tests.helpers import copy_dataset, fake_generation, tiny_manifest
-from pipeline.dataset.schema import (IDS_LEAF, LP_LEAF, TOKEN_LP_LEAF, Manifest, SamplingRecord, StorageRecord, TeacherRecord,
-                                     arrow_schema, build_table, quantize_logprobs, read_manifest)
+from pipeline.dataset.schema import (
+    build_table,
+)
 from pipeline.dataset.validate import DatasetInvalid, validate_dataset
 from pipeline.dataset.writer import commit_shard, write_manifest, write_shard
+from tests.helpers import copy_dataset, fake_generation, tiny_manifest
 
 
 def test_validate_detects_truncated_shard(generated, tmp_path):
@@ -57,7 +56,10 @@ def test_validate_refuses_newer_schema(generated, tmp_path):
         validate_dataset(ds)
 
 
-@pytest.mark.parametrize("damage,message", [("unsorted", "not sorted descending"), ("mass", "sum to"), ("vocab", "outside the teacher vocabulary")])
+@pytest.mark.parametrize(
+    "damage,message",
+    [("unsorted", "not sorted descending"), ("mass", "sum to"), ("vocab", "outside the teacher vocabulary")],
+)
 def test_validate_checks_invariants(tmp_path, damage, message):
     rng = np.random.default_rng(1)
     g = fake_generation(rng, 4, 4, 50)
@@ -67,11 +69,14 @@ def test_validate_checks_invariants(tmp_path, damage, message):
         g.topk_logprobs[2] = np.log(np.full(4, 0.3, np.float32))
     else:
         g.topk_token_ids[0, 0] = 50
-    table = build_table(prompt_ids=["a"], prompts=["p"], prompt_token_ids=[[1]], generations=[[g]], completions=[["c"]], seed=0)
+    table = build_table(
+        prompt_ids=["a"], prompts=["p"], prompt_token_ids=[[1]], generations=[[g]], completions=[["c"]], seed=0
+    )
     manifest = tiny_manifest()
     write_manifest(tmp_path, manifest)
-    commit_shard(tmp_path, manifest, write_shard(tmp_path, 0, table, prompts=1,
-                                                 heldout_fraction=manifest.heldout_fraction))
+    commit_shard(
+        tmp_path, manifest, write_shard(tmp_path, 0, table, prompts=1, heldout_fraction=manifest.heldout_fraction)
+    )
     with pytest.raises(DatasetInvalid, match=message):
         validate_dataset(tmp_path)
 
@@ -81,13 +86,21 @@ def test_validate_refuses_a_shard_with_other_column_types(tmp_path):
     import pyarrow as pa
 
     rng = np.random.default_rng(4)
-    table = build_table(prompt_ids=["a"], prompts=["p"], prompt_token_ids=[[1]], generations=[[fake_generation(rng, 4, 4, 50)]],
-                        completions=[["c"]], seed=0)
+    table = build_table(
+        prompt_ids=["a"],
+        prompts=["p"],
+        prompt_token_ids=[[1]],
+        generations=[[fake_generation(rng, 4, 4, 50)]],
+        completions=[["c"]],
+        seed=0,
+    )
     wide = pa.list_(pa.field("element", pa.list_(pa.field("element", pa.int64(), nullable=False)), nullable=False))
     i = table.schema.get_field_index("topk_token_ids")
     table = table.set_column(i, table.schema.field(i).with_type(wide), table["topk_token_ids"].cast(wide))
     manifest = tiny_manifest()
     write_manifest(tmp_path, manifest)
-    commit_shard(tmp_path, manifest, write_shard(tmp_path, 0, table, prompts=1, heldout_fraction=manifest.heldout_fraction))
+    commit_shard(
+        tmp_path, manifest, write_shard(tmp_path, 0, table, prompts=1, heldout_fraction=manifest.heldout_fraction)
+    )
     with pytest.raises(DatasetInvalid, match="part-00000.parquet does not have the schema v1 columns/types"):
         validate_dataset(tmp_path)

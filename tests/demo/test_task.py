@@ -8,7 +8,6 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from pipeline.demo import build, task
@@ -67,9 +66,16 @@ def _wrong(prompt: str, completion: str) -> list[str]:
     bad_count = [*words[:1], str(int(words[1]) + 1), *words[2:]]
     bad_draw = [absent, *words[1:]]
     bad_sort = [*words[:-6], *reversed(words[-6:])] if len(set(symbols)) > 1 else words[:-1]
-    return [" ".join(bad_count), " ".join(bad_draw), " ".join(bad_sort), completion + " a",
-            completion.replace(" ; ", " ;  ", 1), completion.replace(" |", ""),
-            " ".join(words[3:]), completion.replace(" ;", ",")]
+    return [
+        " ".join(bad_count),
+        " ".join(bad_draw),
+        " ".join(bad_sort),
+        completion + " a",
+        completion.replace(" ; ", " ;  ", 1),
+        completion.replace(" |", ""),
+        " ".join(words[3:]),
+        completion.replace(" ;", ","),
+    ]
 
 
 def test_wrong_completions_fail_check():
@@ -96,8 +102,7 @@ def test_separate_tokenization_matches_training_sequences(tok):
     rng = random.Random(seed)
     prompts = [task.make_prompt(rng) for _ in range(16)]
     completions = [task.sample_completion(p, rng) for p in prompts]
-    for row, labels, prompt, completion in zip(batch["input_ids"], batch["labels"], prompts,
-                                               completions):
+    for row, labels, prompt, completion in zip(batch["input_ids"], batch["labels"], prompts, completions):
         p_ids = tok(prompt, add_special_tokens=False).input_ids
         c_ids = tok(completion, add_special_tokens=False).input_ids
         assert p_ids + c_ids == tok(prompt + completion, add_special_tokens=False).input_ids

@@ -19,6 +19,7 @@ def fault_prompts(prompts_file, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def fault_raw(tiny_teacher, fault_prompts):
     """A raw config dict for output dir `out`: 12 prompts, 3 per shard."""
+
     def make(out: Path, **sections) -> dict:
         return raw_config(tiny_teacher, fault_prompts, out, **{"generate": {"shard_size": 3}, **sections})
 

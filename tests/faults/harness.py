@@ -1,4 +1,5 @@
-"""Helpers for the fault tests: run `distill` in a real subprocess (optionally through killpoint.py) and look at what it left."""
+"""Helpers for the fault tests: run `distill` in a real subprocess (optionally through killpoint.py) and look at
+what it left."""
 
 from __future__ import annotations
 
@@ -8,7 +9,6 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-
 
 from pipeline.core import sha256_file
 from pipeline.dataset.schema import MANIFEST
@@ -20,29 +20,52 @@ KILLPOINT = Path(__file__).with_name("killpoint.py")
 
 def child_env(**extra: str) -> dict:
     """Offline, one thread per process (two cores are shared by everything here), deterministic."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1",
-           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PYTHONUNBUFFERED": "1", "COLUMNS": "250"}
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "OMP_NUM_THREADS": "1",
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PYTHONUNBUFFERED": "1",
+        "COLUMNS": "250",
+    }
     env.update(extra)
     return env
 
 
 def _options(kill: tuple[str, int] | None, fsize: int | None, stop: bool = False) -> list[str]:
-    return [*(map(str, kill) if kill else []), *(["--fsize", str(fsize)] if fsize else []), *(["--stop"] if stop else [])]
+    return [
+        *(map(str, kill) if kill else []),
+        *(["--fsize", str(fsize)] if fsize else []),
+        *(["--stop"] if stop else []),
+    ]
 
 
-def distill(*args: str, kill: tuple[str, int] | None = None, fsize: int | None = None, env: dict | None = None,
-            timeout: float = 300) -> subprocess.CompletedProcess:
+def distill(
+    *args: str,
+    kill: tuple[str, int] | None = None,
+    fsize: int | None = None,
+    env: dict | None = None,
+    timeout: float = 300,
+) -> subprocess.CompletedProcess:
     """`distill ARGS` as a real process; `kill=(point, n)` dies by SIGKILL there, `fsize` caps file sizes."""
     cmd = [sys.executable, str(KILLPOINT), *_options(kill, fsize), "--", *args]
     return subprocess.run(cmd, cwd=ROOT, env=env or child_env(), capture_output=True, text=True, timeout=timeout)
 
 
-def start_distill(*args: str, log: Path, env: dict | None = None, stop_at: tuple[str, int] | None = None) -> subprocess.Popen:
+def start_distill(
+    *args: str, log: Path, env: dict | None = None, stop_at: tuple[str, int] | None = None
+) -> subprocess.Popen:
     """`distill ARGS` in the background, output to `log`; `stop_at=(point, n)` freezes it there (SIGSTOP)."""
     out = open(log, "wb")
     try:
-        return subprocess.Popen([sys.executable, str(KILLPOINT), *_options(stop_at, None, stop=bool(stop_at)), "--", *args],
-                                cwd=ROOT, env=env or child_env(), stdout=out, stderr=subprocess.STDOUT)
+        return subprocess.Popen(
+            [sys.executable, str(KILLPOINT), *_options(stop_at, None, stop=bool(stop_at)), "--", *args],
+            cwd=ROOT,
+            env=env or child_env(),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
     finally:
         out.close()
 

@@ -48,6 +48,7 @@ def install(point: str, nth: int) -> None:
 
         name = "__init__" if point == "teacher_load" else "generate"
         for cls in (HFTeacher, VLLMServerTeacher):
+
             def patched(self, *args, _original=getattr(cls, name), **kwargs):
                 if due():
                     die()
@@ -101,11 +102,11 @@ def install(point: str, nth: int) -> None:
 
 def main(argv: list[str]) -> None:
     split = argv.index("--")
-    opts, cli_args = argv[:split], argv[split + 1:]
+    opts, cli_args = argv[:split], argv[split + 1 :]
     if "--fsize" in opts:
         i = opts.index("--fsize")
         limit = int(opts[i + 1])
-        del opts[i:i + 2]
+        del opts[i : i + 2]
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # get EFBIG from write() instead of being killed
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
     if "--stop" in opts:

@@ -26,6 +26,7 @@ runner = CliRunner()
 @pytest.fixture
 def config(fault_raw, tmp_path):
     """Write a config for output dir tmp_path/run; keyword sections override the fault defaults."""
+
     def make(raw: dict | None = None, **sections):
         return write_config(tmp_path / "cfg.yaml", raw or fault_raw(tmp_path / "run", **sections))
 
@@ -40,7 +41,11 @@ def test_prompts_file_that_is_not_utf8(config, tmp_path):
 
 def test_empty_and_overlong_prompts_are_skipped_and_counted_in_the_manifest(config, fault_prompts, tmp_path):
     prompts = tmp_path / "mixed.jsonl"
-    extra = [json.dumps({"prompt": ""}), json.dumps({"prompt": "   "}), json.dumps({"prompt": "pick: " + "a b " * 40 + "="})]
+    extra = [
+        json.dumps({"prompt": ""}),
+        json.dumps({"prompt": "   "}),
+        json.dumps({"prompt": "pick: " + "a b " * 40 + "="}),
+    ]
     prompts.write_text(fault_prompts.read_text() + "\n".join(extra) + "\n")
     cfg = config(prompts={"path": str(prompts), "max_prompt_tokens": 24})
     result = runner.invoke(app, ["generate", str(cfg)])
@@ -90,7 +95,9 @@ def test_dataset_from_a_newer_schema_version(config, reference, tmp_path):
     raw = json.loads((dataset / "manifest.json").read_text())
     raw["schema_version"] = 2
     (dataset / "manifest.json").write_text(json.dumps(raw))
-    one_line_error(runner.invoke(app, ["validate", str(dataset)]), "schema_version 2 is newer than this distill supports")
+    one_line_error(
+        runner.invoke(app, ["validate", str(dataset)]), "schema_version 2 is newer than this distill supports"
+    )
     one_line_error(runner.invoke(app, ["train", str(config())]), "schema_version 2 is newer")
     assert not (tmp_path / "run/student").exists()
 
@@ -105,7 +112,9 @@ def _flip_a_byte(dataset):
 def test_validate_reports_a_shard_whose_checksum_does_not_match(reference, tmp_path):
     dataset = _dataset_copy(reference, tmp_path)
     _flip_a_byte(dataset)
-    one_line_error(runner.invoke(app, ["validate", str(dataset)]), "part-00001.parquet does not match its manifest checksum")
+    one_line_error(
+        runner.invoke(app, ["validate", str(dataset)]), "part-00001.parquet does not match its manifest checksum"
+    )
 
 
 def test_train_refuses_a_shard_whose_checksum_does_not_match(config, reference, tmp_path):

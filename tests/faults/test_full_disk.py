@@ -22,8 +22,9 @@ pytestmark = pytest.mark.slow  # real `distill` subprocesses
 PAGE = 4096
 
 
-def _check_fault_then_rerun(config: Path, dataset: Path, kept: dict[str, str], reference: Path, res, fragment: str,
-                            free_space=lambda: None) -> None:
+def _check_fault_then_rerun(
+    config: Path, dataset: Path, kept: dict[str, str], reference: Path, res, fragment: str, free_space=lambda: None
+) -> None:
     one_error_line(res, fragment)
     assert listed_shards(dataset) == kept, "the shards committed before the disk filled changed"
     assert files_on_disk(dataset) == {MANIFEST, *(f"shards/{n}" for n in kept)}, "the failed write left files behind"
@@ -39,9 +40,14 @@ def _check_fault_then_rerun(config: Path, dataset: Path, kept: dict[str, str], r
 def tmpfs(tmp_path):
     mountpoint = tmp_path / "fs"
     mountpoint.mkdir()
-    res = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mountpoint)], capture_output=True, text=True)
+    res = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mountpoint)], capture_output=True, text=True
+    )
     if res.returncode != 0:
-        pytest.skip(f"cannot mount a size-limited tmpfs here ({res.stderr.strip() or res.returncode}); the RLIMIT_FSIZE test covers it")
+        pytest.skip(
+            f"cannot mount a size-limited tmpfs here ({res.stderr.strip() or res.returncode}); the RLIMIT_FSIZE test "
+            "covers it"
+        )
     try:
         yield mountpoint
     finally:
@@ -58,8 +64,9 @@ def test_full_tmpfs_while_writing_a_shard(fault_raw, reference, tmp_path, tmpfs)
     assert os.statvfs(tmpfs).f_bavail * os.statvfs(tmpfs).f_frsize == PAGE
     assert min((reference / "shards" / n).stat().st_size for n in listed_shards(reference)) > PAGE
     res = distill("generate", str(config))
-    _check_fault_then_rerun(config, out / "dataset", kept, reference, res, "No space left on device",
-                            free_space=filler.unlink)
+    _check_fault_then_rerun(
+        config, out / "dataset", kept, reference, res, "No space left on device", free_space=filler.unlink
+    )
 
 
 def test_file_size_limit_while_writing_a_shard(fault_raw, reference, tmp_path):

@@ -12,12 +12,12 @@ import fnmatch
 import signal
 
 import pyarrow.parquet as pq
+import pytest
 
 from pipeline.core import sha256_file
 from pipeline.dataset.schema import MANIFEST
 from pipeline.dataset.validate import validate_dataset
 from tests.faults.harness import distill, files_on_disk, listed_shards, write_config
-import pytest
 
 pytestmark = pytest.mark.slow  # real `distill` subprocesses
 
@@ -26,9 +26,19 @@ STEPS = [
     ("teacher_load", 1, [], set()),  # before anything is written
     ("manifest_rename", 1, None, {".manifest.json.tmp-*"}),  # the very first manifest, never renamed: no manifest yet
     ("teacher_generate", 1, [], set()),  # manifest written, before the first shard
-    ("shard_write", 2, ["part-00000.parquet"], {"shards/.part-00001.parquet.tmp-*"}),  # in the middle of writing shard 1
+    (
+        "shard_write",
+        2,
+        ["part-00000.parquet"],
+        {"shards/.part-00001.parquet.tmp-*"},
+    ),  # in the middle of writing shard 1
     ("shard_renamed", 1, ["part-00000.parquet"], {"shards/part-00001.parquet"}),  # shard 1 renamed, not yet listed
-    ("manifest_rename", 1, ["part-00000.parquet"], {".manifest.json.tmp-*", "shards/part-00001.parquet"}),  # while updating the manifest
+    (
+        "manifest_rename",
+        1,
+        ["part-00000.parquet"],
+        {".manifest.json.tmp-*", "shards/part-00001.parquet"},
+    ),  # while updating the manifest
     ("teacher_generate", 2, ["part-00000.parquet", "part-00001.parquet"], set()),  # between shards
 ]
 
@@ -44,7 +54,9 @@ def test_kill_9_at_seven_points_then_rerun_completes_identically(fault_raw, refe
 
     for point, nth, listed, leftovers in STEPS:
         res = distill("generate", str(config), kill=(point, nth))
-        assert res.returncode == -signal.SIGKILL, f"{point}#{nth}: expected a SIGKILL, got {res.returncode}\n{res.stderr[-2000:]}"
+        assert res.returncode == -signal.SIGKILL, (
+            f"{point}#{nth}: expected a SIGKILL, got {res.returncode}\n{res.stderr[-2000:]}"
+        )
         on_disk = files_on_disk(dataset) if dataset.exists() else set()
         for pattern in leftovers:
             assert _matches(pattern, on_disk), f"{point}#{nth}: expected a leftover {pattern}, found {sorted(on_disk)}"

@@ -1,4 +1,5 @@
-"""Safety defaults: safetensors only, `torch.load(weights_only=True)`, no remote code unless asked, servers on 127.0.0.1.
+"""Safety defaults: safetensors only, `torch.load(weights_only=True)`, no remote code unless asked, servers on
+127.0.0.1.
 
 The API key's path (from the environment, used, and written nowhere) is checked end to end with a real
 server in test_teacher_server.py.
@@ -36,17 +37,25 @@ def _keyword(node: ast.Call, name: str):
 
 def test_every_torch_load_is_weights_only():
     loads = list(_calls("load"))
-    torch_loads = [(p, n) for p, n in loads if isinstance(n.func, ast.Attribute) and getattr(n.func.value, "id", "") == "torch"]
+    torch_loads = [
+        (p, n) for p, n in loads if isinstance(n.func, ast.Attribute) and getattr(n.func.value, "id", "") == "torch"
+    ]
     assert torch_loads, "expected the checkpoint code to call torch.load"
-    bad = [f"{p}:{n.lineno}" for p, n in torch_loads
-           if not (isinstance(_keyword(n, "weights_only"), ast.Constant) and _keyword(n, "weights_only").value is True)]
+    bad = [
+        f"{p}:{n.lineno}"
+        for p, n in torch_loads
+        if not (isinstance(_keyword(n, "weights_only"), ast.Constant) and _keyword(n, "weights_only").value is True)
+    ]
     assert not bad, f"torch.load without weights_only=True at {bad}"
 
 
 def test_remote_code_is_never_trusted_by_a_literal():
-    literal = [f"{p}:{n.lineno}" for name in ("from_pretrained", "from_config")
-               for p, n in _calls(name)
-               if isinstance(_keyword(n, "trust_remote_code"), ast.Constant) and _keyword(n, "trust_remote_code").value]
+    literal = [
+        f"{p}:{n.lineno}"
+        for name in ("from_pretrained", "from_config")
+        for p, n in _calls(name)
+        if isinstance(_keyword(n, "trust_remote_code"), ast.Constant) and _keyword(n, "trust_remote_code").value
+    ]
     assert not literal, f"trust_remote_code=True hard-coded at {literal}"
 
 

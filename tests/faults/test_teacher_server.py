@@ -19,16 +19,28 @@ import pytest
 from pipeline.dataset.schema import MANIFEST
 from pipeline.dataset.validate import validate_dataset
 from tests.conftest import raw_config
-from tests.faults.harness import (child_env, distill, listed_shards, process_state, processes_mentioning, start_distill,
-                                  wait_until, write_config)
+from tests.faults.harness import (
+    child_env,
+    distill,
+    listed_shards,
+    process_state,
+    processes_mentioning,
+    start_distill,
+    wait_until,
+    write_config,
+)
 from tests.helpers import needs_vllm, server_config
 
 pytestmark = [pytest.mark.slow, needs_vllm]
 
 
 def _vllm_config(tiny_teacher: Path, prompts: Path, out: Path, **teacher) -> dict:
-    t = {**server_config(tiny_teacher).model_dump(exclude_defaults=True), "backend": "vllm_server",
-         "startup_timeout_s": 1200, **teacher}  # a start takes ~60 s alone, far longer beside other test runs
+    t = {
+        **server_config(tiny_teacher).model_dump(exclude_defaults=True),
+        "backend": "vllm_server",
+        "startup_timeout_s": 1200,
+        **teacher,
+    }  # a start takes ~60 s alone, far longer beside other test runs
     return raw_config(tiny_teacher, prompts, out, teacher=t)
 
 
@@ -54,9 +66,13 @@ def _no_survivors(marker: str, timeout: float = 60) -> None:
 def test_kill_9_during_server_startup_leaves_no_vllm_process(tiny_teacher, fault_prompts, tmp_path):
     marker = str(tmp_path)
     config = write_config(tmp_path / "cfg.yaml", _vllm_config(tiny_teacher, fault_prompts, tmp_path / "run"))
-    proc = start_distill("generate", str(config), log=tmp_path / "distill.log", env=child_env(DISTILL_FAULT_MARKER=marker))
+    proc = start_distill(
+        "generate", str(config), log=tmp_path / "distill.log", env=child_env(DISTILL_FAULT_MARKER=marker)
+    )
     try:
-        engine_up = wait_until(lambda: any("VLLM::EngineCore" in _cmdline(p) for p in processes_mentioning(marker)), 1200)
+        engine_up = wait_until(
+            lambda: any("VLLM::EngineCore" in _cmdline(p) for p in processes_mentioning(marker)), 1200
+        )
         assert engine_up, f"vLLM's engine never started: {(tmp_path / 'run/teacher_server.log').read_text()[-2000:]}"
         assert not (tmp_path / "run/dataset" / MANIFEST).exists(), "the server was already up: not a start-up kill"
         os.kill(proc.pid, signal.SIGKILL)
@@ -69,8 +85,12 @@ def test_kill_9_during_server_startup_leaves_no_vllm_process(tiny_teacher, fault
 
 def test_kill_9_mid_run_then_the_flow_resumes_and_the_api_key_is_written_nowhere(tiny_teacher, prompts_file, tmp_path):
     marker, key = str(tmp_path), "sk-fault-" + secrets.token_hex(16)
-    env = child_env(DISTILL_FAULT_MARKER=marker, VLLM_API_KEY=key, PREFECT_HOME=str(tmp_path / "prefect"),
-                    PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="900")  # a loaded 2-core machine needs minutes
+    env = child_env(
+        DISTILL_FAULT_MARKER=marker,
+        VLLM_API_KEY=key,
+        PREFECT_HOME=str(tmp_path / "prefect"),
+        PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="900",
+    )  # a loaded 2-core machine needs minutes
     raw = _vllm_config(tiny_teacher, prompts_file, tmp_path / "run", api_key_env="VLLM_API_KEY")
     raw["generate"]["shard_size"] = 16  # 96 prompts, 6 shards
     config = write_config(tmp_path / "cfg.yaml", raw)
@@ -81,8 +101,11 @@ def test_kill_9_mid_run_then_the_flow_resumes_and_the_api_key_is_written_nowhere
     try:
         assert wait_until(lambda: process_state(proc.pid) in ("T", "Z", ""), 1300), "run 1 never reached shard 2"
         assert process_state(proc.pid) == "T", (tmp_path / "run1.log").read_text()[-3000:]
-        server = next(p for p in processes_mentioning(marker) if "vllm.entrypoints.openai.api_server" in _cmdline(p)
-                      and "server_guard" not in _cmdline(p))
+        server = next(
+            p
+            for p in processes_mentioning(marker)
+            if "vllm.entrypoints.openai.api_server" in _cmdline(p) and "server_guard" not in _cmdline(p)
+        )
         url = "http://127.0.0.1:" + re.search(r"--port (\d+)", _cmdline(server)).group(1)
         # The key from the environment is really in force: no key, no answer.
         assert httpx.get(f"{url}/v1/models", timeout=10).status_code == 401
@@ -111,6 +134,8 @@ def test_kill_9_mid_run_then_the_flow_resumes_and_the_api_key_is_written_nowhere
     searched = [p for root in (tmp_path / "run", tmp_path / "prefect") for p in root.rglob("*") if p.is_file()]
     searched += [tmp_path / "run1.log", tmp_path / "run2.log", config]
     assert (tmp_path / "run/teacher_server.log") in searched and any(p.suffix == ".db" for p in searched)
-    assert any(b"dataset-summary" in p.read_bytes() for p in searched), "the flow's artifacts were not among the files searched"
+    assert any(b"dataset-summary" in p.read_bytes() for p in searched), (
+        "the flow's artifacts were not among the files searched"
+    )
     leaks = [str(p) for p in searched if key.encode() in p.read_bytes()]
     assert not leaks, f"the API key was written to {leaks}"

@@ -1,4 +1,5 @@
-"""`kill -9` of `distill train`, then `--resume`: same final loss as an uninterrupted run; damaged checkpoints are skipped.
+"""`kill -9` of `distill train`, then `--resume`: same final loss as an uninterrupted run; damaged checkpoints
+are skipped.
 
 Real processes throughout: the kill lands in the middle of writing the third checkpoint (weights on
 disk, optimizer state not yet), so a partial checkpoint is left beside two good ones.
@@ -10,8 +11,9 @@ import json
 import shutil
 import signal
 
-from tests.faults.harness import distill, write_config
 import pytest
+
+from tests.faults.harness import distill, write_config
 
 pytestmark = pytest.mark.slow  # real `distill` subprocesses
 

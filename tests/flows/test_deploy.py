@@ -33,12 +33,15 @@ def _write_config(tiny_teacher, prompts_file, tmp_path) -> Path:
     return path
 
 
-@pytest.mark.parametrize("args, fragment", [
-    (["--cron", "0 3 * *"], "invalid cron expression '0 3 * *'"),
-    (["--cron", "0 3 * * *", "--interval", "60"], "exactly one of --cron"),
-    ([], "exactly one of --cron"),
-    (["--interval", "0"], "--interval must be a positive"),
-])
+@pytest.mark.parametrize(
+    "args, fragment",
+    [
+        (["--cron", "0 3 * *"], "invalid cron expression '0 3 * *'"),
+        (["--cron", "0 3 * * *", "--interval", "60"], "exactly one of --cron"),
+        ([], "exactly one of --cron"),
+        (["--interval", "0"], "--interval must be a positive"),
+    ],
+)
 def test_schedule_errors_are_one_line(args, fragment, tiny_teacher, prompts_file, tmp_path):
     result = CliRunner().invoke(app, ["schedule", str(_write_config(tiny_teacher, prompts_file, tmp_path)), *args])
     one_line_error(result, fragment)
@@ -111,8 +114,10 @@ async def _first_completed_scheduled_run(client, deployment_name: str, timeout: 
         except Exception:  # not registered yet: the runner is still importing the flow
             await asyncio.sleep(2)
             continue
-        runs = await client.read_flow_runs(deployment_filter=DeploymentFilter(id={"any_": [dep.id]}),
-                                           flow_run_filter=FlowRunFilter(state={"type": {"any_": ["COMPLETED", "FAILED", "CRASHED"]}}))
+        runs = await client.read_flow_runs(
+            deployment_filter=DeploymentFilter(id={"any_": [dep.id]}),
+            flow_run_filter=FlowRunFilter(state={"type": {"any_": ["COMPLETED", "FAILED", "CRASHED"]}}),
+        )
         assert not [r for r in runs if r.state.type.value != "COMPLETED"], [(r.name, r.state) for r in runs]
         if runs:
             return dep, runs[0]
@@ -128,10 +133,14 @@ async def _drain(client, deployment_id, timeout: float) -> None:
     mine = DeploymentFilter(id={"any_": [deployment_id]})
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        queued = await client.read_flow_runs(deployment_filter=mine, flow_run_filter=FlowRunFilter(state={"type": {"any_": ["SCHEDULED"]}}))
+        queued = await client.read_flow_runs(
+            deployment_filter=mine, flow_run_filter=FlowRunFilter(state={"type": {"any_": ["SCHEDULED"]}})
+        )
         for run in queued:  # late runs the interval queued while the first one ran
             await client.delete_flow_run(run.id)
-        busy = await client.read_flow_runs(deployment_filter=mine, flow_run_filter=FlowRunFilter(state={"type": {"any_": ["PENDING", "RUNNING"]}}))
+        busy = await client.read_flow_runs(
+            deployment_filter=mine, flow_run_filter=FlowRunFilter(state={"type": {"any_": ["PENDING", "RUNNING"]}})
+        )
         if not queued and not busy:
             return
         await asyncio.sleep(2)
@@ -156,18 +165,34 @@ def test_scheduled_run_then_student_only_rerun(tiny_teacher, prompts_file, tmp_p
     port = _free_port()
     url = f"http://127.0.0.1:{port}/api"
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
-    env.update(PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false", PREFECT_UI_ENABLED="false",
-               HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    server = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-                              env=env, cwd=tmp_path, start_new_session=True,
-                              stdout=open(tmp_path / "server.log", "wb"), stderr=subprocess.STDOUT)
+    env.update(
+        PREFECT_HOME=str(home),
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        PREFECT_UI_ENABLED="false",
+        HF_HUB_OFFLINE="1",
+        TOKENIZERS_PARALLELISM="false",
+    )
+    server = subprocess.Popen(
+        [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+        env=env,
+        cwd=tmp_path,
+        start_new_session=True,
+        stdout=open(tmp_path / "server.log", "wb"),
+        stderr=subprocess.STDOUT,
+    )
     served = None
     try:
         _wait_healthy(url, server, timeout=150)
-        served = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "schedule", str(config), "--interval", "10", "--name", "tiny"],
-                                  env={**env, "PREFECT_API_URL": url, "PREFECT_RUNNER_POLL_FREQUENCY": "3"}, cwd=ROOT,
-                                  start_new_session=True, stdout=open(tmp_path / "serve.log", "wb"), stderr=subprocess.STDOUT)
+        served = subprocess.Popen(
+            [sys.executable, "-m", "pipeline.cli", "schedule", str(config), "--interval", "10", "--name", "tiny"],
+            env={**env, "PREFECT_API_URL": url, "PREFECT_RUNNER_POLL_FREQUENCY": "3"},
+            cwd=ROOT,
+            start_new_session=True,
+            stdout=open(tmp_path / "serve.log", "wb"),
+            stderr=subprocess.STDOUT,
+        )
         with temporary_settings({PREFECT_API_URL: url}):
+
             async def scenario():
                 async with get_client() as client:
                     dep, first = await _first_completed_scheduled_run(client, "distill/tiny", timeout=300)
@@ -178,7 +203,10 @@ def test_scheduled_run_then_student_only_rerun(tiny_teacher, prompts_file, tmp_p
             dep, first, first_tasks = asyncio.run(scenario())
             assert any(t.name.startswith("generate") and t.state.name == "Completed" for t in first_tasks), first_tasks
             dataset = tmp_path / "run" / "dataset"
-            before = {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in [dataset / "manifest.json", *dataset.glob("shards/*")]}
+            before = {
+                p.name: (p.stat().st_mtime_ns, p.read_bytes())
+                for p in [dataset / "manifest.json", *dataset.glob("shards/*")]
+            }
             weights = tmp_path / "run" / "student" / "model.safetensors"
             weights_mtime = weights.stat().st_mtime_ns
 
@@ -190,13 +218,22 @@ def test_scheduled_run_then_student_only_rerun(tiny_teacher, prompts_file, tmp_p
         ran = {t.name.rsplit("-", 1)[0]: t.state.name for t in tasks if t.state.name != "Cached"}
         assert {"train", "eval"} <= set(ran) and all(state == "Completed" for state in ran.values()), ran
         assert not [name for name in ran if name.startswith(("generate", "shard"))], ran  # the teacher was not started
-        after = {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in [dataset / "manifest.json", *dataset.glob("shards/*")]}
+        after = {
+            p.name: (p.stat().st_mtime_ns, p.read_bytes())
+            for p in [dataset / "manifest.json", *dataset.glob("shards/*")]
+        }
         assert after == before and len(before) >= 2, "the student-only run must reuse the dataset untouched"
         assert weights.stat().st_mtime_ns > weights_mtime, "the student was trained again"
 
         # `distill run` reports to the server PREFECT_API_URL names (no deployment: an ad-hoc run)
-        done = subprocess.run([sys.executable, "-m", "pipeline.cli", "run", str(config), "--stages", "eval"], cwd=ROOT,
-                              env={**env, "PREFECT_API_URL": url}, capture_output=True, text=True, timeout=300)
+        done = subprocess.run(
+            [sys.executable, "-m", "pipeline.cli", "run", str(config), "--stages", "eval"],
+            cwd=ROOT,
+            env={**env, "PREFECT_API_URL": url},
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert done.returncode == 0, done.stderr[-2000:]
         with temporary_settings({PREFECT_API_URL: url}):
             adhoc = [r for r in asyncio.run(_run_with_client(_all_flow_runs)) if r.deployment_id is None]

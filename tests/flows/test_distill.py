@@ -6,7 +6,6 @@ import pytest
 
 from flows.distill import distill_flow
 
-
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_api")]  # a Prefect API per module
 
 
@@ -40,7 +39,10 @@ def test_flow_end_to_end_then_student_only_reruns(make_config, tmp_path, monkeyp
     assert inspect_rows[("dataset", "samples")] == "96"
     curve = json.loads(arts["training-curve"].data)
     assert [r["step"] for r in curve] == list(range(1, 7)) and all(r["loss"] > 0 for r in curve)
-    assert arts["loss-curves"].data.startswith("[") and str((cfg.student_dir / "loss_curves.png").resolve()) in arts["loss-curves"].data
+    assert (
+        arts["loss-curves"].data.startswith("[")
+        and str((cfg.student_dir / "loss_curves.png").resolve()) in arts["loss-curves"].data
+    )
     assert {"training-metrics", "evaluation", "dataset-summary", "run-outputs"} <= set(arts)
 
     _no_teacher(monkeypatch)  # from here on, starting the teacher fails the test

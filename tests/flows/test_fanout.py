@@ -14,8 +14,6 @@ from pipeline.dataset.schema import read_manifest
 from pipeline.dataset.validate import validate_dataset
 from tests.helpers import TEACHER_PYTHON
 
-
-
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_api")]  # a Prefect API per module
 
 
@@ -29,7 +27,9 @@ def _shard_runs(flow_state) -> list:
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
     with get_client(sync_client=True) as client:
-        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_state.state_details.flow_run_id])))
+        runs = client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_state.state_details.flow_run_id]))
+        )
     return [r for r in runs if r.task_key.startswith("shard_task") or r.name.startswith("generate-shard")]
 
 
@@ -117,9 +117,20 @@ def test_student_only_reruns_spend_zero_seconds_in_the_teacher(make_config, tmp_
 
 @pytest.mark.skipif(not Path(TEACHER_PYTHON).exists(), reason=f"no vLLM teacher environment at {TEACHER_PYTHON}")
 def test_two_managed_vllm_servers_share_the_shards(make_config, tiny_teacher, tmp_path):
-    teacher = {"backend": "vllm_server", "model": str(tiny_teacher), "python": TEACHER_PYTHON, "dtype": "float32",
-               "max_model_len": 128, "gpu_memory_utilization": 0.3, "cpu_kvcache_space_gb": 1, "startup_timeout_s": 900,
-               "extra_args": ["--enforce-eager"], "concurrency": 8, "max_retries": 1, "num_servers": 2}
+    teacher = {
+        "backend": "vllm_server",
+        "model": str(tiny_teacher),
+        "python": TEACHER_PYTHON,
+        "dtype": "float32",
+        "max_model_len": 128,
+        "gpu_memory_utilization": 0.3,
+        "cpu_kvcache_space_gb": 1,
+        "startup_timeout_s": 900,
+        "extra_args": ["--enforce-eager"],
+        "concurrency": 8,
+        "max_retries": 1,
+        "num_servers": 2,
+    }
     cfg = make_config(out=tmp_path / "two", teacher=teacher, generate={"shard_size": 16})
     state = distill_flow(cfg, stages=["generate"], return_state=True)
     out = state.result().generate

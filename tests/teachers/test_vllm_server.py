@@ -12,9 +12,15 @@ import torch
 
 from pipeline.config import VLLMServerTeacherConfig
 from pipeline.teachers.base import SamplingSpec
-from pipeline.teachers.vllm_server import (ManagedServer, group_members, gpu_slices, TeacherRequestError, TeacherServerError,
-                                           VLLMServerTeacher, parse_choice)
-
+from pipeline.teachers.vllm_server import (
+    ManagedServer,
+    TeacherRequestError,
+    TeacherServerError,
+    VLLMServerTeacher,
+    gpu_slices,
+    group_members,
+    parse_choice,
+)
 from tests.helpers import TEACHER_PYTHON, needs_vllm, server_config
 
 
@@ -26,7 +32,9 @@ def _group_alive(pgid: int) -> bool:
 def server(tiny_teacher, tmp_path_factory):
     if not Path(TEACHER_PYTHON).exists():
         pytest.skip(f"no vLLM teacher environment at {TEACHER_PYTHON}")
-    srv = ManagedServer(server_config(tiny_teacher), max_logprobs=20, log_path=tmp_path_factory.mktemp("vllm") / "server.log")
+    srv = ManagedServer(
+        server_config(tiny_teacher), max_logprobs=20, log_path=tmp_path_factory.mktemp("vllm") / "server.log"
+    )
     srv.start()
     yield srv
     srv.stop()
@@ -34,10 +42,17 @@ def server(tiny_teacher, tmp_path_factory):
 
 
 def test_parse_choice_sorts_and_keeps_the_sampled_token():
-    choice = {"token_ids": [7, 3], "finish_reason": "stop", "logprobs": {
-        "token_logprobs": [-3.0, -0.1],
-        "top_logprobs": [{"token_id:7": -3.0, "token_id:1": -0.5, "token_id:2": -1.2},  # sampled 7 is outside top-2
-                         {"token_id:5": -2.5, "token_id:3": -0.1}]}}
+    choice = {
+        "token_ids": [7, 3],
+        "finish_reason": "stop",
+        "logprobs": {
+            "token_logprobs": [-3.0, -0.1],
+            "top_logprobs": [
+                {"token_id:7": -3.0, "token_id:1": -0.5, "token_id:2": -1.2},  # sampled 7 is outside top-2
+                {"token_id:5": -2.5, "token_id:3": -0.1},
+            ],
+        },
+    }
     g = parse_choice(choice, k=2)
     assert g.topk_token_ids.tolist() == [[1, 2], [3, 5]]
     np.testing.assert_allclose(g.topk_logprobs, [[-0.5, -1.2], [-0.1, -2.5]])
@@ -50,7 +65,10 @@ def test_managed_servers_get_disjoint_gpus(tmp_path):
     assert gpu_slices(2, 1, None) == [["0"], ["1"]]
     assert gpu_slices(2, 2, "4, 5,6,7,8") == [["4", "5"], ["6", "7"]]
     assert gpu_slices(3, 1, "") == [None, None, None]  # no GPUs: CPU servers, nothing to split
-    with pytest.raises(TeacherServerError, match=r"num_servers=3 x tensor_parallel_size=2 needs 6 GPUs but CUDA_VISIBLE_DEVICES lists 4"):
+    with pytest.raises(
+        TeacherServerError,
+        match=r"num_servers=3 x tensor_parallel_size=2 needs 6 GPUs but CUDA_VISIBLE_DEVICES lists 4",
+    ):
         gpu_slices(3, 2, "0,1,2,3")
     cfg = VLLMServerTeacherConfig(model="m", tensor_parallel_size=2)
     env = ManagedServer(cfg, max_logprobs=20, log_path=tmp_path / "s.log", devices=["6", "7"]).environment()
@@ -68,9 +86,20 @@ def test_guard_stops_as_soon_as_its_server_exits():
     from pipeline.teachers import server_guard
 
     guard = Path(server_guard.__file__)
-    proc = subprocess.Popen([sys.executable, str(guard), str(os.getpid()), "--", sys.executable, "-c",
-                             "import time; print('up', flush=True); time.sleep(120)"],
-                            stdout=subprocess.PIPE, text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            str(guard),
+            str(os.getpid()),
+            "--",
+            sys.executable,
+            "-c",
+            "import time; print('up', flush=True); time.sleep(120)",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     try:
         assert proc.stdout.readline().strip() == "up"
         t0 = time.monotonic()
@@ -87,14 +116,16 @@ def test_guard_stops_as_soon_as_its_server_exits():
 @needs_vllm
 def test_parity_with_transformers_log_softmax(server, tiny_teacher, prompts_file):
     """vLLM's raw top-k logprobs equal the transformers log-softmax at the same positions (fp32)."""
-    from pipeline.models import load_causal_lm, load_tokenizer
     from pipeline.demo.task import make_prompts
+    from pipeline.models import load_causal_lm, load_tokenizer
 
     tok = load_tokenizer(str(tiny_teacher))
     prompts = [tok(p, add_special_tokens=False)["input_ids"] for p in make_prompts(12, seed=5)]
     teacher = VLLMServerTeacher(server_config(tiny_teacher, url=server.url, served_model_name=server.model_name))
     try:
-        gens = teacher.generate(prompts, SamplingSpec(n=2, temperature=1.0, top_p=1.0, max_new_tokens=20, k=20, seed=0), seed=3)
+        gens = teacher.generate(
+            prompts, SamplingSpec(n=2, temperature=1.0, top_p=1.0, max_new_tokens=20, k=20, seed=0), seed=3
+        )
     finally:
         teacher.close()
     assert teacher.info.backend == "vllm_server" and teacher.info.versions["vllm"] != "unknown"
@@ -114,7 +145,9 @@ def test_parity_with_transformers_log_softmax(server, tiny_teacher, prompts_file
             np.testing.assert_allclose(g.token_logprobs, sampled.numpy(), atol=1e-4)
             assert (np.diff(g.topk_logprobs, axis=1) <= 0).all()
             # the top-k are the k largest: nothing outside beats the k-th entry
-            assert float(logp.topk(20, -1).values[:, -1].sub(torch.from_numpy(g.topk_logprobs[:, -1])).abs().max()) < 1e-4
+            assert (
+                float(logp.topk(20, -1).values[:, -1].sub(torch.from_numpy(g.topk_logprobs[:, -1])).abs().max()) < 1e-4
+            )
             if g.finish_reason == "stop":
                 assert int(g.completion_token_ids[-1]) in eos
     print(f"max |vLLM - transformers| over top-20 logprobs: {worst:.2e}")
@@ -126,7 +159,9 @@ def test_k_above_max_logprobs_is_one_clear_error(server, tiny_teacher):
     teacher = VLLMServerTeacher(server_config(tiny_teacher, url=server.url, served_model_name=server.model_name))
     try:
         with pytest.raises(TeacherRequestError, match=r"k=32 exceeds the server's --max-logprobs"):
-            teacher.generate([[5, 6, 7]], SamplingSpec(n=1, temperature=1.0, top_p=1.0, max_new_tokens=4, k=32, seed=0), seed=0)
+            teacher.generate(
+                [[5, 6, 7]], SamplingSpec(n=1, temperature=1.0, top_p=1.0, max_new_tokens=4, k=32, seed=0), seed=0
+            )
     finally:
         teacher.close()
 
@@ -167,13 +202,15 @@ def test_server_crash_mid_run_keeps_shards_and_a_rerun_finishes(server, make_con
         generate_dataset(cfg, progress=False, executor=InSequence(open_teacher=factory))
     pgid = started[0].server.proc.pid
     assert not _group_alive(pgid), "the crashed server's processes were left behind"
-    assert (cfg.output_dir and (Path(cfg.output_dir) / "teacher_server.log").stat().st_size > 0)
+    assert cfg.output_dir and (Path(cfg.output_dir) / "teacher_server.log").stat().st_size > 0
     manifest = read_manifest(cfg.dataset_dir)
     assert [s.index for s in manifest.shards] == [0] and not manifest.complete
     kept = sha256_file(cfg.dataset_dir / manifest.shards[0].file)
 
     # Rerun against the module's running server (attach mode: same teacher identity, so the same dataset).
-    rerun = make_config(out=tmp_path / "crash", teacher={**teacher_cfg, "url": server.url, "served_model_name": server.model_name})
+    rerun = make_config(
+        out=tmp_path / "crash", teacher={**teacher_cfg, "url": server.url, "served_model_name": server.model_name}
+    )
     res = generate_dataset(rerun, progress=False)
     assert res.shards_written == 2
     assert sha256_file(cfg.dataset_dir / manifest.shards[0].file) == kept

@@ -7,10 +7,9 @@ import pytest
 
 from pipeline.core import is_heldout, stable_id
 from pipeline.dataset.reader import load_samples
-from pipeline.dataset.schema import DatasetError, read_manifest
-from pipeline.dataset.stream import shard_paths
+from pipeline.dataset.schema import DatasetError, committed_shards, read_manifest
 from pipeline.dataset.writer import write_manifest
-from tests.helpers_train import small_dataset
+from tests.helpers import small_dataset
 
 
 def test_vectorised_heldout_mask_matches_is_heldout():
@@ -37,8 +36,10 @@ def test_split_layout_puts_heldout_rows_in_row_groups_of_their_own(tmp_path):
     manifest = small_dataset(tmp_path / "split")
     for shard in manifest.shards:
         pf = pq.ParquetFile(tmp_path / "split" / shard.file)
-        groups = [heldout_mask(pf.read_row_group(i, columns=["prompt_id"])["prompt_id"], 0.3)
-                  for i in range(pf.num_row_groups)]
+        groups = [
+            heldout_mask(pf.read_row_group(i, columns=["prompt_id"])["prompt_id"], 0.3)
+            for i in range(pf.num_row_groups)
+        ]
         assert all(g.all() or not g.any() for g in groups)  # no row group mixes the splits
         flags = [bool(g[0]) for g in groups]
         assert flags == sorted(flags) and True in flags and False in flags  # training row groups first
@@ -73,7 +74,7 @@ def test_load_samples_reads_the_split_in_file_order(tmp_path):
     from pipeline.core import heldout_mask
 
     manifest = small_dataset(tmp_path, split_layout=False)
-    table = pa.concat_tables([pq.read_table(p) for p in shard_paths(tmp_path)])
+    table = pa.concat_tables([pq.read_table(p) for p in committed_shards(tmp_path, read_manifest(tmp_path))])
     held = heldout_mask(table["prompt_id"], manifest.heldout_fraction)
     for split, keep in (("all", np.ones(len(held), bool)), ("heldout", held), ("train", ~held)):
         want = table.filter(pa.array(keep))
@@ -83,8 +84,10 @@ def test_load_samples_reads_the_split_in_file_order(tmp_path):
         assert [t.tolist() for t in s.completion_tokens] == want["completion_token_ids"].to_pylist()
         assert [t.tolist() for t in s.token_logprobs] == want["token_logprobs"].to_pylist()
         assert [t.tolist() for t in s.topk_ids] == want["topk_token_ids"].to_pylist()
-        assert all(t.dtype == np.float32 and t.shape == (len(c), 3)
-                   for t, c in zip(s.topk_logprobs, s.completion_tokens, strict=True))
+        assert all(
+            t.dtype == np.float32 and t.shape == (len(c), 3)
+            for t, c in zip(s.topk_logprobs, s.completion_tokens, strict=True)
+        )
     limited = load_samples(tmp_path, split="heldout", limit_prompts=4)
     assert limited.prompt_ids == load_samples(tmp_path, split="heldout").prompt_ids[:4]
     with pytest.raises(DatasetError, match="no heldout samples"):
