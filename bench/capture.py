@@ -25,7 +25,8 @@ from pipeline.config import HFTeacherConfig, VLLMServerTeacherConfig  # noqa: E4
 from pipeline.demo.task import make_prompts  # noqa: E402
 from pipeline.models import load_tokenizer  # noqa: E402
 from pipeline.teachers.base import SamplingSpec  # noqa: E402
-from pipeline.teachers.vllm_server import ManagedServer, VLLMServerTeacher, parse_choice  # noqa: E402
+from pipeline.teachers.managed import ManagedServer  # noqa: E402
+from pipeline.teachers.vllm_server import VLLMServerTeacher, parse_choice  # noqa: E402
 
 
 def run_server_mode(

@@ -147,8 +147,8 @@ def run_one(job: dict) -> dict:
     from transformers.utils import logging as hf_logging
 
     from pipeline.dataset.reader import load_samples
-    from pipeline.models import load_tokenizer, resolve_device
-    from pipeline.train import build_student, train_student
+    from pipeline.models import build_student, load_tokenizer, resolve_device
+    from pipeline.train import train_student
 
     torch.set_num_threads(job["threads"])
     hf_logging.disable_progress_bar()  # one bar per checkpoint save/load would drown the table

@@ -118,7 +118,8 @@ def child(dataset: Path, batch_size: int, mode: str) -> dict:
     import pandas  # noqa: F401  (pyarrow imports it on first read; keep that out of the timing)
     import torch
 
-    from pipeline.dataset.stream import TrainStream, collate_rows
+    from pipeline.dataset.batch import collate_rows
+    from pipeline.dataset.stream import TrainStream
 
     pa.set_cpu_count(1)
     pa.set_io_thread_count(1)
@@ -168,7 +169,8 @@ def collate_throughput(dataset: Path, batch_size: int, repeats: int = 3) -> dict
     ceiling for the stream."""
     import torch
 
-    from pipeline.dataset.stream import STREAM_COLUMNS, TrainStream, collate_rows
+    from pipeline.dataset.batch import collate_rows
+    from pipeline.dataset.stream import STREAM_COLUMNS, TrainStream
 
     torch.set_num_threads(1)
     pa.set_cpu_count(1)

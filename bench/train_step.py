@@ -47,7 +47,7 @@ def run_variant(name: str, args) -> dict:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from pipeline.config import TrainConfig
-    from pipeline.dataset.stream import Batch
+    from pipeline.dataset.batch import Batch
     from pipeline.losses import LossSums, combine, topk_divergence
     from pipeline.train import loss_sums, make_optimizer
 

@@ -30,15 +30,8 @@ from pipeline.dataset.schema import SHARDS_DIR, shard_name
 from pipeline.dataset.stats import summarize, summary_rows
 from pipeline.dataset.validate import shard_is_intact
 from pipeline.evaluate import evaluate
-from pipeline.generate import (
-    GeneratePlan,
-    GenerateResult,
-    ShardDone,
-    ShardEvent,
-    ShardFailed,
-    generate_dataset,
-    run_shard,
-)
+from pipeline.generate import GenerateResult, generate_dataset
+from pipeline.shards import ShardDone, ShardEvent, ShardFailed, ShardWork, run_shard
 from pipeline.teachers import Endpoint, open_teacher
 from pipeline.train import TrainResult, train_student
 
@@ -106,56 +99,48 @@ class PrefectShards:
 
     parallel: ClassVar[bool] = True
 
-    def __call__(self, cfg: RunConfig, plan: GeneratePlan, endpoints: list[Endpoint]) -> Iterator[ShardEvent]:
+    def __call__(self, cfg: RunConfig, work: ShardWork, endpoints: list[Endpoint]) -> Iterator[ShardEvent]:
         urls = [e.url for e in endpoints if e.url]
         served = endpoints[0].model_name if urls else None
+
+        def task_for(index: int, **options):
+            # a cached result can only be right if its file is there: shards without a file skip the cache
+            orphan = (work.dataset_dir / SHARDS_DIR / shard_name(index)).is_file()
+            return shard_task.with_options(refresh_cache=not orphan, **options)
+
+        def outcome(index: int, state, run_id: str) -> ShardEvent:
+            if state.is_failed() or state.is_crashed():
+                try:
+                    state.result()
+                except BaseException as err:  # noqa: B036  (handed to the orchestrator, which raises it)
+                    return ShardFailed(index, err)
+            result = state.result()
+            done = ShardDone.model_validate({k: v for k, v in result.items() if k != "task_run_id"})
+            done.cached = result["task_run_id"] != run_id
+            if done.cached and not shard_is_intact(work.dataset_dir, done.shard):
+                get_run_logger().warning("cached shard %d does not match its file; generating it again", index)
+                fresh = shard_task.with_options(refresh_cache=True)
+                state = fresh(cfg, work.key, index, urls, served, return_state=True)
+                return outcome(index, state, str(state.state_details.task_run_id))
+            return done
+
         if not urls:
-            for index in plan.todo:
-                yield self._outcome(
-                    plan,
-                    index,
-                    self._task(plan, index, tags=set())(cfg, plan.fingerprint, index, [], return_state=True),
-                    cfg,
-                    urls,
-                    served,
-                )
+            for index in work.todo:
+                state = task_for(index, tags=set())(cfg, work.key, index, [], return_state=True)
+                yield outcome(index, state, str(state.state_details.task_run_id))
             return
         slots = ensure_teacher_limit(len(urls))
         get_run_logger().info(
             "%d shard(s) to generate over %d endpoint(s), concurrency limit tag:%s = %d",
-            len(plan.todo),
+            len(work.todo),
             len(urls),
             TEACHER_TAG,
             slots,
         )
-        futures = {self._task(plan, i).submit(cfg, plan.fingerprint, i, urls, served): i for i in plan.todo}
+        futures = {task_for(i).submit(cfg, work.key, i, urls, served): i for i in work.todo}
         for future in as_completed(list(futures)):
             future.wait()  # sets the future's final state; `.state` alone may re-read it from the API
-            yield self._outcome(plan, futures[future], future.state, cfg, urls, served, run_id=str(future.task_run_id))
-
-    @staticmethod
-    def _task(plan: GeneratePlan, index: int, **options):
-        # a cached result can only be right if its file is there: shards without a file skip the cache
-        orphan = (plan.dataset_dir / SHARDS_DIR / shard_name(index)).is_file()
-        return shard_task.with_options(refresh_cache=not orphan, **options)
-
-    def _outcome(self, plan, index, state, cfg, urls, served, run_id: str | None = None) -> ShardEvent:
-        if state.is_failed() or state.is_crashed():
-            try:
-                state.result()
-            except BaseException as err:  # noqa: B036  (handed to the orchestrator, which raises it)
-                return ShardFailed(index, err)
-        result = state.result()
-        done = ShardDone.model_validate({k: v for k, v in result.items() if k != "task_run_id"})
-        run_id = run_id or str(state.state_details.task_run_id)
-        done.cached = result["task_run_id"] != run_id
-        if done.cached and not shard_is_intact(plan.dataset_dir, done.shard):
-            get_run_logger().warning("cached shard %d does not match its file; generating it again", index)
-            fresh = shard_task.with_options(refresh_cache=True)(
-                cfg, plan.fingerprint, index, urls, served, return_state=True
-            )
-            return self._outcome(plan, index, fresh, cfg, urls, served)
-        return done
+            yield outcome(futures[future], future.state, str(future.task_run_id))
 
 
 @dataclass

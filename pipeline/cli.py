@@ -258,7 +258,8 @@ def inspect(
 ) -> None:
     """Summarize a dataset (lengths, teacher entropy, top-k coverage, sampled ranks); one sample; an HTML report."""
     from pipeline.dataset.schema import read_manifest
-    from pipeline.dataset.stats import sample_view, summarize
+    from pipeline.dataset.stats import summarize
+    from pipeline.dataset.views import sample_view
     from pipeline.models import token_decoder
 
     view = None

@@ -24,9 +24,10 @@ import pyarrow.compute as pc
 import torch
 
 from pipeline.config import RunConfig
+from pipeline.dataset.batch import Batch
 from pipeline.dataset.schema import DatasetError, read_manifest
 from pipeline.dataset.stats import topk_entropy
-from pipeline.dataset.stream import Batch, TrainStream
+from pipeline.dataset.stream import TrainStream
 from pipeline.losses import map_head_chunks, topk_divergence
 from pipeline.models import load_causal_lm, load_tokenizer, resolve_device
 

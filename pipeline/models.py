@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import random
 from pathlib import Path
 
+import numpy as np
 import torch
 
+from pipeline.config import RunConfig, StudentConfig
 from pipeline.core import UserError, looks_local
 
 
@@ -107,3 +110,49 @@ def token_decoder(model: str, fingerprint: str):
     if tokenizer_fingerprint(tok) != fingerprint:
         return None
     return lambda token_id: tok.decode([token_id])
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python's, numpy's and torch's global RNGs."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def build_student(cfg: StudentConfig, teacher_model: str, *, seed: int) -> torch.nn.Module:
+    """A pretrained student, or a randomly initialised one with the teacher's config shrunk."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if cfg.model is not None:
+        return load_causal_lm(
+            cfg.model, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code, device="cpu", dtype="float32"
+        ).train()
+    try:
+        config = AutoConfig.from_pretrained(teacher_model, trust_remote_code=cfg.trust_remote_code)
+    except OSError as err:
+        raise ModelLoadError(
+            f"cannot read the teacher config {teacher_model!r} to shrink it: {str(err).splitlines()[0]}"
+        ) from None
+    for key, value in cfg.shrink.model_dump(exclude_none=True).items():
+        setattr(config, key, value)
+    if cfg.shrink.hidden_size and cfg.shrink.head_dim is None and hasattr(config, "head_dim"):
+        config.head_dim = config.hidden_size // config.num_attention_heads
+    if cfg.shrink.num_attention_heads and cfg.shrink.num_key_value_heads is None:
+        config.num_key_value_heads = config.num_attention_heads
+    torch.manual_seed(seed)
+    # float32 master weights even when the teacher's config says bf16 (autocast handles speed on GPU)
+    return AutoModelForCausalLM.from_config(config, dtype=torch.float32, trust_remote_code=cfg.trust_remote_code)
+
+
+def student_tokenizer(cfg: RunConfig, manifest_fingerprint: str):
+    """The tokenizer saved with the student; it must be the teacher's (checked by fingerprint)."""
+    source = cfg.student.model or cfg.teacher.model
+    tok = load_tokenizer(source, revision=cfg.student.revision if cfg.student.model else cfg.teacher.revision)
+    found = tokenizer_fingerprint(tok)
+    if found != manifest_fingerprint:
+        raise TokenizerMismatchError(
+            f"student tokenizer {source!r} ({found}) differs from the dataset's teacher tokenizer "
+            f"({manifest_fingerprint}); "
+            "distillation on top-k ids needs the same tokenizer: pick a student of the teacher's family"
+        )
+    return tok

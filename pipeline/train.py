@@ -20,20 +20,19 @@ import contextlib
 import json
 import logging
 import math
-import random
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from pipeline.checkpoint import CheckpointMismatchError, checkpoint_root, clear, latest_checkpoint, save_checkpoint
 from pipeline.compat import tied_names
-from pipeline.config import RunConfig, StudentConfig, TrainConfig
+from pipeline.config import RunConfig, TrainConfig
 from pipeline.core import stable_id
+from pipeline.dataset.batch import Batch
 from pipeline.dataset.schema import read_manifest
-from pipeline.dataset.stream import Batch, TrainStream
+from pipeline.dataset.stream import TrainStream
 from pipeline.distributed import (
     StudentWrapper,
     full_optimizer_state,
@@ -43,14 +42,8 @@ from pipeline.distributed import (
     make_accelerator,
 )
 from pipeline.losses import LossSums, chunked_distill_loss_sums, combine
-from pipeline.models import (
-    ModelLoadError,
-    TokenizerMismatchError,
-    load_tokenizer,
-    resolve_device,
-    tokenizer_fingerprint,
-)
-from pipeline.progress import progress_bar
+from pipeline.models import build_student, resolve_device, seed_everything, student_tokenizer
+from pipeline.progress import plot_curves, progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -68,54 +61,6 @@ class TrainResult:
     seconds: float
     train_samples: int
     resumed_from_step: int = 0
-
-
-def seed_everything(seed: int) -> None:
-    """Seed Python's, numpy's and torch's global RNGs."""
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def build_student(cfg: StudentConfig, teacher_model: str, *, seed: int) -> torch.nn.Module:
-    """A pretrained student, or a randomly initialised one with the teacher's config shrunk."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    if cfg.model is not None:
-        from pipeline.models import load_causal_lm
-
-        return load_causal_lm(
-            cfg.model, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code, device="cpu", dtype="float32"
-        ).train()
-    try:
-        config = AutoConfig.from_pretrained(teacher_model, trust_remote_code=cfg.trust_remote_code)
-    except OSError as err:
-        raise ModelLoadError(
-            f"cannot read the teacher config {teacher_model!r} to shrink it: {str(err).splitlines()[0]}"
-        ) from None
-    for key, value in cfg.shrink.model_dump(exclude_none=True).items():
-        setattr(config, key, value)
-    if cfg.shrink.hidden_size and cfg.shrink.head_dim is None and hasattr(config, "head_dim"):
-        config.head_dim = config.hidden_size // config.num_attention_heads
-    if cfg.shrink.num_attention_heads and cfg.shrink.num_key_value_heads is None:
-        config.num_key_value_heads = config.num_attention_heads
-    torch.manual_seed(seed)
-    # float32 master weights even when the teacher's config says bf16 (autocast handles speed on GPU)
-    return AutoModelForCausalLM.from_config(config, dtype=torch.float32, trust_remote_code=cfg.trust_remote_code)
-
-
-def student_tokenizer(cfg: RunConfig, manifest_fingerprint: str):
-    """The tokenizer saved with the student; it must be the teacher's (checked by fingerprint)."""
-    source = cfg.student.model or cfg.teacher.model
-    tok = load_tokenizer(source, revision=cfg.student.revision if cfg.student.model else cfg.teacher.revision)
-    found = tokenizer_fingerprint(tok)
-    if found != manifest_fingerprint:
-        raise TokenizerMismatchError(
-            f"student tokenizer {source!r} ({found}) differs from the dataset's teacher tokenizer "
-            f"({manifest_fingerprint}); "
-            "distillation on top-k ids needs the same tokenizer: pick a student of the teacher's family"
-        )
-    return tok
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -435,23 +380,3 @@ def train_student(
         resume=resume,
     )
     return save(s, fit(s, progress=progress))
-
-
-def plot_curves(history: list[dict], path: Path) -> None:
-    """Loss parts against steps, written as a PNG beside the student."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    steps = [h["step"] for h in history]
-    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
-    for key in ("loss", "ce", "kd"):
-        ax.plot(steps, [h[key] for h in history], label=key)
-    ax.set_xlabel("step")
-    ax.set_yscale("log")
-    ax.legend()
-    ax.set_title("student training")
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)

@@ -11,8 +11,9 @@ import torch
 
 import pipeline.evaluate as evaluate_mod
 from pipeline.dataset.schema import Generation, Manifest, SamplingRecord, TeacherRecord, build_table
-from pipeline.dataset.stats import sample_view, summarize, topk_entropy
+from pipeline.dataset.stats import summarize, topk_entropy
 from pipeline.dataset.stream import TrainStream
+from pipeline.dataset.views import sample_view
 from pipeline.dataset.writer import commit_shard, write_manifest, write_shard
 from pipeline.evaluate import UNCERTAIN_NATS, evaluate, position_metrics, summarize_positions
 from pipeline.train import train_student

@@ -10,8 +10,9 @@ from pipeline.config import ConfigError
 from pipeline.core import sha256_file
 from pipeline.dataset.schema import read_manifest
 from pipeline.dataset.validate import validate_dataset
-from pipeline.generate import DatasetMismatchError, InSequence, generate_dataset, generate_key
+from pipeline.generate import DatasetMismatchError, generate_dataset, generate_key
 from pipeline.models import load_causal_lm
+from pipeline.shards import InSequence
 from pipeline.teachers.hf import HFTeacher
 from tests.helpers import read_rows
 

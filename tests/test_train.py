@@ -7,8 +7,8 @@ import torch
 
 from pipeline.dataset.reader import load_samples
 from pipeline.dataset.stream import TrainStream
-from pipeline.models import load_causal_lm
-from pipeline.train import TokenizerMismatchError, loss_sums, train_student
+from pipeline.models import TokenizerMismatchError, load_causal_lm
+from pipeline.train import loss_sums, train_student
 
 
 def test_a_few_steps_lower_the_loss(generated, tmp_path):
@@ -24,7 +24,7 @@ def test_a_few_steps_lower_the_loss(generated, tmp_path):
 
 
 def test_alpha_one_is_plain_cross_entropy(generated):
-    from pipeline.train import build_student
+    from pipeline.models import build_student
 
     model = build_student(generated.student, generated.teacher.model, seed=0)
     batch, _ = next(TrainStream(generated.dataset_dir, split="all", batch_size=4, pad_id=0).in_order())  # samples 0-3
@@ -57,7 +57,7 @@ def test_tokenizer_mismatch_stops_before_training(generated, tmp_path):
 def test_shrunk_student_has_float32_weights_even_from_a_bf16_teacher(generated, tmp_path):
     from transformers import AutoConfig
 
-    from pipeline.train import build_student
+    from pipeline.models import build_student
 
     cfg = AutoConfig.from_pretrained(generated.teacher.model)
     cfg.dtype = "bfloat16"
@@ -69,7 +69,8 @@ def test_shrunk_student_has_float32_weights_even_from_a_bf16_teacher(generated, 
 def test_checkpoint_rekeying_prefix_comes_from_the_wrapper(generated):
     """The prepared module's state-dict keys are the student's under `student_prefix()`, found where the wrapper
     registers the student (distributed.py rekeys checkpoints with it; no copy of the attribute name to drift)."""
-    from pipeline.train import DistillObjective, build_student
+    from pipeline.models import build_student
+    from pipeline.train import DistillObjective
 
     student = build_student(generated.student, generated.teacher.model, seed=0)
     wrapper = DistillObjective(student, generated.train)

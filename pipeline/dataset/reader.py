@@ -13,7 +13,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline.dataset.stream import STREAM_COLUMNS, Rows, TrainStream
+from pipeline.dataset.batch import Rows
+from pipeline.dataset.stream import STREAM_COLUMNS, TrainStream
 
 TOKEN_COLUMNS = ["prompt_id", "prompt", "token_logprobs", *STREAM_COLUMNS]
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from pipeline.core import UserError
 from pipeline.dataset.schema import Generation
 
 
@@ -44,3 +45,11 @@ class Teacher(Protocol):
     def close(self) -> None:
         """Release the model / stop a managed server."""
         ...
+
+
+class TeacherServerError(UserError):
+    """The teacher server could not start, died, or kept failing; one line with where to look."""
+
+
+class TeacherRequestError(UserError):
+    """The server refused a request (HTTP 4xx): a setting is wrong, retrying will not help."""

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from pipeline.config import RunConfig
 from pipeline.teachers.base import Teacher
-from pipeline.teachers.vllm_server import ManagedServer
+from pipeline.teachers.managed import ManagedServer, managed_servers
 
 
 @dataclass(frozen=True)
@@ -40,8 +40,6 @@ def max_logprobs(k: int) -> int:
 def teacher_endpoints(cfg: RunConfig, *, max_servers: int | None = None) -> Iterator[list[Endpoint]]:
     """The run's endpoints: [in-process] for hf, the configured URLs, or managed servers started here
     (at most `max_servers` of `teacher.num_servers`) and always stopped on the way out."""
-    from pipeline.teachers.vllm_server import managed_servers
-
     t = cfg.teacher
     if t.backend != "vllm_server":
         yield [Endpoint()]

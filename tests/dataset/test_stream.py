@@ -11,8 +11,9 @@ import pytest
 import torch
 
 from pipeline.core import heldout_mask, is_heldout, stable_id
+from pipeline.dataset.batch import Batch, Rows, collate_rows
 from pipeline.dataset.schema import DatasetError, committed_shards, read_manifest
-from pipeline.dataset.stream import Batch, Rows, TrainStream, collate_rows
+from pipeline.dataset.stream import TrainStream
 from tests.helpers import FIELDS, sample_ids, small_dataset
 
 
@@ -195,7 +196,7 @@ def test_seeded_batch_order_is_pinned(tmp_path):
 
 
 def test_gathering_collate_matches_take_then_collate_rows():
-    from pipeline.dataset.stream import _collate
+    from pipeline.dataset.batch import collate
 
     rng = np.random.default_rng(1)
     p_len, c_len = rng.integers(1, 5, 30), rng.integers(0, 7, 30)
@@ -209,7 +210,7 @@ def test_gathering_collate_matches_take_then_collate_rows():
         rng.normal(size=(c_off[-1], 3)).astype(np.float16),
     )
     idx = rng.permutation(30)[:11]
-    got, want = _collate(rows, idx, pad_id=99), collate_rows(rows.take(idx), pad_id=99)
+    got, want = collate(rows, idx, pad_id=99), collate_rows(rows.take(idx), pad_id=99)
     for f in FIELDS:
         assert torch.equal(getattr(got, f), getattr(want, f)), f
     assert got.topk_logprobs.dtype == torch.float32 and got.topk_ids.dtype == torch.int64

@@ -14,7 +14,7 @@ import pytest
 
 from pipeline.config import HFTeacherConfig, StudentConfig, VLLMServerTeacherConfig
 from pipeline.models import ModelLoadError, load_causal_lm
-from pipeline.teachers.vllm_server import ManagedServer
+from pipeline.teachers.managed import ManagedServer
 
 ROOT = Path(__file__).resolve().parents[2]
 SOURCES = sorted([*ROOT.glob("pipeline/**/*.py"), *ROOT.glob("flows/**/*.py"), *ROOT.glob("bench/**/*.py")])

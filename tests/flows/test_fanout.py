@@ -76,7 +76,7 @@ def test_uncommitted_shards_come_from_the_cache_only_while_their_files_are_intac
 
 
 def test_a_failed_shard_keeps_the_others_and_the_rerun_redoes_only_it(make_config, tmp_path, monkeypatch):
-    import pipeline.generate as gen
+    import pipeline.shards as gen
 
     cfg = make_config(out=tmp_path / "fail")
     real = gen.generate_shard

@@ -1,0 +1,168 @@
+"""One shard of the generate stage, and the executors that run shards for the orchestrator (pipeline/generate.py).
+
+Shard i holds the samples of prompts [i*shard_size, (i+1)*shard_size) and is generated with a seed derived
+from (seed, i), so any worker writes the same bytes for it, at any time. An executor runs the shards left to
+do and yields events (`TeacherReady`, `ShardDone`, `ShardFailed`) that the orchestrator turns into manifest
+commits; `InSequence` is the one `distill generate` uses, the Prefect flow has its own (flows/distill.py).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar, Protocol
+
+from pydantic import BaseModel
+
+from pipeline.config import ConfigError, RunConfig
+from pipeline.core import path_fingerprint, stable_id
+from pipeline.dataset.schema import ShardInfo, build_table
+from pipeline.dataset.writer import write_shard
+from pipeline.models import load_tokenizer
+from pipeline.prompts import PromptSet, load_prompt_set
+from pipeline.teachers import Endpoint, SamplingSpec, Teacher, TeacherInfo, open_teacher
+
+
+@dataclass(frozen=True)
+class ShardWork:
+    """The shards an executor is asked to write: plain data, so it can travel to other workers."""
+
+    dataset_dir: Path
+    key: str
+    """The generate key (`generate.generate_key`): with a shard index, the task cache key."""
+    todo: list[int]
+
+
+class ShardDone(BaseModel):
+    """One shard file written (not yet committed): what it holds and how it was made."""
+
+    index: int
+    shard: ShardInfo
+    teacher: TeacherInfo
+    endpoint: str
+    seconds: float
+    cached: bool = False
+    """The file came from an earlier run (a task cache) instead of the teacher."""
+
+
+@dataclass(frozen=True)
+class TeacherReady:
+    """A teacher is up: the manifest can be written before its first shard."""
+
+    info: TeacherInfo
+
+
+@dataclass(frozen=True)
+class ShardFailed:
+    """A shard that could not be written; the others are still committed."""
+
+    index: int
+    error: BaseException
+
+
+ShardEvent = TeacherReady | ShardDone | ShardFailed
+
+
+class ShardExecutor(Protocol):
+    """Runs `work.todo` on the endpoints and yields events as they happen (consumed in the caller's thread)."""
+
+    parallel: ClassVar[bool]
+    """Whether it can use several endpoints at once (else one managed server is started, not num_servers)."""
+
+    def __call__(self, cfg: RunConfig, work: ShardWork, endpoints: list[Endpoint]) -> Iterator[ShardEvent]: ...
+
+
+def shard_seed(seed: int, index: int) -> int:
+    return int(stable_id("shard", seed, index)[:8], 16)
+
+
+_prompt_cache: dict[tuple, tuple] = {}
+_prompt_lock = threading.Lock()
+
+
+def load_prompts(cfg: RunConfig) -> tuple[object, PromptSet]:
+    """The teacher's tokenizer and the tokenized prompt set, loaded once per process and prompts-file content.
+
+    Shard tasks running in threads of one process share it instead of re-tokenizing every prompt per shard.
+    """
+    t = cfg.teacher
+    key = (
+        t.model,
+        t.revision,
+        t.trust_remote_code,
+        path_fingerprint(t.model),
+        cfg.prompts,
+        path_fingerprint(cfg.prompts.path),
+    )
+    with _prompt_lock:
+        if key not in _prompt_cache:
+            tokenizer = load_tokenizer(t.model, revision=t.revision, trust_remote_code=t.trust_remote_code)
+            _prompt_cache.clear()  # one prompt set at a time is enough; do not grow with every config
+            _prompt_cache[key] = (tokenizer, load_prompt_set(cfg.prompts, tokenizer))
+        return _prompt_cache[key]
+
+
+def check_teacher(cfg: RunConfig, info: TeacherInfo) -> None:
+    """Settings the teacher cannot honour, stated before anything is written."""
+    if info.vocab_size and cfg.generate.k > info.vocab_size:
+        raise ConfigError(
+            f"generate.k={cfg.generate.k} is larger than the teacher's vocabulary ({info.vocab_size} tokens); "
+            "lower generate.k"
+        )
+
+
+def generate_shard(cfg: RunConfig, index: int, teacher: Teacher) -> ShardInfo:
+    """Teacher completes shard `index`'s prompts; writes the shard file atomically (the caller commits it)."""
+    g = cfg.generate
+    check_teacher(cfg, teacher.info)
+    tokenizer, prompts = load_prompts(cfg)
+    lo, hi = index * g.shard_size, min((index + 1) * g.shard_size, len(prompts))
+    if not 0 <= lo < hi:
+        raise ValueError(f"shard {index} is out of range: {len(prompts)} prompts and shard_size {g.shard_size}")
+    spec = SamplingSpec(
+        n=g.n, temperature=g.temperature, top_p=g.top_p, max_new_tokens=g.max_new_tokens, k=g.k, seed=g.seed
+    )
+    gens = teacher.generate(prompts.token_ids[lo:hi], spec, seed=shard_seed(g.seed, index))
+    completions = [[tokenizer.decode(s.completion_token_ids, skip_special_tokens=True) for s in per] for per in gens]
+    table = build_table(
+        prompt_ids=prompts.ids[lo:hi],
+        prompts=prompts.texts[lo:hi],
+        prompt_token_ids=prompts.token_ids[lo:hi],
+        generations=gens,
+        completions=completions,
+        seed=g.seed,
+        logprobs_dtype=g.logprobs_dtype,
+    )
+    return write_shard(cfg.dataset_dir, index, table, prompts=hi - lo, heldout_fraction=cfg.prompts.heldout_fraction)
+
+
+def run_shard(cfg: RunConfig, index: int, teacher: Teacher, endpoint: Endpoint) -> ShardDone:
+    """`generate_shard`, timed and described for the orchestrator."""
+    start = time.perf_counter()
+    info = generate_shard(cfg, index, teacher)
+    return ShardDone(
+        index=index, shard=info, teacher=teacher.info, endpoint=endpoint.label, seconds=time.perf_counter() - start
+    )
+
+
+@dataclass
+class InSequence:
+    """Shards one after another with one teacher on the first endpoint (`distill generate`).
+
+    A failure stops the run at once; the shards committed before it are kept.
+    """
+
+    open_teacher: Callable[[RunConfig, Endpoint], Teacher] = open_teacher
+    parallel: ClassVar[bool] = False
+
+    def __call__(self, cfg: RunConfig, work: ShardWork, endpoints: list[Endpoint]) -> Iterator[ShardEvent]:
+        teacher = self.open_teacher(cfg, endpoints[0])
+        try:
+            yield TeacherReady(teacher.info)
+            for index in work.todo:
+                yield run_shard(cfg, index, teacher, endpoints[0])
+        finally:
+            teacher.close()
