@@ -117,21 +117,32 @@ def fake_generation(rng, length: int, k: int, vocab: int):
     )
 
 
-def tiny_manifest(num_shards: int = 1, k: int = 4, vocab: int = 50):
-    """A manifest for hand-built shards (3 prompts per shard, n=2)."""
+def tiny_manifest(num_shards: int = 1, k: int = 4, vocab: int = 50, *, teacher_model: str = "m", **fields) -> Manifest:
+    """A manifest for hand-built shards (default: 3 prompts per shard, n=2); `fields` override any other field,
+    `sampling` given as a dict of the fields that differ."""
+    sampling = {"temperature": 1, "top_p": 1, "max_new_tokens": 8, "n": 2, "seed": 0, **fields.pop("sampling", {})}
+    base = {"prompts_source": "p", "num_prompts": 3, "shard_size": 3, **fields}
     return Manifest(
-        teacher=TeacherRecord(model="m", backend="hf", vocab_size=vocab),
+        teacher=TeacherRecord(model=teacher_model, backend="hf", vocab_size=vocab),
         tokenizer_fingerprint="t",
         k=k,
-        sampling=SamplingRecord(temperature=1, top_p=1, max_new_tokens=8, n=2, seed=0),
-        prompts_source="p",
+        sampling=SamplingRecord(**sampling),
         prompts_fingerprint="p",
         generate_fingerprint="g",
         config_hash="c",
-        num_prompts=3,
-        shard_size=3,
         num_shards=num_shards,
+        **base,
     )
+
+
+def refuse_teacher(monkeypatch) -> None:
+    """Make starting the in-process teacher fail the test (runs that must not reach the teacher)."""
+    from pipeline.teachers.hf import HFTeacher
+
+    def refuse(self, cfg):
+        raise AssertionError("the teacher was started")
+
+    monkeypatch.setattr(HFTeacher, "__init__", refuse)
 
 
 FIELDS = ("input_ids", "attention_mask", "loss_mask", "labels", "topk_ids", "topk_logprobs")

@@ -10,13 +10,14 @@ import pytest
 import torch
 
 import pipeline.evaluate as evaluate_mod
-from pipeline.dataset.schema import Generation, Manifest, SamplingRecord, TeacherRecord, build_table
+from pipeline.dataset.schema import Generation, build_table
 from pipeline.dataset.stats import summarize, topk_entropy
 from pipeline.dataset.stream import TrainStream
 from pipeline.dataset.views import sample_view
 from pipeline.dataset.writer import commit_shard, write_manifest, write_shard
 from pipeline.evaluate import UNCERTAIN_NATS, evaluate, position_metrics, summarize_positions
 from pipeline.train import train_student
+from tests.helpers import tiny_manifest
 
 
 def test_eval_reports_teacher_and_student(generated, tmp_path, monkeypatch):
@@ -56,18 +57,8 @@ KNOWN = [
 
 def _write_known(path):
     """One sample whose three positions have the teacher distributions of KNOWN (logprobs on the storage grid)."""
-    manifest = Manifest(
-        teacher=TeacherRecord(model="m", backend="hf", vocab_size=8),
-        tokenizer_fingerprint="t",
-        k=2,
-        sampling=SamplingRecord(temperature=1.0, top_p=1.0, max_new_tokens=3, n=1, seed=0),
-        prompts_source="hand",
-        prompts_fingerprint="p",
-        generate_fingerprint="g",
-        config_hash="c",
-        num_prompts=1,
-        shard_size=1,
-        num_shards=1,
+    manifest = tiny_manifest(
+        k=2, vocab=8, sampling={"max_new_tokens": 3, "n": 1}, prompts_source="hand", num_prompts=1, shard_size=1
     )
     path.mkdir(parents=True)
     write_manifest(path, manifest)

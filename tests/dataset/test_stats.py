@@ -19,16 +19,13 @@ from pipeline.dataset.report import render_report
 from pipeline.dataset.schema import (
     DatasetError,
     Generation,
-    Manifest,
-    SamplingRecord,
-    TeacherRecord,
     build_table,
     read_manifest,
 )
 from pipeline.dataset.stats import DatasetSummary, summarize, summary_rows
 from pipeline.dataset.views import sample_view
 from pipeline.dataset.writer import commit_shard, write_manifest, write_shard
-from tests.helpers import one_line_error, read_rows
+from tests.helpers import one_line_error, read_rows, tiny_manifest
 
 runner = CliRunner()
 CHROMIUM = "/usr/bin/chromium"
@@ -61,19 +58,16 @@ def _generation(rows: list[int], finish: str) -> Generation:
 
 
 def _write_hand_dataset(path: Path, dtype: str = "float32") -> Path:
-    manifest = Manifest(
-        teacher=TeacherRecord(model=str(path / "no-such-teacher"), backend="hf", vocab_size=10),
-        tokenizer_fingerprint="t",
+    manifest = tiny_manifest(
+        num_shards=2,
         k=3,
+        vocab=10,
+        teacher_model=str(path / "no-such-teacher"),
         logprobs_dtype=dtype,
-        sampling=SamplingRecord(temperature=1.0, top_p=0.9, max_new_tokens=4, n=1, seed=7),
+        sampling={"temperature": 1.0, "top_p": 0.9, "max_new_tokens": 4, "n": 1, "seed": 7},
         prompts_source="hand",
-        prompts_fingerprint="p",
-        generate_fingerprint="g",
-        config_hash="c",
         num_prompts=2,
         shard_size=1,
-        num_shards=2,
     )
     path.mkdir(parents=True)
     write_manifest(path, manifest)

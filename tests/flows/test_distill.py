@@ -5,6 +5,7 @@ import json
 import pytest
 
 from flows.distill import distill_flow
+from tests.helpers import refuse_teacher
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_api")]  # a Prefect API per module
 
@@ -15,15 +16,6 @@ def _artifacts() -> dict:
 
     with get_client(sync_client=True) as client:
         return {a.key: a for a in client.read_artifacts(limit=100)}
-
-
-def _no_teacher(monkeypatch):
-    from pipeline.teachers.hf import HFTeacher
-
-    def refuse(self, cfg):
-        raise AssertionError("the teacher was started")
-
-    monkeypatch.setattr(HFTeacher, "__init__", refuse)
 
 
 def test_flow_end_to_end_then_student_only_reruns(make_config, tmp_path, monkeypatch):
@@ -45,7 +37,7 @@ def test_flow_end_to_end_then_student_only_reruns(make_config, tmp_path, monkeyp
     )
     assert {"training-metrics", "evaluation", "dataset-summary", "run-outputs"} <= set(arts)
 
-    _no_teacher(monkeypatch)  # from here on, starting the teacher fails the test
+    refuse_teacher(monkeypatch)  # from here on, starting the teacher fails the test
     first_weights = (cfg.student_dir / "model.safetensors").read_bytes()
     out = distill_flow(cfg, stages=["train", "eval"])
     assert out.generate is None and out.train.steps == 6

@@ -12,7 +12,7 @@ from pipeline.config import ConfigError
 from pipeline.core import sha256_file
 from pipeline.dataset.schema import read_manifest
 from pipeline.dataset.validate import validate_dataset
-from tests.helpers import TEACHER_PYTHON
+from tests.helpers import TEACHER_PYTHON, refuse_teacher
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_api")]  # a Prefect API per module
 
@@ -33,15 +33,6 @@ def _shard_runs(flow_state) -> list:
     return [r for r in runs if r.task_key.startswith("shard_task") or r.name.startswith("generate-shard")]
 
 
-def _refuse_teacher(monkeypatch):
-    from pipeline.teachers.hf import HFTeacher
-
-    def refuse(self, cfg):
-        raise AssertionError("the teacher was started")
-
-    monkeypatch.setattr(HFTeacher, "__init__", refuse)
-
-
 def test_fanout_writes_the_same_shards_as_the_sequential_path(generated, make_config, tmp_path):
     cfg = make_config(out=tmp_path / "fan")
     out = distill_flow(cfg, stages=["generate"])
@@ -59,7 +50,7 @@ def test_uncommitted_shards_come_from_the_cache_only_while_their_files_are_intac
     good = _shards(cfg.dataset_dir)
     (cfg.dataset_dir / "manifest.json").unlink()  # as if killed after the shard tasks finished, before the commits
     with monkeypatch.context() as m:
-        _refuse_teacher(m)
+        refuse_teacher(m)
         state = distill_flow(cfg, stages=["generate"], return_state=True)
     out = state.result()
     assert out.generate.shards_cached == 3 and out.generate.shards_written == 0
@@ -102,7 +93,7 @@ def test_student_only_reruns_spend_zero_seconds_in_the_teacher(make_config, tmp_
     cfg = make_config(out=tmp_path / "student")
     first = distill_flow(cfg, stages=["generate"], return_state=True)
     assert len(_shard_runs(first)) == 3 and all(r.total_run_time.total_seconds() > 0 for r in _shard_runs(first))
-    _refuse_teacher(monkeypatch)
+    refuse_teacher(monkeypatch)
 
     only = distill_flow(cfg, stages=["train", "eval"], return_state=True)
     assert only.is_completed() and _shard_runs(only) == []
