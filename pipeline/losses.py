@@ -1,4 +1,4 @@
-"""Distillation losses on a cached teacher top-k: pure tensor functions (DESIGN.md §4).
+"""Distillation losses on a cached teacher top-k: pure tensor functions (docs/design.md).
 
 Shapes: N active (completion) positions, V student vocabulary, k cached teacher entries, d hidden.
 The caller selects the active positions; every function here treats all N rows as active and
