@@ -234,6 +234,8 @@ def generate_dataset(cfg: RunConfig, *, executor: ShardExecutor | None = None, p
             )
     if errors:
         raise errors[0]  # the first failed shard's error; the committed shards stay for a rerun
+    if plan.manifest is None:  # an executor that yielded nothing: no teacher info, so no dataset was created
+        raise RuntimeError("the shard executor finished without a teacher or a shard")
     removed = remove_stray_files(plan.dataset_dir, plan.manifest)
     if removed:
         log.info("removed %d uncommitted file(s) left by an interrupted run", len(removed))
