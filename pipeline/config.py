@@ -127,11 +127,23 @@ class PromptsConfig(_Strict):
     """Prompts longer than this are invalid (None: no limit)."""
     on_invalid: Literal["skip", "fail"] = "skip"
     """Empty or too-long prompts: `skip` them and count them in the manifest, or `fail` naming the first."""
+    completion_field: str = "completion"
+    """`generate.mode: rescore`: the column/key holding each prompt's given completion (text, or token ids used
+    as they are). Not needed when `field` holds chat messages: their last assistant turn is the completion."""
+    append_eos: bool = True
+    """`generate.mode: rescore`: end each plain-text completion with the teacher's EOS token, so the student
+    learns to stop (chat completions end with the template's own end-of-turn; token-id completions are kept)."""
+    overlong: Literal["skip", "truncate"] = "skip"
+    """`generate.mode: rescore`: a prompt + completion longer than the teacher's context is skipped and counted,
+    or its completion is cut to fit (counted, finish_reason `given_truncated`)."""
 
 
 class GenerateConfig(_Strict):
     """Sampling settings of the teacher; together with teacher+prompts they key the dataset cache."""
 
+    mode: Literal["sample", "rescore"] = "sample"
+    """`sample`: the teacher writes the completions. `rescore`: the completions come with the prompts
+    (`prompts.completion_field` or chat messages) and the teacher is forced through them, scoring every token."""
     k: int = Field(20, ge=1, le=1000)
     """Top-k token ids and logprobs stored per generated token."""
     n: int = Field(1, ge=1)
@@ -172,6 +184,15 @@ class StudentConfig(_Strict):
         return self
 
 
+class MixConfig(_Strict):
+    """Another dataset trained on beside the run's own (`train.mix`)."""
+
+    path: str
+    """A dataset directory (a run's `<output_dir>/dataset`) made with the same teacher tokenizer and k."""
+    repeat: int = Field(1, ge=1)
+    """Times each of its training samples is seen per epoch (the run's own dataset: once)."""
+
+
 class TrainConfig(_Strict):
     """Student training: loss = alpha*CE + (1-alpha)*T^2*D(teacher top-k || student)."""
 
@@ -201,6 +222,9 @@ class TrainConfig(_Strict):
     seed: int = 0
     device: str = "auto"
     log_every: int = Field(25, ge=1)
+    mix: list[MixConfig] = []
+    """More datasets to train on with the run's own, e.g. a re-scored SFT set beside teacher samples (their
+    held-out prompts stay out of training too; evaluation uses the run's own dataset)."""
 
 
 class EvalConfig(_Strict):

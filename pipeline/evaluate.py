@@ -7,7 +7,9 @@ KL(teacher top-k || student), top-1 agreement, CE on the sampled tokens. Positio
 `uncertain` and `deterministic`, where distillation matters differently: kl_uncertain / kl_deterministic split on
 the teacher entropy over k+1 buckets (top-k + tail, `dataset.stats.topk_entropy`, what `distill inspect` shows)
 above UNCERTAIN_NATS; before the one-reader refactor they split on the entropy of the renormalised top-k.
-Task accuracy samples the student at the dataset's temperature, the teacher's own setting.
+Task accuracy samples the student at the dataset's temperature, the teacher's own setting. On a re-scored
+dataset (`generate.mode: rescore`) the reference samples are the given completions, scored by the teacher: the
+`teacher` row then describes them (`reference` in metrics.json says which).
 """
 
 from __future__ import annotations
@@ -227,6 +229,7 @@ def evaluate(
         student["greedy_accuracy"] = sample_accuracy(model, tokenizer, prompts, tokens, check, temperature=0.0, **kw)
     metrics = {
         "split": split,
+        "reference": "given completions" if manifest.mode == "rescore" else "teacher samples",
         "heldout_prompts": len(seen.first),
         "heldout_samples": seen.samples,
         "teacher": teacher,

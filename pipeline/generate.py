@@ -17,7 +17,15 @@ from pathlib import Path
 
 from pipeline.config import RunConfig
 from pipeline.core import path_fingerprint, stable_id
-from pipeline.dataset.schema import MANIFEST, DatasetError, Manifest, SamplingRecord, TeacherRecord, read_manifest
+from pipeline.dataset.schema import (
+    MANIFEST,
+    CompletionsRecord,
+    DatasetError,
+    Manifest,
+    SamplingRecord,
+    TeacherRecord,
+    read_manifest,
+)
 from pipeline.dataset.validate import shard_is_intact
 from pipeline.dataset.writer import commit_shard, remove_stray_files, write_manifest
 from pipeline.models import tokenizer_fingerprint
@@ -172,6 +180,8 @@ def new_manifest(cfg: RunConfig, plan: GeneratePlan, info: TeacherInfo) -> Manif
         sampling=SamplingRecord(
             temperature=g.temperature, top_p=g.top_p, max_new_tokens=g.max_new_tokens, n=g.n, seed=g.seed
         ),
+        mode=g.mode,
+        completions=completions_record(cfg) if g.mode == "rescore" else None,
         prompts_source=cfg.prompts.path,
         prompts_fingerprint=plan.prompts_fingerprint,
         generate_fingerprint=plan.fingerprint,
@@ -181,6 +191,17 @@ def new_manifest(cfg: RunConfig, plan: GeneratePlan, info: TeacherInfo) -> Manif
         num_shards=plan.num_shards,
         heldout_fraction=cfg.prompts.heldout_fraction,
         skipped_prompts=plan.skipped_prompts,
+    )
+
+
+def completions_record(cfg: RunConfig) -> CompletionsRecord:
+    """Where a re-scored dataset's completions come from, for its manifest."""
+    _, prompts = load_prompts(cfg)
+    return CompletionsRecord(
+        source=cfg.prompts.path,
+        field=f"{cfg.prompts.field}[-1]" if prompts.chat else cfg.prompts.completion_field,
+        fingerprint=path_fingerprint(cfg.prompts.path),
+        truncated=prompts.truncated,
     )
 
 

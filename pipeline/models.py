@@ -112,6 +112,22 @@ def token_decoder(model: str, fingerprint: str):
     return lambda token_id: tok.decode([token_id])
 
 
+def context_length(name: str, *, revision: str | None = None, trust_remote_code: bool = False) -> int | None:
+    """The longest sequence the model's config allows (None when the config does not say)."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(name, revision=revision, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError):
+        return None
+    config = getattr(config, "text_config", None) or config
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
 def seed_everything(seed: int) -> None:
     """Seed Python's, numpy's and torch's global RNGs."""
     random.seed(seed)

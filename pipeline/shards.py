@@ -19,10 +19,10 @@ from pydantic import BaseModel
 
 from pipeline.config import ConfigError, RunConfig
 from pipeline.core import path_fingerprint, stable_id
-from pipeline.dataset.schema import ShardInfo, build_table
+from pipeline.dataset.schema import Generation, ShardInfo, build_table
 from pipeline.dataset.writer import write_shard
-from pipeline.models import load_tokenizer
-from pipeline.prompts import PromptSet, load_prompt_set
+from pipeline.models import context_length, load_tokenizer
+from pipeline.prompts import GivenCompletion, PromptSet, load_prompt_set
 from pipeline.teachers import Endpoint, SamplingSpec, Teacher, TeacherInfo, open_teacher
 
 
@@ -89,20 +89,34 @@ def load_prompts(cfg: RunConfig) -> tuple[object, PromptSet]:
     Shard tasks running in threads of one process share it instead of re-tokenizing every prompt per shard.
     """
     t = cfg.teacher
+    rescore = cfg.generate.mode == "rescore"
     key = (
         t.model,
         t.revision,
         t.trust_remote_code,
         path_fingerprint(t.model),
+        getattr(t, "max_model_len", None),
         cfg.prompts,
+        rescore,
         path_fingerprint(cfg.prompts.path),
     )
     with _prompt_lock:
         if key not in _prompt_cache:
             tokenizer = load_tokenizer(t.model, revision=t.revision, trust_remote_code=t.trust_remote_code)
+            limit = rescore_limit(cfg) if rescore else None
             _prompt_cache.clear()  # one prompt set at a time is enough; do not grow with every config
-            _prompt_cache[key] = (tokenizer, load_prompt_set(cfg.prompts, tokenizer))
+            _prompt_cache[key] = (tokenizer, load_prompt_set(cfg.prompts, tokenizer, rescore=rescore, max_tokens=limit))
         return _prompt_cache[key]
+
+
+def rescore_limit(cfg: RunConfig) -> int | None:
+    """Longest prompt + completion the teacher can score: its context (`teacher.max_model_len`, else the model
+    config's) less the one token vLLM must generate (the same limit for every backend, so datasets agree)."""
+    t = cfg.teacher
+    context = getattr(t, "max_model_len", None) or context_length(
+        t.model, revision=t.revision, trust_remote_code=t.trust_remote_code
+    )
+    return context - 1 if context else None
 
 
 def check_teacher(cfg: RunConfig, info: TeacherInfo) -> None:
@@ -122,10 +136,13 @@ def generate_shard(cfg: RunConfig, index: int, teacher: Teacher) -> ShardInfo:
     lo, hi = index * g.shard_size, min((index + 1) * g.shard_size, len(prompts))
     if not 0 <= lo < hi:
         raise ValueError(f"shard {index} is out of range: {len(prompts)} prompts and shard_size {g.shard_size}")
-    spec = SamplingSpec(
-        n=g.n, temperature=g.temperature, top_p=g.top_p, max_new_tokens=g.max_new_tokens, k=g.k, seed=g.seed
-    )
-    gens = teacher.generate(prompts.token_ids[lo:hi], spec, seed=shard_seed(g.seed, index))
+    if prompts.completions is not None:
+        gens = score_given(teacher, prompts.token_ids[lo:hi], prompts.completions[lo:hi], g.k)
+    else:
+        spec = SamplingSpec(
+            n=g.n, temperature=g.temperature, top_p=g.top_p, max_new_tokens=g.max_new_tokens, k=g.k, seed=g.seed
+        )
+        gens = teacher.generate(prompts.token_ids[lo:hi], spec, seed=shard_seed(g.seed, index))
     completions = [[tokenizer.decode(s.completion_token_ids, skip_special_tokens=True) for s in per] for per in gens]
     table = build_table(
         prompt_ids=prompts.ids[lo:hi],
@@ -137,6 +154,21 @@ def generate_shard(cfg: RunConfig, index: int, teacher: Teacher) -> ShardInfo:
         logprobs_dtype=g.logprobs_dtype,
     )
     return write_shard(cfg.dataset_dir, index, table, prompts=hi - lo, heldout_fraction=cfg.prompts.heldout_fraction)
+
+
+def score_given(
+    teacher: Teacher, prompts: list[list[int]], given: list[list[GivenCompletion]], k: int
+) -> list[list[Generation]]:
+    """The teacher's top-k along each prompt's given completions, grouped per prompt like sampled ones."""
+    pairs = [(p, c) for p, cs in zip(prompts, given, strict=True) for c in cs]
+    scored = iter(teacher.score([p for p, _ in pairs], [c.token_ids for _, c in pairs], k))
+    out = []
+    for cs in given:
+        gens = [next(scored) for _ in cs]
+        for gen, c in zip(gens, cs, strict=True):
+            gen.finish_reason = "given_truncated" if c.truncated else "given"
+        out.append(gens)
+    return out
 
 
 def run_shard(cfg: RunConfig, index: int, teacher: Teacher, endpoint: Endpoint) -> ShardDone:

@@ -179,7 +179,12 @@ def setup(cfg: RunConfig, *, dataset_dir: Path, student_dir: Path, resume: bool)
     tokenizer = student_tokenizer(cfg, manifest.tokenizer_fingerprint)
     # streamed one row group at a time: memory does not grow with the dataset
     stream = TrainStream(
-        dataset_dir, split="train", batch_size=t.batch_size, pad_id=tokenizer.pad_token_id, seed=t.seed
+        dataset_dir,
+        split="train",
+        batch_size=t.batch_size,
+        pad_id=tokenizer.pad_token_id,
+        seed=t.seed,
+        mix=[(Path(m.path), m.repeat) for m in t.mix],
     )
     # picks up `accelerate launch` / torchrun's environment; a plain call is one process
     accelerator = make_accelerator(t)
@@ -190,7 +195,7 @@ def setup(cfg: RunConfig, *, dataset_dir: Path, student_dir: Path, resume: bool)
     objective = DistillObjective(student, t)
     # optimizer and model prepared together: FSDP replaces the parameters with sharded ones (DDP keeps them)
     model, opt = accelerator.prepare(objective, make_optimizer(student, t, device))
-    fingerprint = stable_id(cfg.train_fingerprint(), manifest.generate_fingerprint)
+    fingerprint = stable_id(cfg.train_fingerprint(), manifest.generate_fingerprint, *stream.mix_fingerprints)
     root = checkpoint_root(student_dir)
     load = lambda ckpt: load_checkpoint(ckpt, accelerator, model, objective, opt, tied=tied, shapes=shapes)
     state = _resume_point(root, fingerprint, load) if resume else None

@@ -148,6 +148,19 @@ class SamplingRecord(BaseModel):
     seed: int
 
 
+class CompletionsRecord(BaseModel):
+    """Where a re-scored dataset's completions came from (`generate.mode: rescore`)."""
+
+    source: str
+    """The prompts source that also gave the completions."""
+    field: str
+    """Its completion column, or `<prompts.field>[-1]` when the last assistant turn of a chat was the completion."""
+    fingerprint: str
+    """Content fingerprint of the source file or directory when the dataset was made."""
+    truncated: int = 0
+    """Completions cut to fit the teacher's context (finish_reason `given_truncated`)."""
+
+
 class Manifest(BaseModel):
     """Everything needed to trust, resume and reuse a dataset."""
 
@@ -163,6 +176,11 @@ class Manifest(BaseModel):
     storage: StorageRecord | None = Field(default_factory=StorageRecord)
     """Shard encoding; None in manifests written before it was recorded (shards then hold unrounded logprobs)."""
     sampling: SamplingRecord
+    """The teacher's sampling settings; for a re-scored dataset, how evaluation samples the student."""
+    mode: Literal["sample", "rescore"] = "sample"
+    """`sample`: the teacher wrote the completions; `rescore`: they were given and the teacher scored them."""
+    completions: CompletionsRecord | None = None
+    """Where the given completions came from (rescore only)."""
     prompts_source: str
     prompts_fingerprint: str
     generate_fingerprint: str
@@ -212,14 +230,15 @@ def committed_shards(dataset_dir: Path, manifest: Manifest) -> list[Path]:
 class Generation:
     """One completion as a backend hands it to the writer: the teacher's raw (T=1) top-k at every token.
 
-    Shapes: L completion tokens (the EOS token included when generation stopped on it), k candidates.
+    Shapes: L completion tokens (the EOS token included when generation stopped on it), k candidates. A rescored
+    completion holds the given tokens, with `token_logprobs` the teacher's logprob of each.
     """
 
     completion_token_ids: np.ndarray  # int32 [L]
     token_logprobs: np.ndarray  # float32 [L], logprob of the sampled token, even outside the top-k
     topk_token_ids: np.ndarray  # int32 [L, k], sorted by logprob descending
     topk_logprobs: np.ndarray  # float32 [L, k]
-    finish_reason: str  # "stop" | "length"
+    finish_reason: str  # "stop" | "length" (sampled), "given" | "given_truncated" (rescored)
 
 
 def _list_array(arrays: list[np.ndarray], list_type: pa.ListType) -> pa.Array:

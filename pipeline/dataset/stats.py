@@ -26,6 +26,7 @@ import pyarrow.parquet as pq
 from pydantic import BaseModel
 
 from pipeline.dataset.schema import (
+    CompletionsRecord,
     DatasetError,
     SamplingRecord,
     TeacherRecord,
@@ -105,6 +106,9 @@ class DatasetSummary(BaseModel):
     logprobs_mode: str
     logprobs_dtype: str
     prompts_source: str
+    mode: str = "sample"
+    """`sample` (the teacher's own completions) or `rescore` (given completions the teacher scored)."""
+    completions: CompletionsRecord | None = None
     heldout_fraction: float
     created_at: str
     updated_at: str
@@ -280,6 +284,8 @@ def summarize(dataset_dir: Path, *, batch_rows: int = 128) -> DatasetSummary:
         logprobs_mode=manifest.logprobs_mode,
         logprobs_dtype=manifest.logprobs_dtype,
         prompts_source=manifest.prompts_source,
+        mode=manifest.mode,
+        completions=manifest.completions,
         heldout_fraction=manifest.heldout_fraction,
         created_at=manifest.created_at,
         updated_at=manifest.updated_at,
@@ -303,6 +309,13 @@ def _pct(x: float | None) -> str:
 
 def _num(x: float | None, digits: int = 3) -> str:
     return "n/a" if x is None else f"{x:.{digits}f}"
+
+
+def _mode(s: DatasetSummary) -> str:
+    if s.mode != "rescore" or s.completions is None:
+        return "sample: the teacher's own completions"
+    c = s.completions
+    return f"rescore: given completions ({c.source}, {c.field}, {c.truncated} truncated) scored by the teacher"
 
 
 def summary_rows(summary: DatasetSummary) -> list[dict[str, str]]:
@@ -359,11 +372,13 @@ def summary_rows(summary: DatasetSummary) -> list[dict[str, str]]:
         ("teacher", "backend", s.teacher.backend + "".join(f", {k} {v}" for k, v in s.teacher.versions.items())),
         ("teacher", "vocab size", str(s.teacher.vocab_size)),
         ("teacher", "k, logprobs", f"k={s.k}, {s.logprobs_mode} (T=1), {s.logprobs_dtype}"),
+        ("sampling", "mode", _mode(s)),
         (
             "sampling",
             "settings",
             f"temperature {s.sampling.temperature}, top_p {s.sampling.top_p}, "
-            f"max_new_tokens {s.sampling.max_new_tokens}, n {s.sampling.n}, seed {s.sampling.seed}",
+            f"max_new_tokens {s.sampling.max_new_tokens}, n {s.sampling.n}, seed {s.sampling.seed}"
+            + (" (how eval samples the student)" if s.mode == "rescore" else ""),
         ),
         ("sampling", "prompts", f"{s.prompts_source} (held-out fraction {s.heldout_fraction})"),
         ("sampling", "created / updated", f"{s.created_at} / {s.updated_at}"),

@@ -48,6 +48,9 @@ class TrainStream:
     """Padded batches of one split, streamed one row group at a time: endless, seeded and resumable for
     training (`batches`), or one pass in file order for evaluation (`in_order`).
 
+    `mix` adds other datasets' rows of the same split (same tokenizer and k), each (path, repeat) seen `repeat`
+    times per epoch: a re-scored set beside teacher samples, say.
+
     Epoch e: row groups in an order drawn from (seed, e), grouped into windows of >= `shuffle_rows`
     rows; each window's split rows are shuffled (seed, e, window) and cut into batches that run on
     across windows. Every sample appears exactly once per epoch (the last batch of an epoch may be
@@ -66,6 +69,7 @@ class TrainStream:
         pad_id: int,
         seed: int = 0,
         shuffle_rows: int = 4096,
+        mix: Sequence[tuple[Path, int]] = (),
     ):
         if split not in ("train", "heldout", "all"):
             raise ValueError(f"split must be train, heldout or all, got {split!r}")
@@ -73,24 +77,41 @@ class TrainStream:
             raise ValueError("batch_size and shuffle_rows must be >= 1")
         self.dataset_dir = Path(dataset_dir)
         self.manifest = read_manifest(self.dataset_dir)
-        paths = committed_shards(self.dataset_dir, self.manifest)
-        verify_shards(self.dataset_dir, self.manifest)
         self.split, self.batch_size, self.pad_id, self.seed = split, batch_size, pad_id, seed
         self.shuffle_rows = shuffle_rows
         self.k = self.manifest.k
         self._footers: dict[Path, pq.FileMetaData] = {}  # parsed once; reopening a shard then skips its footer
-        self.units = []
-        for path in paths:
-            pf = pq.ParquetFile(path)
-            self._footers[path] = pf.metadata
-            self.units += [_Unit(path, rg, self._row_group_keep(pf, rg)) for rg in range(pf.metadata.num_row_groups)]
+        self.units = self._units(self.dataset_dir, self.manifest)
+        self.mix_fingerprints: list[str] = []
+        """Generate fingerprints of the mixed-in datasets (a resumed run must see the same data)."""
+        for other, repeat in mix:
+            manifest = read_manifest(Path(other))
+            if (manifest.k, manifest.tokenizer_fingerprint) != (self.k, self.manifest.tokenizer_fingerprint):
+                raise DatasetError(
+                    f"{other} cannot be mixed into {dataset_dir}: made with another tokenizer or k "
+                    f"({manifest.k} vs {self.k}); mix only datasets of the same teacher tokenizer and k"
+                )
+            self.units += self._units(Path(other), manifest) * repeat
+            self.mix_fingerprints.append(manifest.generate_fingerprint)
         self.num_samples = sum(u.kept for u in self.units)
         if self.num_samples == 0:
             raise DatasetError(f"{dataset_dir}: no {split} samples (all prompts on the other side of the split?)")
         self.batches_per_epoch = -(-self.num_samples // batch_size)
         self.position: dict = {"epoch": 0, "batch": 0}
 
-    def _row_group_keep(self, pf: pq.ParquetFile, rg: int) -> np.ndarray:
+    def _units(self, dataset_dir: Path, manifest) -> list[_Unit]:
+        """One dataset's row groups (checksums verified), each with the rows of this stream's split."""
+        paths = committed_shards(dataset_dir, manifest)
+        verify_shards(dataset_dir, manifest)
+        units = []
+        for path in paths:
+            pf = pq.ParquetFile(path)
+            self._footers[path] = pf.metadata
+            for rg in range(pf.metadata.num_row_groups):
+                units.append(_Unit(path, rg, self._row_group_keep(pf, rg, manifest.heldout_fraction)))
+        return units
+
+    def _row_group_keep(self, pf: pq.ParquetFile, rg: int, heldout_fraction: float) -> np.ndarray:
         """Which rows of row group `rg` belong to the split. Held-out is a threshold on a prompt id's first 8 hex
         digits, and lowercase hex ids (as `stable_id` writes them) sort as those digits do, so a row group whose
         smallest and largest prompt_id (footer statistics) fall on one side holds only that split: no read.
@@ -101,11 +122,11 @@ class TrainStream:
         col = next(meta.column(i) for i in range(meta.num_columns) if meta.column(i).path_in_schema == "prompt_id")
         stats = col.statistics
         if stats is not None and stats.has_min_max and all(_LOWER_HEX.match(str(v)) for v in (stats.min, stats.max)):
-            bounds = heldout_mask(pa.array([stats.min, stats.max], pa.string()), self.manifest.heldout_fraction)
+            bounds = heldout_mask(pa.array([stats.min, stats.max], pa.string()), heldout_fraction)
             if bounds[0] == bounds[1]:
                 return np.full(meta.num_rows, bounds[0] == (self.split == "heldout"))
         held = heldout_mask(
-            pf.read_row_group(rg, columns=["prompt_id"], use_threads=False)["prompt_id"], self.manifest.heldout_fraction
+            pf.read_row_group(rg, columns=["prompt_id"], use_threads=False)["prompt_id"], heldout_fraction
         )
         return held if self.split == "heldout" else ~held
 

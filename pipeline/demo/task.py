@@ -94,6 +94,19 @@ def write_prompts_jsonl(path: Path, n: int, seed: int) -> Path:
     return path
 
 
+def write_sft_jsonl(path: Path, n: int, seed: int) -> Path:
+    """Write n prompts with a ground-truth completion each, ``{"prompt": ..., "completion": ...}``: text a user
+    already has, for `generate.mode: rescore`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    with path.open("w") as f:
+        for _ in range(n):
+            prompt = make_prompt(rng)
+            f.write(json.dumps({"prompt": prompt, "completion": sample_completion(prompt, rng)}) + "\n")
+    return path
+
+
 def corpus(n: int, seed: int) -> Iterator[str]:
     """Yield n prompt+completion texts, e.g. to train the tokenizer on."""
     rng = random.Random(seed)

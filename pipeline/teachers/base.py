@@ -34,12 +34,17 @@ class TeacherInfo:
 
 
 class Teacher(Protocol):
-    """A backend that samples completions and reports top-k raw logprobs per generated token."""
+    """A backend that samples completions, or scores given ones, reporting top-k raw logprobs per completion token."""
 
     info: TeacherInfo
 
     def generate(self, prompts: list[list[int]], spec: SamplingSpec, seed: int) -> list[list[Generation]]:
         """For each prompt (token ids), `spec.n` completions; `seed` makes the call reproducible."""
+        ...
+
+    def score(self, prompts: list[list[int]], completions: list[list[int]], k: int) -> list[Generation]:
+        """The teacher forced through each given completion (`generate.mode: rescore`): per completion token, the
+        top-k raw logprobs and the given token's logprob, in one prefill pass; finish_reason `given`."""
         ...
 
     def close(self) -> None:

@@ -1,4 +1,5 @@
-"""Transformers teacher: batched `generate`, top-k of the log-softmax of the raw (unprocessed) logits.
+"""Transformers teacher: batched `generate` (or one forward pass over given completions), top-k of the
+log-softmax of the raw (unprocessed) logits.
 
 This is the CPU path and the parity reference for the vLLM backends: logprobs are the teacher's
 distribution at temperature 1 before any sampling processor (docs/design.md, `logprobs_mode: raw`).
@@ -97,6 +98,49 @@ class HFTeacher:
                     finish_reason="stop" if len(stops) else "length",
                 )
             )
+        return gens
+
+    @torch.inference_mode()
+    def score(self, prompts: list[list[int]], completions: list[list[int]], k: int) -> list[Generation]:
+        out: list[Generation] = []
+        for lo in range(0, len(prompts), self.cfg.batch_size):
+            hi = lo + self.cfg.batch_size
+            out += self._score_batch(prompts[lo:hi], completions[lo:hi], k)
+        return out
+
+    def _score_batch(self, prompts: list[list[int]], completions: list[list[int]], k: int) -> list[Generation]:
+        """One forward over prompt + completion (right-padded); the LM head runs only at the positions that predict
+        completion tokens, a chunk at a time, so no [batch x length x vocab] tensor is made."""
+        device, pad = self.model.device, self.tokenizer.pad_token_id
+        seqs = [p + c for p, c in zip(prompts, completions, strict=True)]
+        width = max(map(len, seqs))
+        input_ids = torch.tensor([s + [pad] * (width - len(s)) for s in seqs], device=device)
+        attention = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs], device=device)
+        trunk = getattr(self.model, self.model.base_model_prefix)
+        hidden = trunk(input_ids=input_ids, attention_mask=attention).last_hidden_state
+        rows = torch.cat([torch.full((len(c),), b) for b, c in enumerate(completions)])
+        cols = torch.cat([torch.arange(len(p) - 1, len(p) + len(c) - 1) for p, c in zip(prompts, completions)])
+        targets = torch.tensor([t for c in completions for t in c], device=device)
+        positions = hidden[rows.to(device), cols.to(device)]
+        head, cap = self.model.get_output_embeddings(), getattr(self.model.config, "final_logit_softcapping", None)
+        top_lp, top_ids, tok_lp = [], [], []
+        for lo in range(0, len(positions), 1024):
+            logits = head(positions[lo : lo + 1024]).float()
+            if cap:  # Gemma 2/3 cap the logits in the model's forward, after the LM head
+                logits = torch.tanh(logits / cap) * cap
+            logp = torch.log_softmax(logits, dim=-1)
+            values, ids = logp.topk(k, dim=-1)
+            top_lp.append(values)
+            top_ids.append(ids)
+            tok_lp.append(logp.gather(-1, targets[lo : lo + 1024, None]).squeeze(-1))
+        lp_all = torch.cat(top_lp).cpu().numpy().astype(np.float32)
+        ids_all = torch.cat(top_ids).cpu().numpy().astype(np.int32)
+        tok_all = torch.cat(tok_lp).cpu().numpy().astype(np.float32)
+        gens, lo = [], 0
+        for c in completions:
+            hi = lo + len(c)
+            gens.append(Generation(np.asarray(c, np.int32), tok_all[lo:hi], ids_all[lo:hi], lp_all[lo:hi], "given"))
+            lo = hi
         return gens
 
     def close(self) -> None:

@@ -39,6 +39,27 @@ def parse_choice(choice: dict, k: int) -> Generation:
     return Generation(ids, tok_lp, top_ids, top_lp, "stop" if choice.get("finish_reason") == "stop" else "length")
 
 
+def parse_prompt_logprobs(entries: list, completion: list[int], k: int) -> Generation:
+    """The `prompt_logprobs` of a completion's positions (one dict of `token id -> {logprob, rank}` per token, the
+    given token included even outside the top-k) -> Generation."""
+    if len(entries) != len(completion):
+        raise TeacherServerError(
+            f"server returned prompt logprobs for {len(entries)} of {len(completion)} completion tokens"
+        )
+    top_ids = np.zeros((len(completion), k), np.int32)
+    top_lp = np.full((len(completion), k), -np.inf, np.float32)
+    tok_lp = np.full(len(completion), -np.inf, np.float32)
+    for t, (entry, token) in enumerate(zip(entries, completion, strict=True)):
+        scored = {int(key): value["logprob"] for key, value in (entry or {}).items()}
+        best = sorted(((v, tok) for tok, v in scored.items()), key=lambda e: -e[0])[:k]
+        for j, (value, tok) in enumerate(best):
+            top_ids[t, j], top_lp[t, j] = tok, value
+        if token not in scored:
+            raise TeacherServerError(f"server's prompt logprobs at completion token {t} leave out the given token")
+        tok_lp[t] = scored[token]
+    return Generation(np.asarray(completion, np.int32), tok_lp, top_ids, top_lp, "given")
+
+
 class VLLMServerTeacher:
     """Teacher protocol over the OpenAI completions API of a running vLLM server (`cfg.url`).
 
@@ -114,9 +135,10 @@ class VLLMServerTeacher:
                 detail = _error_message(resp)
                 if resp.status_code < 500 and resp.status_code not in (408, 429):  # those two are worth a retry
                     if "logprobs" in detail and "max" in detail:
+                        k = body.get("logprobs", body.get("prompt_logprobs"))
                         raise TeacherRequestError(
-                            f"k={body['logprobs']} exceeds the server's --max-logprobs ({detail}); lower generate.k "
-                            "or raise --max-logprobs"
+                            f"k={k} exceeds the server's --max-logprobs ({detail}); lower generate.k or raise "
+                            "--max-logprobs"
                         )
                     raise TeacherRequestError(f"teacher server refused the request (HTTP {resp.status_code}): {detail}")
                 problem = f"teacher server error HTTP {resp.status_code}: {detail}"
@@ -144,14 +166,33 @@ class VLLMServerTeacher:
         choices = sorted(self._post(body)["choices"], key=lambda c: c["index"])
         return [parse_choice(c, spec.k) for c in choices]
 
+    def _score(self, prompt: list[int], completion: list[int], k: int) -> Generation:
+        body = {
+            "model": self.model_name,
+            "prompt": prompt + completion,
+            "max_tokens": 1,  # vLLM generates at least one token; prompt logprobs come from the prefill
+            "temperature": 0.0,
+            "prompt_logprobs": k,
+            "skip_special_tokens": True,
+        }
+        entries = self._post(body)["choices"][0].get("prompt_logprobs") or []
+        return parse_prompt_logprobs(entries[len(prompt) : len(prompt) + len(completion)], completion, k)
+
     def generate(self, prompts: list[list[int]], spec: SamplingSpec, seed: int) -> list[list[Generation]]:
         # One request per prompt with its own seed: results do not depend on concurrency or batching.
         # vLLM seeds sample j of a request with seed + j, so prompts get hashed, far-apart seeds.
         seeds = [int(stable_id("request", seed, i)[:15], 16) for i in range(len(prompts))]
+        return self._in_parallel(self._request, [(p, spec, s) for p, s in zip(prompts, seeds)])
+
+    def score(self, prompts: list[list[int]], completions: list[list[int]], k: int) -> list[Generation]:
+        # One request per completion: the server batches them; each is prefill only (plus one decoded token).
+        return self._in_parallel(self._score, [(p, c, k) for p, c in zip(prompts, completions, strict=True)])
+
+    def _in_parallel(self, fn, calls: list[tuple]) -> list:
         pool = ThreadPoolExecutor(max_workers=self.cfg.concurrency)
         ok = False
         try:
-            futures = [pool.submit(self._request, p, spec, s) for p, s in zip(prompts, seeds)]
+            futures = [pool.submit(fn, *args) for args in calls]
             results = [f.result() for f in futures]
             ok = True
             return results

@@ -139,3 +139,13 @@ def test_ensure_rebuilds_stale_version(tmp_path, monkeypatch):
     (tmp_path / build.MARKER).write_text(json.dumps({"version": task.TASK_VERSION - 1}))
     build.ensure_demo_teacher(tmp_path)
     assert calls == [tmp_path]
+
+
+def test_the_shipped_sft_set_is_ground_truth_and_reproducible(tmp_path):
+    """data/demo/sft.jsonl (the re-score demo's "text the user already has") is what write_sft_jsonl makes, and
+    every completion passes the task's checker."""
+    shipped = Path(__file__).resolve().parents[2] / "data" / "demo" / "sft.jsonl"
+    made = task.write_sft_jsonl(tmp_path / "sft.jsonl", n=3000, seed=7)
+    assert made.read_bytes() == shipped.read_bytes()
+    rows = [json.loads(line) for line in shipped.read_text().splitlines()]
+    assert len(rows) == 3000 and all(task.check(r["prompt"], r["completion"]) for r in rows)

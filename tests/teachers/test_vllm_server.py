@@ -157,3 +157,32 @@ def test_server_crash_mid_run_keeps_shards_and_a_rerun_finishes(server, make_con
     assert sha256_file(cfg.dataset_dir / manifest.shards[0].file) == kept
     report = validate_dataset(cfg.dataset_dir)
     assert report.complete and report.samples == 96
+
+
+@pytest.mark.slow
+@needs_vllm
+def test_rescoring_its_own_samples_gives_back_their_topk(server, tiny_teacher):
+    """Parity for re-score mode on vLLM: `prompt_logprobs` along the server's own samples equal the top-k it
+    logged while decoding them, and the transformers backend's forward pass agrees."""
+    from pipeline.config import HFTeacherConfig
+    from pipeline.demo.task import make_prompts
+    from pipeline.models import load_tokenizer
+    from pipeline.teachers.hf import HFTeacher
+
+    tok = load_tokenizer(str(tiny_teacher))
+    prompts = [tok(p)["input_ids"] for p in make_prompts(16, seed=9)]
+    teacher = VLLMServerTeacher(server_config(tiny_teacher, url=server.url, served_model_name=server.model_name))
+    try:
+        sampled = [per[0] for per in teacher.generate(prompts, SamplingSpec(1, 1.0, 1.0, 20, 20, 0), seed=1)]
+        completions = [g.completion_token_ids.tolist() for g in sampled]
+        scored = teacher.score(prompts, completions, k=20)
+    finally:
+        teacher.close()
+    forward = HFTeacher(HFTeacherConfig(model=str(tiny_teacher), batch_size=5)).score(prompts, completions, k=20)
+    for s, r, f in zip(sampled, scored, forward, strict=True):
+        assert r.finish_reason == "given" and r.completion_token_ids.tolist() == s.completion_token_ids.tolist()
+        assert r.topk_token_ids.tolist() == s.topk_token_ids.tolist()
+        np.testing.assert_allclose(r.topk_logprobs, s.topk_logprobs, atol=1e-4)
+        np.testing.assert_allclose(r.token_logprobs, s.token_logprobs, atol=1e-4)
+        np.testing.assert_allclose(f.topk_logprobs, r.topk_logprobs, atol=1e-4)
+        np.testing.assert_allclose(f.token_logprobs, r.token_logprobs, atol=1e-4)
