@@ -156,6 +156,12 @@ class GenerateConfig(_Strict):
     """Prompts per Parquet shard; a shard is the unit of resume."""
     logprobs_dtype: Literal["float16", "float32"] = "float32"
 
+    @model_validator(mode="after")
+    def _rescore_samples_nothing(self) -> GenerateConfig:
+        if self.mode == "rescore" and self.n != 1:
+            raise ValueError("generate.n samples completions; rescore scores each given completion once: drop n")
+        return self
+
 
 class ShrinkConfig(_Strict):
     """Student built from the teacher's config with these fields replaced (randomly initialised)."""

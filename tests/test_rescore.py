@@ -191,3 +191,10 @@ def test_mixed_datasets_train_together_and_must_share_tokenizer_and_k(generated,
     (other / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(Exception, match="cannot be mixed into .*another tokenizer or k"):
         TrainStream(generated.dataset_dir, batch_size=8, pad_id=0, mix=[(other, 1)])
+
+
+def test_rescore_with_n_samples_is_a_config_error(make_config):
+    from pipeline.config import ConfigError
+
+    with pytest.raises(ConfigError, match="'generate': generate.n samples completions; rescore"):
+        make_config(generate={"mode": "rescore", "n": 4})
