@@ -31,6 +31,7 @@ from pipeline.dataset.stats import summarize, summary_rows
 from pipeline.dataset.validate import shard_is_intact
 from pipeline.evaluate import evaluate
 from pipeline.generate import GenerateResult, generate_dataset
+from pipeline.rounds import RoundResult, evaluate_round, round_dir, run_round, student_of
 from pipeline.shards import ShardDone, ShardEvent, ShardFailed, ShardWork, run_shard
 from pipeline.teachers import Endpoint, open_teacher
 from pipeline.train import TrainResult, train_student
@@ -152,6 +153,8 @@ class RunOutput:
     generate: GenerateResult | None = None
     train: TrainResult | None = None
     eval: dict | None = None
+    rounds: list[RoundResult] = field(default_factory=list)
+    """On-policy rounds 1.. (config `rounds` > 1)."""
     paths: dict[str, str] = field(default_factory=dict)
 
 
@@ -185,11 +188,57 @@ def train_task(cfg: RunConfig, dataset_dir: str, resume: bool = False) -> TrainR
 
 @task(name="eval")
 def eval_task(cfg: RunConfig, dataset_dir: str, student_dir: str) -> dict:
-    """Student vs teacher on held-out prompts."""
-    metrics = evaluate(cfg, dataset_dir=Path(dataset_dir), student_dir=Path(student_dir))
+    """Student vs teacher on held-out prompts (with rounds, also on the student's own held-out samples)."""
+    if cfg.rounds > 1:
+        metrics = evaluate_round(cfg, 0)
+    else:
+        metrics = evaluate(cfg, dataset_dir=Path(dataset_dir), student_dir=Path(student_dir))
     rows = [{"model": who, **_round(metrics[who])} for who in ("teacher", "student")]
     create_table_artifact(key="evaluation", table=rows, description="held-out evaluation")
     return metrics
+
+
+@task(
+    name="round",
+    task_run_name="round-{r}",
+    retries=1,
+    retry_delay_seconds=5,
+    retry_condition_fn=_retry_on_infrastructure,
+)
+def round_task(cfg: RunConfig, r: int, stages: list[str]) -> RoundResult:
+    """On-policy round r: the previous student samples, the teacher scores, the student trains on and is evaluated."""
+    result = run_round(cfg, r, stages)
+    if result.metrics is not None:
+        create_table_artifact(
+            key=f"round-{r}-evaluation",
+            table=[{"model": who, **_round(result.metrics[who])} for who in ("teacher", "student")]
+            + [{"model": "student (own samples)", **_round(result.metrics["on_policy"])}],
+            description=f"round {r}: held-out evaluation, and the student's own held-out samples scored by the teacher",
+        )
+    return result
+
+
+def rounds_table(cfg: RunConfig) -> list[dict]:
+    """One row per round with its metrics (rounds whose metrics.json is written)."""
+    rows = []
+    for r in range(cfg.rounds):
+        path = cfg.metrics_path if r == 0 else round_dir(cfg, r) / "metrics.json"
+        if not path.is_file():
+            continue
+        m = json.loads(path.read_text())
+        own = m.get("on_policy", {})
+        rows.append(
+            _round(
+                {
+                    "round": r,
+                    "kl (teacher samples)": m["student"]["kl"],
+                    "accuracy": m["student"].get("accuracy"),
+                    "reverse kl (own samples)": own.get("reverse_kl"),
+                    "accuracy (own samples)": own.get("accuracy"),
+                }
+            )
+        )
+    return rows
 
 
 def dataset_artifacts(cfg: RunConfig, gen: GenerateResult) -> None:
@@ -245,6 +294,14 @@ def distill_flow(cfg: RunConfig, stages: list[str] | None = None, resume: bool =
         t0 = time.perf_counter()
         out.eval = eval_task(cfg, dataset_dir, student_dir)
         out.seconds["eval"] = time.perf_counter() - t0
+    for r in range(1, cfg.rounds):
+        t0 = time.perf_counter()
+        out.rounds.append(round_task(cfg, r, stages))
+        out.seconds[f"round {r}"] = time.perf_counter() - t0
+    if cfg.rounds > 1 and "eval" in stages:
+        create_table_artifact(key="rounds", table=rounds_table(cfg), description="metrics per on-policy round")
+    if cfg.rounds > 1:  # the last round's student is the run's result
+        student_dir = str(student_of(cfg, cfg.rounds - 1))
     out.paths = {"dataset": dataset_dir, "student": student_dir, "metrics": str(cfg.metrics_path)}
     create_markdown_artifact(key="run-outputs", markdown="\n".join(f"- **{k}**: `{v}`" for k, v in out.paths.items()))
     get_run_logger().info("distill run %s finished: %s", cfg.name, out.seconds)

@@ -153,9 +153,23 @@ def print_summary(out) -> None:
         )
     if out.eval:
         table.add_row("eval", f"{out.seconds['eval']:.1f}", f"{out.eval['heldout_prompts']} held-out prompts")
+    for rnd in out.rounds:
+        parts = [f"{rnd.dataset.samples} own samples scored" if rnd.dataset else None]
+        parts.append(
+            ("trained " + f"{rnd.train.steps} steps") if rnd.trained else ("kept" if rnd.train is None else None)
+        )
+        if rnd.metrics:
+            own = rnd.metrics["on_policy"]
+            parts.append(f"kl {rnd.metrics['student']['kl']:.4f}, reverse kl on own samples {own['reverse_kl']:.4f}")
+        table.add_row(
+            f"round {rnd.round}", f"{out.seconds[f'round {rnd.round}']:.1f}", "; ".join(p for p in parts if p)
+        )
     console.print(table)
     if out.eval:
         print_metrics(out.eval)
+    if out.rounds and out.rounds[-1].metrics:
+        console.print(f"[bold]after round {out.rounds[-1].round}[/bold]")
+        print_metrics(out.rounds[-1].metrics)
     for name, path in out.paths.items():
         console.print(f"  {name:8s} {path}")
 

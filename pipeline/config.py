@@ -133,6 +133,9 @@ class PromptsConfig(_Strict):
     append_eos: bool = True
     """`generate.mode: rescore`: end each plain-text completion with the teacher's EOS token, so the student
     learns to stop (chat completions end with the template's own end-of-turn; token-id completions are kept)."""
+    completions_by: str | None = None
+    """`generate.mode: rescore`: who wrote the completions (recorded in the manifest; on-policy rounds name the
+    student checkpoint)."""
     overlong: Literal["skip", "truncate"] = "skip"
     """`generate.mode: rescore`: a prompt + completion longer than the teacher's context is skipped and counted,
     or its completion is cut to fit (counted, finish_reason `given_truncated`)."""
@@ -233,6 +236,25 @@ class TrainConfig(_Strict):
     held-out prompts stay out of training too; evaluation uses the run's own dataset)."""
 
 
+class OnPolicyConfig(_Strict):
+    """Rounds after the first (`rounds` > 1): the student samples, the teacher scores, the student trains on."""
+
+    share: float = Field(0.25, gt=0.0, le=1.0)
+    """Share of the training prompts the student samples each round (drawn per round, the same on a rerun)."""
+    n: int = Field(1, ge=1)
+    """Completions the student samples per prompt."""
+    temperature: float = Field(1.0, ge=0.0)
+    max_new_tokens: int | None = Field(None, ge=1)
+    """Default: generate.max_new_tokens."""
+    steps: int = Field(200, ge=1)
+    """Student optimizer steps per round (from the previous round's student; the optimizer starts afresh)."""
+    repeat: int = Field(1, ge=1)
+    """Times the round's own samples are seen per epoch; each earlier dataset's once."""
+    earlier: Literal["all", "teacher", "none"] = "all"
+    """Earlier data trained on beside the round's: every earlier round's and the teacher's samples, only the
+    teacher's samples (round 0), or none."""
+
+
 class EvalConfig(_Strict):
     """Held-out evaluation of teacher vs student."""
 
@@ -255,6 +277,10 @@ class RunConfig(_Strict):
     student: StudentConfig
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
+    rounds: int = Field(1, ge=1)
+    """Training rounds: round 0 trains on the teacher's samples; each later round on the previous student's own
+    samples scored by the teacher (`on_policy`), under `<output_dir>/rounds/<r>/`."""
+    on_policy: OnPolicyConfig = OnPolicyConfig()
 
     @model_validator(mode="before")
     @classmethod

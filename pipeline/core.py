@@ -59,16 +59,27 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+RUN_RECORDS = ("metrics.json", "train_log.json", "loss_curves.png")
+"""Files distill writes beside a student's weights: a student directory served as a model (on-policy rounds)
+keeps its identity when they are rewritten, as when its checkpoints/ change."""
+
+
+def _run_record(root: Path, f: Path) -> bool:
+    rel = f.relative_to(root).parts
+    return rel[0] == "checkpoints" or (len(rel) == 1 and rel[0] in RUN_RECORDS)
+
+
 def path_fingerprint(name: str) -> str:
     """Content fingerprint of a local file or model/prompts directory; '' for a hub id.
 
     Weight files count by name, size and their first MiB, so a retrained model at the same path is a new
-    teacher without hashing gigabytes; everything else is hashed whole.
+    teacher without hashing gigabytes; everything else is hashed whole, except distill's own run records in a
+    model directory (`RUN_RECORDS`, `checkpoints/`).
     """
     path = Path(name)
     if not path.exists():
         return ""
-    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file() and not _run_record(path, p))
     parts = []
     for f in files:
         heavy = f.suffix in (".safetensors", ".bin", ".pt", ".gguf") or f.stat().st_size > (64 << 20)

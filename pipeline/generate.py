@@ -202,6 +202,7 @@ def completions_record(cfg: RunConfig) -> CompletionsRecord:
         field=f"{cfg.prompts.field}[-1]" if prompts.chat else cfg.prompts.completion_field,
         fingerprint=path_fingerprint(cfg.prompts.path),
         truncated=prompts.truncated,
+        made_by=cfg.prompts.completions_by,
     )
 
 

@@ -41,6 +41,8 @@ class PromptSet:
     """Given completions cut to fit the teacher's context."""
     chat: bool = False
     """The completions were the last assistant turns of chat messages."""
+    items: list[Any] = field(default_factory=list)
+    """Each prompt as the source gave it (a chat without its scored last turn), to write it out again."""
 
     def __len__(self) -> int:
         return len(self.texts)
@@ -168,7 +170,7 @@ def load_prompt_set(
     across the boundary is not merged). Rows of one prompt are grouped under it, in file order. `max_tokens` is
     the teacher's limit on prompt + completion (`overlong` decides what happens above it).
     """
-    texts, token_ids, ids, completions = [], [], [], []
+    texts, token_ids, ids, completions, items = [], [], [], [], []
     skipped = {"empty": 0, "too_long": 0}
     truncated, chat = 0, False
     index: dict[str, int] = {}
@@ -192,7 +194,7 @@ def load_prompt_set(
                     if item[-1].get("role") != "assistant":
                         raise PromptsError("its chat messages do not end with an assistant turn to score")
                     text, answer = split_chat(item, tokenizer)
-                    chat = True
+                    item, chat = item[:-1], True
                     completion = text_ids(answer) if answer.strip() else []
                 elif value is None:
                     raise PromptsError(
@@ -241,6 +243,7 @@ def load_prompt_set(
             skipped["duplicate"] = skipped.get("duplicate", 0) + 1
             continue
         index[pid] = len(texts)
+        items.append(item)
         texts.append(text)
         token_ids.append(ids_)
         ids.append(pid)
@@ -258,4 +261,5 @@ def load_prompt_set(
         completions if rescore else None,
         truncated,
         chat,
+        items,
     )

@@ -159,6 +159,8 @@ class CompletionsRecord(BaseModel):
     """Content fingerprint of the source file or directory when the dataset was made."""
     truncated: int = 0
     """Completions cut to fit the teacher's context (finish_reason `given_truncated`)."""
+    made_by: str | None = None
+    """Who wrote them, when the config says (`prompts.completions_by`; on-policy rounds: the student)."""
 
 
 class Manifest(BaseModel):
