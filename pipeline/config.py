@@ -253,6 +253,13 @@ class OnPolicyConfig(_Strict):
     earlier: Literal["all", "teacher", "none"] = "all"
     """Earlier data trained on beside the round's: every earlier round's and the teacher's samples, only the
     teacher's samples (round 0), or none."""
+    kind: Literal["forward_kl", "reverse_kl", "jsd"] = "reverse_kl"
+    """The divergence in rounds: reverse KL on the student's own samples is the classic on-policy objective."""
+    tail_bucket: bool = True
+    """Needed by reverse_kl and jsd: without it they only see the student renormalised over the teacher's top-k,
+    and moving the student's mass off the top-k costs nothing (docs/design.md)."""
+    alpha: float = Field(0.0, ge=0.0, le=1.0)
+    """CE weight in rounds: 0, as CE on the student's own samples would reinforce its own mistakes."""
 
 
 class EvalConfig(_Strict):

@@ -180,6 +180,9 @@ def round_train_config(cfg: RunConfig, r: int) -> RunConfig:
     train = cfg.train.model_copy(
         update={
             "max_steps": op.steps,
+            "kind": op.kind,
+            "tail_bucket": op.tail_bucket,
+            "alpha": op.alpha,
             "warmup_steps": min(cfg.train.warmup_steps, op.steps // 10),
             "mix": [MixConfig(**m) for m in mix],
             "seed": cfg.train.seed + r,

@@ -175,6 +175,12 @@ def setup(cfg: RunConfig, *, dataset_dir: Path, student_dir: Path, resume: bool)
     """Data stream, student, accelerator, prepared model and optimizer, restored from the newest checkpoint
     with `resume` (older checkpoints are cleared otherwise)."""
     t = cfg.train
+    if t.kind != "forward_kl" and not t.tail_bucket:
+        log.warning(
+            "train.kind=%s without train.tail_bucket sees the student only renormalised over the teacher's top-k: "
+            "moving the student's mass off the top-k costs nothing; set train.tail_bucket: true",
+            t.kind,
+        )
     manifest = read_manifest(dataset_dir)
     tokenizer = student_tokenizer(cfg, manifest.tokenizer_fingerprint)
     # streamed one row group at a time: memory does not grow with the dataset

@@ -1,0 +1,50 @@
+"""`kill -9` of `distill run` with `rounds: 3` in round 2, then the same command again: finished rounds are kept
+(not retrained, their data not regenerated), round 2 completes without duplicates or gaps, and a `--stages train`
+rerun loads no teacher or student sampler."""
+
+from __future__ import annotations
+
+import json
+import signal
+
+import pytest
+
+from pipeline.core import sha256_file
+from pipeline.dataset.schema import read_manifest
+from pipeline.dataset.validate import validate_dataset
+from tests.faults.harness import distill, write_config
+
+pytestmark = pytest.mark.slow  # real `distill run` subprocesses
+
+ROUNDS = {"rounds": 3, "on_policy": {"share": 0.6, "steps": 3}, "eval": {"task": "none", "max_prompts": 16}}
+# teacher loads, in order: round 0 generate (1); round 0 on-policy eval: student samples (2), teacher scores (3);
+# round 1: samples (4), scores (5), eval samples (6), eval scores (7); round 2: samples (8), scores (9)
+ROUND_2_SCORING = 9
+
+
+def test_kill_in_round_2_then_rerun_keeps_finished_rounds(fault_raw, tmp_path):
+    out = tmp_path / "run"
+    config = write_config(tmp_path / "cfg.yaml", {**fault_raw(out), **ROUNDS})
+    res = distill("run", str(config), kill=("teacher_load", ROUND_2_SCORING), timeout=900)
+    assert res.returncode == -signal.SIGKILL, res.stderr[-3000:]
+    round1 = out / "rounds" / "1"
+    assert (round1 / "round.json").is_file() and (round1 / "metrics.json").is_file()
+    assert read_manifest(out / "rounds" / "2" / "samples" / "dataset").complete
+    assert not (out / "rounds" / "2" / "dataset").exists(), "killed before the teacher scored round 2"
+    kept = {p: sha256_file(p) for p in [round1 / "student" / "model.safetensors", round1 / "round.json"]}
+    kept |= {p: sha256_file(p) for p in (round1 / "dataset" / "shards").iterdir()}
+
+    res = distill("run", str(config), timeout=900)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert {p: sha256_file(p) for p in kept} == kept, "round 1 was redone"
+    round2 = out / "rounds" / "2"
+    samples, scored = read_manifest(round2 / "samples" / "dataset"), read_manifest(round2 / "dataset")
+    assert scored.complete and scored.total_samples == samples.total_samples
+    assert validate_dataset(round2 / "dataset").complete
+    metrics = json.loads((round2 / "metrics.json").read_text())
+    assert metrics["round"] == 2 and metrics["on_policy"]["samples"] > 0
+    assert (round2 / "student" / "model.safetensors").is_file()
+
+    # retraining only the students: the first teacher (or student sampler) load would kill the process
+    res = distill("run", str(config), "--stages", "train", kill=("teacher_load", 1), timeout=900)
+    assert res.returncode == 0, res.stderr[-3000:]
