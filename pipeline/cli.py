@@ -101,9 +101,11 @@ def run(
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "pipeline")  # stage logs appear in the Prefect run
     logging.getLogger("pipeline").setLevel(logging.INFO)
+    from flows.api import local_api
     from flows.distill import distill_flow
 
-    out = _run(distill_flow, cfg, stages=wanted, resume=resume)
+    with local_api():  # Prefect's local API, taken down with this process even by kill -9
+        out = _run(distill_flow, cfg, stages=wanted, resume=resume)
     print_summary(out)
 
 

@@ -141,6 +141,10 @@ class PromptsConfig(_Strict):
     or its completion is cut to fit (counted, finish_reason `given_truncated`)."""
 
 
+RESCORE_ONLY = ("completion_field", "append_eos", "overlong", "completions_by")
+"""`prompts` settings that only `generate.mode: rescore` reads."""
+
+
 class GenerateConfig(_Strict):
     """Sampling settings of the teacher; together with teacher+prompts they key the dataset cache."""
 
@@ -310,12 +314,15 @@ class RunConfig(_Strict):
 
     def generate_fingerprint(self) -> str:
         """Hash of everything that changes the teacher's output (teacher, prompts, sampling)."""
-        # on_invalid only decides whether a run stops; the prompts that are kept are the same
+        # on_invalid only decides whether a run stops; the prompts that are kept are the same. In sample mode the
+        # rescore settings change nothing, and leaving them (and the mode) out keeps the keys datasets made before
+        # rescore mode existed.
+        sample = self.generate.mode == "sample"
         return _hash(
             {
                 "teacher": self.teacher.identity(),
-                "prompts": self.prompts.model_dump(exclude={"on_invalid"}),
-                "generate": self.generate.model_dump(),
+                "prompts": self.prompts.model_dump(exclude={"on_invalid", *(RESCORE_ONLY if sample else ())}),
+                "generate": self.generate.model_dump(exclude={"mode"} if sample else set()),
             }
         )
 

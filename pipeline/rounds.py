@@ -98,8 +98,9 @@ def _served(cfg: RunConfig, model: Path):
     return t.model_copy(update={k: v for k, v in update.items() if k in type(t).model_fields})
 
 
-def sample_config(cfg: RunConfig, student: Path, prompts_path: Path, out: Path, seed: int) -> RunConfig:
-    """The generate config with which `student` samples the prompts at `prompts_path` into `out`/dataset."""
+def sample_config(cfg: RunConfig, student: Path, prompts_path: Path, out: Path, seed: int, n: int) -> RunConfig:
+    """The generate config with which `student` samples `n` completions of each prompt at `prompts_path` into
+    `out`/dataset."""
     op = cfg.on_policy
     return cfg.model_copy(
         update={
@@ -108,7 +109,7 @@ def sample_config(cfg: RunConfig, student: Path, prompts_path: Path, out: Path, 
             "prompts": cfg.prompts.model_copy(update={"path": str(prompts_path), "limit": None}),
             "generate": GenerateConfig(
                 k=1,  # only the sampled tokens (and their logprobs) are used
-                n=op.n,
+                n=n,
                 temperature=op.temperature,
                 max_new_tokens=op.max_new_tokens or cfg.generate.max_new_tokens,
                 seed=seed,
@@ -164,7 +165,8 @@ def score_student_samples(cfg: RunConfig, student: Path, work: Path, *, r: int, 
     """The student samples the round's prompts, the teacher scores them: (samples result, scored result)."""
     prompts = round_prompts(cfg, r, work / "prompts.jsonl", heldout=heldout)
     seed = cfg.generate.seed + r
-    sampled = _generate_derived(sample_config(cfg, student, prompts, work / "samples", seed=seed))
+    n = 1 if heldout else cfg.on_policy.n  # evaluation: one sample per prompt, as the accuracy counts them
+    sampled = _generate_derived(sample_config(cfg, student, prompts, work / "samples", seed=seed, n=n))
     pairs = write_pairs(cfg, Path(sampled.dataset_dir), work / "pairs.jsonl")
     scored = _generate_derived(rescore_config(cfg, pairs, work, student_label(student), seed))
     return sampled, scored

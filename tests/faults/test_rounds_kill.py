@@ -1,18 +1,21 @@
-"""`kill -9` of `distill run` with `rounds: 3` in round 2, then the same command again: finished rounds are kept
-(not retrained, their data not regenerated), round 2 completes without duplicates or gaps, and a `--stages train`
-rerun loads no teacher or student sampler."""
+"""`kill -9` of `distill run` with `rounds: 3` in round 2, then the same command again: nothing of the killed run
+keeps running (its local Prefect API included), finished rounds are kept (not retrained, their data not
+regenerated), round 2 completes without duplicates or gaps, and a `--stages train` rerun loads no teacher or
+student sampler."""
 
 from __future__ import annotations
 
 import json
 import signal
+import time
+from pathlib import Path
 
 import pytest
 
 from pipeline.core import sha256_file
 from pipeline.dataset.schema import read_manifest
 from pipeline.dataset.validate import validate_dataset
-from tests.faults.harness import distill, write_config
+from tests.faults.harness import child_env, distill, write_config
 
 pytestmark = pytest.mark.slow  # real `distill run` subprocesses
 
@@ -22,11 +25,28 @@ ROUNDS = {"rounds": 3, "on_policy": {"share": 0.6, "steps": 3}, "eval": {"task":
 ROUND_2_SCORING = 9
 
 
+def _marked(mark: str) -> list[int]:
+    """Processes whose environment carries `mark` (everything a marked `distill` started)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and f"DISTILL_TEST_MARK={mark}".encode() in (proc / "environ").read_bytes():
+                found.append(int(proc.name))
+        except OSError:  # gone, or not ours to read
+            pass
+    return found
+
+
 def test_kill_in_round_2_then_rerun_keeps_finished_rounds(fault_raw, tmp_path):
     out = tmp_path / "run"
     config = write_config(tmp_path / "cfg.yaml", {**fault_raw(out), **ROUNDS})
-    res = distill("run", str(config), kill=("teacher_load", ROUND_2_SCORING), timeout=900)
+    env = child_env(DISTILL_TEST_MARK=tmp_path.name)
+    res = distill("run", str(config), kill=("teacher_load", ROUND_2_SCORING), env=env, timeout=900)
     assert res.returncode == -signal.SIGKILL, res.stderr[-3000:]
+    deadline = time.monotonic() + 30
+    while _marked(tmp_path.name) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not _marked(tmp_path.name), "the killed run left processes behind (its Prefect API?)"
     round1 = out / "rounds" / "1"
     assert (round1 / "round.json").is_file() and (round1 / "metrics.json").is_file()
     assert read_manifest(out / "rounds" / "2" / "samples" / "dataset").complete

@@ -1,0 +1,132 @@
+"""Off-policy only vs on-policy rounds, same student steps and about the same teacher-scored tokens, 3 seeds.
+
+    python bench/onpolicy.py [--prompts 600] [--steps 300] [--seeds 0 1 2]
+
+The demo teacher and student (transformers backend, in process), in a regime with headroom: few prompts and
+few steps, so the student does not already match the teacher.
+- off-policy: the teacher samples all `--prompts` prompts; the student trains `--steps` steps on them;
+- rounds: the teacher samples half the prompts (round 0, a third of the steps); then two rounds in which the
+  student samples half of those training prompts, the teacher scores them, and the student trains another
+  third of the steps (the round defaults: reverse KL with the tail bucket, alpha 0, earlier data mixed in).
+Both arms are evaluated the same way: held-out KL against the teacher's samples, task accuracy, and the teacher's
+per-token reverse KL on the student's own held-out samples. Prints a table (mean ± std over seeds) and writes
+bench/results/onpolicy.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from pipeline.config import build_config  # noqa: E402
+from pipeline.dataset.schema import read_manifest  # noqa: E402
+from pipeline.evaluate import evaluate  # noqa: E402
+from pipeline.generate import generate_dataset  # noqa: E402
+from pipeline.rounds import evaluate_on_policy, round_dir, run_round  # noqa: E402
+from pipeline.train import train_student  # noqa: E402
+
+STUDENT = {"hidden_size": 64, "num_attention_heads": 2, "num_key_value_heads": 2, "head_dim": 32}
+
+
+def config(out: Path, prompts: int, steps: int, seed: int, rounds: int) -> dict:
+    return {
+        "output_dir": str(out),
+        "teacher": {"backend": "hf", "model": "data/models/demo-teacher", "batch_size": 256},
+        "prompts": {"path": "data/demo/prompts.jsonl", "limit": prompts, "heldout_fraction": 0.34},
+        "generate": {"k": 20, "max_new_tokens": 24, "seed": seed, "shard_size": 1000},
+        "student": {"shrink": {**STUDENT, "intermediate_size": 256}},
+        "train": {"alpha": 0.2, "max_steps": steps, "batch_size": 64, "lr": 3e-3, "warmup_steps": 20, "seed": seed},
+        "eval": {"task": "demo", "max_prompts": 500, "batch_size": 512, "seed": seed},
+        "rounds": rounds,
+        "on_policy": {"share": 0.5, "steps": steps},
+    }
+
+
+def scored_tokens(dataset: Path) -> int:
+    return read_manifest(dataset).total_tokens
+
+
+def summary(metrics: dict, on_policy: dict) -> dict:
+    s = metrics["student"]
+    return {
+        "accuracy": s["accuracy"],
+        "greedy_accuracy": s["greedy_accuracy"],
+        "kl_teacher_samples": s["kl"],
+        "reverse_kl_own_samples": on_policy["reverse_kl"],
+        "accuracy_own_samples": on_policy.get("accuracy"),
+    }
+
+
+def off_policy(root: Path, prompts: int, steps: int, seed: int) -> dict:
+    cfg = build_config(config(root / "offpolicy", prompts, steps, seed, rounds=1))
+    t0 = time.perf_counter()
+    generate_dataset(cfg, progress=False)
+    train_student(cfg, progress=False)
+    seconds = time.perf_counter() - t0
+    out = summary(evaluate(cfg), evaluate_on_policy(cfg, 0))
+    return {**out, "teacher_scored_tokens": scored_tokens(cfg.dataset_dir), "seconds": [seconds]}
+
+
+def on_policy(root: Path, prompts: int, steps: int, seed: int) -> dict:
+    cfg = build_config(config(root / "rounds", prompts // 2, steps // 3, seed, rounds=3))
+    seconds = []
+    t0 = time.perf_counter()
+    generate_dataset(cfg, progress=False)
+    train_student(cfg, progress=False)
+    seconds.append(time.perf_counter() - t0)
+    for r in (1, 2):
+        t0 = time.perf_counter()
+        run_round(cfg, r, ["generate", "train"])
+        seconds.append(time.perf_counter() - t0)
+    metrics = evaluate(cfg, student_dir=round_dir(cfg, 2) / "student", metrics_path=round_dir(cfg, 2) / "m.json")
+    tokens = scored_tokens(cfg.dataset_dir) + sum(scored_tokens(round_dir(cfg, r) / "dataset") for r in (1, 2))
+    out = summary(metrics, evaluate_on_policy(cfg, 2))
+    return {**out, "teacher_scored_tokens": tokens, "seconds": seconds}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--prompts", type=int, default=600)
+    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--work", default="data/bench/onpolicy")
+    ap.add_argument("--out", default="bench/results/onpolicy.json")
+    args = ap.parse_args()
+
+    runs: dict[str, list[dict]] = {"off-policy": [], "rounds (3)": []}
+    for seed in args.seeds:
+        root = Path(args.work) / f"seed{seed}"
+        runs["off-policy"].append(off_policy(root, args.prompts, args.steps, seed))
+        runs["rounds (3)"].append(on_policy(root, args.prompts, args.steps, seed))
+        print(f"seed {seed}: " + json.dumps({k: v[-1] for k, v in runs.items()}), flush=True)
+
+    keys = ["accuracy", "greedy_accuracy", "kl_teacher_samples", "reverse_kl_own_samples", "teacher_scored_tokens"]
+    print(f"{'arm':<12}" + "".join(f"{k:>26}" for k in keys))
+    rows = []
+    for arm, rs in runs.items():
+        row = {"arm": arm, "runs": rs}
+        cells = []
+        for k in keys:
+            vals = [r[k] for r in rs]
+            mean, std = statistics.mean(vals), statistics.stdev(vals) if len(vals) > 1 else 0.0
+            row[k] = {"mean": mean, "std": std}
+            cells.append(f"{mean:>17.4f} ± {std:<6.4f}" if k != "teacher_scored_tokens" else f"{mean:>26,.0f}")
+        rows.append(row)
+        print(f"{arm:<12}" + "".join(cells))
+    per_round = [statistics.median(r["seconds"][i] for r in runs["rounds (3)"]) for i in range(3)]
+    print("rounds arm, median seconds per round (generate + train): " + ", ".join(f"{s:.0f}" for s in per_round))
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(
+        json.dumps({"args": vars(args), "rows": rows, "round_seconds_median": per_round}, indent=2)
+    )
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
