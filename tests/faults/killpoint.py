@@ -10,6 +10,7 @@ Points (N counts calls of that kind in this process, from 1):
   shard_renamed     a shard was renamed to its final name but is not yet in the manifest
   manifest_rename   a new manifest is written and fsynced under its temp name, not yet renamed
   checkpoint_write  a training checkpoint's weights are written in its temp dir, its optimizer state not yet
+  round_pairs       an on-policy round's student samples are committed, the teacher has not started scoring them
 `--stop` sends SIGSTOP instead, so a test can look at the live state and then `kill -9` from outside.
 `--fsize BYTES` caps the size of any file this process writes (RLIMIT_FSIZE, SIGXFSZ ignored), so a
 write past it fails with the OS error EFBIG, as on a full quota.
@@ -23,7 +24,15 @@ import signal
 import sys
 from pathlib import Path
 
-POINTS = ("teacher_load", "teacher_generate", "shard_write", "shard_renamed", "manifest_rename", "checkpoint_write")
+POINTS = (
+    "teacher_load",
+    "teacher_generate",
+    "shard_write",
+    "shard_renamed",
+    "manifest_rename",
+    "checkpoint_write",
+    "round_pairs",
+)
 
 
 ACTION = {"signal": signal.SIGKILL}
@@ -96,6 +105,17 @@ def install(point: str, nth: int) -> None:
             return original_save(obj, f, *args, **kwargs)
 
         torch.save = save
+    elif point == "round_pairs":
+        import pipeline.rounds
+
+        original_pairs = pipeline.rounds.write_pairs
+
+        def write_pairs(*args, **kwargs):
+            if due():
+                die()
+            return original_pairs(*args, **kwargs)
+
+        pipeline.rounds.write_pairs = write_pairs
     else:
         raise SystemExit(f"unknown kill point {point!r}; choose from {', '.join(POINTS)}")
 

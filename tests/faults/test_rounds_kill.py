@@ -20,9 +20,9 @@ from tests.faults.harness import child_env, distill, write_config
 pytestmark = pytest.mark.slow  # real `distill run` subprocesses
 
 ROUNDS = {"rounds": 3, "on_policy": {"share": 0.6, "steps": 3}, "eval": {"task": "none", "max_prompts": 16}}
-# teacher loads, in order: round 0 generate (1); round 0 on-policy eval: student samples (2), teacher scores (3);
-# round 1: samples (4), scores (5), eval samples (6), eval scores (7); round 2: samples (8), scores (9)
-ROUND_2_SCORING = 9
+# student samples handed to the teacher, in order: round 0's on-policy eval (1), round 1's data (2), round 1's
+# eval (3), round 2's data (4)
+ROUND_2_SCORING = 4
 
 
 def _marked(mark: str) -> list[int]:
@@ -41,7 +41,7 @@ def test_kill_in_round_2_then_rerun_keeps_finished_rounds(fault_raw, tmp_path):
     out = tmp_path / "run"
     config = write_config(tmp_path / "cfg.yaml", {**fault_raw(out), **ROUNDS})
     env = child_env(DISTILL_TEST_MARK=tmp_path.name)
-    res = distill("run", str(config), kill=("teacher_load", ROUND_2_SCORING), env=env, timeout=900)
+    res = distill("run", str(config), kill=("round_pairs", ROUND_2_SCORING), env=env, timeout=900)
     assert res.returncode == -signal.SIGKILL, res.stderr[-3000:]
     deadline = time.monotonic() + 30
     while _marked(tmp_path.name) and time.monotonic() < deadline:
