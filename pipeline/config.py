@@ -257,8 +257,19 @@ class RunConfig(_Strict):
         )
 
     def train_fingerprint(self) -> str:
-        """Hash of what a resumed training run must share with the run that wrote the checkpoint."""
-        operational = {"checkpoint_every", "keep_checkpoints", "log_every", "device"}
+        """Hash of what a resumed training run must share with the run that wrote the checkpoint.
+
+        Left out: settings that change where training runs, how often it logs and saves, and how much memory a step
+        takes (`gradient_checkpointing`, `loss_chunk_size`: the same numbers up to float summation order), so a run
+        that ran out of memory can resume with them changed."""
+        operational = {
+            "checkpoint_every",
+            "keep_checkpoints",
+            "log_every",
+            "device",
+            "gradient_checkpointing",
+            "loss_chunk_size",
+        }
         return _hash({"student": self.student.model_dump(), "train": self.train.model_dump(exclude=operational)})
 
     def config_hash(self) -> str:
