@@ -75,10 +75,10 @@ class VLLMServerTeacherConfig(_Strict):
     """Fraction of accelerator memory for vLLM (on CPU builds keep it low, ~0.3)."""
     cpu_kvcache_space_gb: int | None = Field(None, ge=1)
     """VLLM_CPU_KVCACHE_SPACE for CPU builds of vLLM (GiB of KV cache)."""
-    startup_timeout_s: float = Field(600, gt=0)
+    startup_timeout_s: float = Field(600.0, gt=0)
     concurrency: int = Field(64, ge=1)
     """Requests in flight at once, so the server's continuous batcher stays full."""
-    request_timeout_s: float = Field(600, gt=0)
+    request_timeout_s: float = Field(600.0, gt=0)
     max_retries: int = Field(5, ge=0)
     """Retries (exponential backoff) on connection errors and HTTP 5xx."""
     extra_args: list[str] = []

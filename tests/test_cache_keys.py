@@ -330,3 +330,11 @@ def test_shard_key_is_the_generate_key_and_the_index_not_the_endpoints(bases):
     assert shard_key(cfg, 3) == f"distill-shard-{generate_key(cfg)}-3"
     assert shard_key(cfg, 3) != shard_key(cfg, 4) and shard_key(cfg, 1) != shard_key(cfg, 11)
     assert shard_key(cfg, 3, ("http://a:1",)) == shard_key(cfg, 3, ("http://b:2", "http://c:3")) == shard_key(cfg, 3)
+
+
+def test_config_hash_follows_every_field(bases):
+    """The manifest's `config_hash` records the whole config: any one field changed is another hash."""
+    for base in bases.values():
+        assert RunConfig.model_validate(base.model_dump()).config_hash() == base.config_hash()
+        same = [dotted for dotted, _, cfg in variations(base) if cfg.config_hash() == base.config_hash()]
+        assert same == []
