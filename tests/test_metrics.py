@@ -301,3 +301,62 @@ def test_known_cases_give_their_known_values(known, tmp_path, monkeypatch):
 def test_no_task_no_accuracy(known, tmp_path):
     m = evaluate(_config(known, tmp_path, task="none"), dataset_dir=known["dataset"], student_dir=known["student"])
     assert "accuracy" not in m["teacher"] and "accuracy" not in m["student"] and "greedy_accuracy" not in m["student"]
+
+
+def sampled_texts(model, tok, prompts: list[list[int]], *, temperature: float, seed: int, batch_size: int) -> list[str]:
+    """The student's completions sampled at `temperature` from the full softmax (no top-k or top-p cut), written
+    out: one seed for the whole pass, prompts in batches of `batch_size`, one draw per row and step for every row
+    until all rows have ended, as transformers' sampling loop consumes the generator."""
+    torch.manual_seed(seed)
+    out = []
+    for lo in range(0, len(prompts), batch_size):
+        seqs = [list(p) for p in prompts[lo : lo + batch_size]]
+        done = [False] * len(seqs)
+        new: list[list[int]] = [[] for _ in seqs]
+        for _ in range(MAX_NEW):
+            logits = torch.from_numpy(np.stack([_full_logits(model, s + n)[-1] for s, n in zip(seqs, new)])).float()
+            draws = torch.multinomial(torch.softmax(logits / temperature, -1), num_samples=1)[:, 0].tolist()
+            for i, token in enumerate(draws):
+                if not done[i]:
+                    done[i] = token == tok.eos_token_id
+                    new[i].append(token)
+            if all(done):
+                break
+        out += [tok.decode(n, skip_special_tokens=True) for n in new]
+    return out
+
+
+def test_sampled_accuracy_samples_the_full_distribution_at_the_datasets_temperature(known, tmp_path, monkeypatch):
+    """With the teacher's data sampled at T = 1, the student is sampled at T = 1, seeded by eval.seed: a checker
+    that accepts the completions drawn by hand for half of the prompts gives exactly one half."""
+    import shutil
+
+    dataset = shutil.copytree(known["dataset"], tmp_path / "t1")
+    manifest = json.loads((dataset / "manifest.json").read_text())
+    manifest["sampling"]["temperature"] = 1.0
+    (dataset / "manifest.json").write_text(json.dumps(manifest))
+    firsts = list({r["prompt_id"]: r for r in reversed(_rows(dataset, 2000))}.values())[::-1]
+    drawn = sampled_texts(
+        known["model"], known["tok"], [r["prompt_token_ids"] for r in firsts], temperature=1.0, seed=7, batch_size=3
+    )
+    greedy = [greedy_text(known["model"], known["tok"], r["prompt_token_ids"]) for r in firsts]
+    assert sum(d != g for d, g in zip(drawn, greedy)) >= len(firsts) // 2  # sampling is not greedy decoding here
+    accept = {r["prompt"]: text for i, (r, text) in enumerate(zip(firsts, drawn)) if i % 2 == 0}
+    monkeypatch.setattr(demo_task, "check", lambda prompt, completion: accept.get(prompt) == completion)
+    m = evaluate(_config(known, tmp_path, seed=7), dataset_dir=dataset, student_dir=known["student"])
+    assert m["student"]["accuracy"] == pytest.approx(len(accept) / len(firsts))
+    want_greedy = sum(accept.get(r["prompt"]) == g for r, g in zip(firsts, greedy)) / len(firsts)
+    assert m["student"]["greedy_accuracy"] == pytest.approx(want_greedy)
+
+
+def test_a_split_with_no_positions_of_a_kind_reports_none():
+    """kl_uncertain / kl_deterministic are None (null in metrics.json) when no position falls on that side."""
+    from pipeline.evaluate import summarize_positions
+
+    kl = torch.tensor([0.5, 0.25])
+    part = {"kl": kl, "agree": torch.tensor([True, False]), "ce": torch.tensor([1.0, 2.0]), "mass": kl}
+    low = summarize_positions([{**part, "entropy": torch.tensor([0.1, 0.2])}])
+    assert low["kl_uncertain"] is None and low["kl_deterministic"] == pytest.approx(0.375)
+    assert low["uncertain_positions"] == 0 and low["positions"] == 2 and low["top1_agreement"] == 0.5
+    high = summarize_positions([{**part, "entropy": torch.tensor([0.4, 0.9])}])
+    assert high["kl_deterministic"] is None and high["kl_uncertain"] == pytest.approx(0.375)
