@@ -165,10 +165,11 @@ def test_temperature_is_scaling_then_renormalizing(kind: str) -> None:
 
 @pytest.mark.parametrize("temperature", [1.0, 2.0, 0.7])
 @pytest.mark.parametrize("kind", KINDS)
-def test_tail_bucket_equals_grouped_dense(kind: str, temperature: float) -> None:
-    """V = 10, k = 7; the teacher's 3 other tokens share their mass equally, so the tail-at-T
+@pytest.mark.parametrize("k", [7, 9], ids=["3-others", "1-other"])
+def test_tail_bucket_equals_grouped_dense(kind: str, temperature: float, k: int) -> None:
+    """V = 10, k = 7 or 9; the teacher's other tokens share their mass equally, so the tail-at-T
     assumption is exact and the buckets equal the dense tempered distributions grouped by hand."""
-    v, k = 10, 7
+    v = 10
     g = torch.Generator().manual_seed(8)
     top = torch.rand(4, k, generator=g, dtype=F64) * 5 + 0.5  # above the others' 0
     full = F.log_softmax(torch.cat([top, torch.zeros(4, v - k, dtype=F64)], dim=-1), dim=-1)
