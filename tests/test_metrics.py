@@ -296,6 +296,12 @@ def test_known_cases_give_their_known_values(known, tmp_path, monkeypatch):
     assert 0 < held.count("second") < len(held)
     assert m["student"]["top1_agreement"] == pytest.approx(1 - held.count("second") / len(held), abs=1e-12)
     assert m["teacher"]["top1_agreement"] == 1.0
+    # teacher_forced (what bench/quality.py calls) gives the same numbers over the same batches
+    from pipeline.evaluate import heldout_batches, teacher_forced
+
+    batches = heldout_batches(known["dataset"], batch_size=3, pad_id=known["tok"].pad_token_id, max_prompts=2000)
+    alone = teacher_forced(known["model"], (b for b, _ in batches), torch.device("cpu"), chunk_size=5)
+    assert alone == pytest.approx({k: v for k, v in m["student"].items() if "accuracy" not in k}, rel=1e-6)
 
 
 def test_no_task_no_accuracy(known, tmp_path):
