@@ -222,6 +222,7 @@ def test_ways_to_reach_servers_exclude_each_other(overrides, message):
 def test_endpoints_and_output_paths():
     assert build_config(VLLM).teacher.endpoints() == []
     assert build_config(VLLM, ["teacher.url=http://a:1/"]).teacher.endpoints() == ["http://a:1"]
+    assert build_config(VLLM, ["teacher.url=http://hostX/"]).teacher.endpoints() == ["http://hostX"]  # only '/' goes
     assert build_config(VLLM, ["teacher.urls=[http://a:1/, http://b:2]"]).teacher.endpoints() == [
         "http://a:1",
         "http://b:2",
