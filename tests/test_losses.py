@@ -165,10 +165,11 @@ def test_temperature_is_scaling_then_renormalizing(kind: str) -> None:
 
 @pytest.mark.parametrize("temperature", [1.0, 2.0, 0.7])
 @pytest.mark.parametrize("kind", KINDS)
-def test_tail_bucket_equals_grouped_dense(kind: str, temperature: float) -> None:
-    """V = 10, k = 7; the teacher's 3 other tokens share their mass equally, so the tail-at-T
+@pytest.mark.parametrize("k", [7, 9], ids=["3-others", "1-other"])
+def test_tail_bucket_equals_grouped_dense(kind: str, temperature: float, k: int) -> None:
+    """V = 10, k = 7 or 9; the teacher's other tokens share their mass equally, so the tail-at-T
     assumption is exact and the buckets equal the dense tempered distributions grouped by hand."""
-    v, k = 10, 7
+    v = 10
     g = torch.Generator().manual_seed(8)
     top = torch.rand(4, k, generator=g, dtype=F64) * 5 + 0.5  # above the others' 0
     full = F.log_softmax(torch.cat([top, torch.zeros(4, v - k, dtype=F64)], dim=-1), dim=-1)
@@ -403,3 +404,95 @@ def test_on_student_samples_the_tail_bucket_is_what_keeps_the_mass_on_the_teache
         found[tail] = z.detach().softmax(-1)[0, :2]
     torch.testing.assert_close(found[True], p[0], atol=2e-3, rtol=0)
     assert float(found[False].sum()) < 0.2, "without the tail the student's mass leaves the teacher's top-k"
+
+
+# ---- the numbers a training run logs: both CE paths, the T² weighting, the count, the defaults -----------------
+
+
+@pytest.mark.parametrize(
+    "alpha,temperature",
+    [(0.3, 1.0), (0.3, 0.5), (0.0, 1.0), (1.0, 1.0), (0.7, 3.0)],
+    ids=["shared-gather", "tempered", "kd-only", "ce-only", "T=3"],
+)
+def test_loss_sums_and_combine_equal_their_references(alpha: float, temperature: float) -> None:
+    """CE from the shared gather (0 < alpha < 1 at T = 1) or its own, the skipped sum exactly 0, and the loss
+    alpha CE + (1 - alpha) T² D over the global count, at temperatures where T² and 2T differ."""
+    z, labels, ids, lps = _batch(7)
+    s = distill_loss_sums(z, labels, ids, lps, alpha=alpha, temperature=temperature)
+    ce = F.cross_entropy(z, labels, reduction="sum") if alpha > 0 else torch.zeros((), dtype=F64)
+    kd = topk_divergence(z, ids, lps, temperature=temperature).sum() if alpha < 1 else torch.zeros((), dtype=F64)
+    torch.testing.assert_close(s.ce_sum, ce)
+    torch.testing.assert_close(s.kd_sum, kd)
+    assert s.ce_sum.dtype == s.kd_sum.dtype == F64 and s.n_tokens == 7
+    loss, ce_mean, kd_mean = combine(s, alpha=alpha, temperature=temperature, n_tokens_global=7)
+    torch.testing.assert_close(loss, (alpha * ce + (1 - alpha) * temperature**2 * kd) / 7)
+    torch.testing.assert_close(ce_mean, ce.detach() / 7)
+    torch.testing.assert_close(kd_mean, kd.detach() / 7)
+
+
+def test_combine_divides_by_the_global_count_and_an_empty_step_is_zero() -> None:
+    s = LossSums(torch.tensor(2.0, dtype=F64), torch.tensor(3.0, dtype=F64), 1)
+    assert [t.item() for t in combine(s, alpha=0.25, temperature=3.0, n_tokens_global=1)] == [0.5 + 0.75 * 9 * 3, 2, 3]
+    assert [t.item() for t in combine(s, alpha=0.25, temperature=3.0, n_tokens_global=4)] == pytest.approx(
+        [(0.5 + 0.75 * 9 * 3) / 4, 0.5, 0.75]
+    )
+    assert [t.item() for t in combine(s, alpha=0.25, temperature=3.0, n_tokens_global=0)] == [0.0, 0.0, 0.0]
+    with pytest.raises(ValueError, match="n_tokens_global must be >= 0, got -1"):
+        combine(s, alpha=0.25, temperature=3.0, n_tokens_global=-1)
+
+
+def test_defaults_are_the_documented_ones() -> None:
+    """T = 1, forward KL, beta 0.5, no tail bucket: what a caller that sets none of them gets."""
+    z, labels, ids, lps = _batch(6)
+    explicit = dict(temperature=1.0, kind="forward_kl", beta=0.5, tail_bucket=False)
+    torch.testing.assert_close(topk_divergence(z, ids, lps), topk_divergence(z, ids, lps, **explicit))
+    for alpha in (0.0, 0.4):
+        got, want = (
+            distill_loss_sums(z, labels, ids, lps, alpha=alpha),
+            distill_loss_sums(z, labels, ids, lps, alpha=alpha, **explicit),
+        )
+        torch.testing.assert_close((got.ce_sum, got.kd_sum), (want.ce_sum, want.kd_sum))
+    torch.manual_seed(1)
+    head, hidden = torch.nn.Linear(5, 17, dtype=F64), torch.randn(6, 5, dtype=F64)
+    got = chunked_distill_loss_sums(hidden, head, labels, ids, lps, alpha=0.4)
+    want = distill_loss_sums(head(hidden), labels, ids, lps, alpha=0.4, **explicit)
+    torch.testing.assert_close((got.ce_sum, got.kd_sum), (want.ce_sum, want.kd_sum))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_logits_are_computed_in_float32(dtype: torch.dtype) -> None:
+    """The sums of half-precision logits are those of the same logits upcast (exactly), in float32."""
+    z, labels, ids, lps = _batch(8)
+    half = z.detach().to(dtype)
+    for alpha in (0.0, 0.5, 1.0):
+        got = distill_loss_sums(half, labels, ids, lps.float(), alpha=alpha, temperature=1.0)
+        want = distill_loss_sums(half.float(), labels, ids, lps.float(), alpha=alpha, temperature=1.0)
+        assert got.ce_sum.dtype == got.kd_sum.dtype == torch.float32
+        assert torch.equal(got.ce_sum, want.ce_sum) and torch.equal(got.kd_sum, want.kd_sum)
+
+
+def test_map_head_chunks_calls_once_per_chunk_and_once_when_empty() -> None:
+    from pipeline.losses import map_head_chunks
+
+    head = torch.nn.Linear(3, 4)
+
+    def rows(n: int, size: int) -> list:
+        return map_head_chunks(
+            lambda lg, r: (lg.shape[0], r.tolist()), torch.zeros(n, 3), head, torch.arange(n), chunk_size=size
+        )
+
+    assert rows(5, 2) == [(2, [0, 1]), (2, [2, 3]), (1, [4])]
+    assert rows(1, 1) == [(1, [0])]
+    assert rows(0, 1) == [(0, [])]  # one empty chunk: a training step keeps its graph
+    with pytest.raises(ValueError, match="chunk_size must be >= 1, got 0"):
+        map_head_chunks(lambda logits: logits, torch.zeros(2, 3), head, chunk_size=0)
+
+
+def test_bad_arguments_name_the_argument() -> None:
+    z, labels, ids, lps = _batch(3)
+    with pytest.raises(ValueError, match="alpha must be in \\[0, 1\\], got 1.5"):
+        distill_loss_sums(z, labels, ids, lps, alpha=1.5)
+    with pytest.raises(ValueError, match="unknown divergence kind 'kl'"):
+        topk_divergence(z, ids, lps, kind="kl")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="beta must be in \\[0, 1\\], got 1.5"):
+        topk_divergence(z, ids, lps, kind="jsd", beta=1.5)

@@ -27,7 +27,7 @@ def tok(tmp_path_factory):
 @pytest.fixture(scope="module")
 def teacher(tmp_path_factory) -> tuple[Path, dict]:
     out = tmp_path_factory.mktemp("teachers") / "demo"
-    marker = build.build_teacher(out, max_steps=20, eval_prompts=40)
+    marker = build.build_teacher(out, max_steps=20, max_seconds=900, eval_prompts=40)  # steps, not time, bound it
     return out, marker
 
 
@@ -112,6 +112,7 @@ def test_separate_tokenization_matches_training_sequences(tok):
         assert labels[len(p_ids) : len(seq)].tolist() == seq[len(p_ids) :]
 
 
+@pytest.mark.teacher  # trains a demo teacher (a minute or more on 2 cores)
 def test_build_teacher_writes_loadable_hf_dir(teacher):
     out, marker = teacher
     for name in ["model.safetensors", "config.json", "generation_config.json", "tokenizer.json"]:
