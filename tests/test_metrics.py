@@ -246,7 +246,7 @@ def _install_checker(known, monkeypatch, max_prompts: int) -> tuple[set[str], se
 def _config(known, tmp_path, **eval_cfg) -> RunConfig:
     return RunConfig.model_validate(
         {
-            "output_dir": str(tmp_path / "run"),
+            "output_dir": str(tmp_path / "runs" / "new" / "run"),  # metrics.json creates its directories
             "teacher": {"model": "unused"},
             "prompts": {"path": "unused"},
             "student": {"model": str(known["student"])},
@@ -366,3 +366,23 @@ def test_a_split_with_no_positions_of_a_kind_reports_none():
     assert low["uncertain_positions"] == 0 and low["positions"] == 2 and low["top1_agreement"] == 0.5
     high = summarize_positions([{**part, "entropy": torch.tensor([0.4, 0.9])}])
     assert high["kl_deterministic"] is None and high["kl_uncertain"] == pytest.approx(0.375)
+
+
+def test_a_dataset_without_held_out_prompts_is_refused(known, tmp_path):
+    """Evaluating on training prompts would flatter the student: one line saying what to do instead."""
+    import shutil
+
+    from pipeline.dataset.schema import DatasetError
+
+    dataset = shutil.copytree(known["dataset"], tmp_path / "no-heldout")
+    manifest = json.loads((dataset / "manifest.json").read_text())
+    manifest["heldout_fraction"] = 0.0
+    (dataset / "manifest.json").write_text(json.dumps(manifest))
+    want = (
+        f"{dataset} has no held-out prompts (prompts.heldout_fraction was 0); evaluation on training prompts would "
+        "not be honest: regenerate with heldout_fraction > 0"
+    )
+    with pytest.raises(DatasetError) as err:
+        evaluate(_config(known, tmp_path), dataset_dir=dataset, student_dir=known["student"])
+    assert str(err.value) == want
+    assert not _config(known, tmp_path).metrics_path.exists()
