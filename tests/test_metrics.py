@@ -100,6 +100,8 @@ def known(tmp_path_factory):
         per_prompt, per_texts = [], []
         for _ in range(N_SAMPLES):
             completion = rng.choice(words, size=int(rng.integers(2, 6))).astype(np.int32)
+            if position % 3 == 0:  # ended by EOS, which the text (and the checker) leave out
+                completion = np.append(completion, np.int32(tok.eos_token_id))
             logq = _log_softmax(_full_logits(model, toks + completion.tolist()))[len(toks) - 1 : -1]
             modes = [MODES[(position + t) % len(MODES)] for t in range(len(logq))]
             ids, lps = zip(*(_teacher_topk(row, mode) for row, mode in zip(logq, modes)))
@@ -239,7 +241,9 @@ def _install_checker(known, monkeypatch, max_prompts: int) -> tuple[set[str], se
             accept[r["prompt"]] = greedy_text(known["model"], known["tok"], list(r["prompt_token_ids"]))
             greedy_ok.add(pid)
     assert teacher_ok and greedy_ok and len(teacher_ok | greedy_ok) < len(firsts)
-    monkeypatch.setattr(demo_task, "check", lambda prompt, completion: accept.get(prompt) == completion)
+    monkeypatch.setattr(
+        demo_task, "check", lambda prompt, completion: prompt in accept and accept[prompt] == completion
+    )
     return teacher_ok, greedy_ok
 
 
@@ -348,7 +352,9 @@ def test_sampled_accuracy_samples_the_full_distribution_at_the_datasets_temperat
     greedy = [greedy_text(known["model"], known["tok"], r["prompt_token_ids"]) for r in firsts]
     assert sum(d != g for d, g in zip(drawn, greedy)) >= len(firsts) // 2  # sampling is not greedy decoding here
     accept = {r["prompt"]: text for i, (r, text) in enumerate(zip(firsts, drawn)) if i % 2 == 0}
-    monkeypatch.setattr(demo_task, "check", lambda prompt, completion: accept.get(prompt) == completion)
+    monkeypatch.setattr(
+        demo_task, "check", lambda prompt, completion: prompt in accept and accept[prompt] == completion
+    )
     m = evaluate(_config(known, tmp_path, seed=7), dataset_dir=dataset, student_dir=known["student"])
     assert m["student"]["accuracy"] == pytest.approx(len(accept) / len(firsts))
     want_greedy = sum(accept.get(r["prompt"]) == g for r, g in zip(firsts, greedy)) / len(firsts)
