@@ -100,6 +100,8 @@ def known(tmp_path_factory):
         per_prompt, per_texts = [], []
         for _ in range(N_SAMPLES):
             completion = rng.choice(words, size=int(rng.integers(2, 6))).astype(np.int32)
+            if position % 3 == 0:  # ended by EOS, which the text (and the checker) leave out
+                completion = np.append(completion, np.int32(tok.eos_token_id))
             logq = _log_softmax(_full_logits(model, toks + completion.tolist()))[len(toks) - 1 : -1]
             modes = [MODES[(position + t) % len(MODES)] for t in range(len(logq))]
             ids, lps = zip(*(_teacher_topk(row, mode) for row, mode in zip(logq, modes)))
@@ -239,14 +241,16 @@ def _install_checker(known, monkeypatch, max_prompts: int) -> tuple[set[str], se
             accept[r["prompt"]] = greedy_text(known["model"], known["tok"], list(r["prompt_token_ids"]))
             greedy_ok.add(pid)
     assert teacher_ok and greedy_ok and len(teacher_ok | greedy_ok) < len(firsts)
-    monkeypatch.setattr(demo_task, "check", lambda prompt, completion: accept.get(prompt) == completion)
+    monkeypatch.setattr(
+        demo_task, "check", lambda prompt, completion: prompt in accept and accept[prompt] == completion
+    )
     return teacher_ok, greedy_ok
 
 
 def _config(known, tmp_path, **eval_cfg) -> RunConfig:
     return RunConfig.model_validate(
         {
-            "output_dir": str(tmp_path / "run"),
+            "output_dir": str(tmp_path / "runs" / "new" / "run"),  # metrics.json creates its directories
             "teacher": {"model": "unused"},
             "prompts": {"path": "unused"},
             "student": {"model": str(known["student"])},
@@ -348,7 +352,9 @@ def test_sampled_accuracy_samples_the_full_distribution_at_the_datasets_temperat
     greedy = [greedy_text(known["model"], known["tok"], r["prompt_token_ids"]) for r in firsts]
     assert sum(d != g for d, g in zip(drawn, greedy)) >= len(firsts) // 2  # sampling is not greedy decoding here
     accept = {r["prompt"]: text for i, (r, text) in enumerate(zip(firsts, drawn)) if i % 2 == 0}
-    monkeypatch.setattr(demo_task, "check", lambda prompt, completion: accept.get(prompt) == completion)
+    monkeypatch.setattr(
+        demo_task, "check", lambda prompt, completion: prompt in accept and accept[prompt] == completion
+    )
     m = evaluate(_config(known, tmp_path, seed=7), dataset_dir=dataset, student_dir=known["student"])
     assert m["student"]["accuracy"] == pytest.approx(len(accept) / len(firsts))
     want_greedy = sum(accept.get(r["prompt"]) == g for r, g in zip(firsts, greedy)) / len(firsts)
@@ -366,3 +372,23 @@ def test_a_split_with_no_positions_of_a_kind_reports_none():
     assert low["uncertain_positions"] == 0 and low["positions"] == 2 and low["top1_agreement"] == 0.5
     high = summarize_positions([{**part, "entropy": torch.tensor([0.4, 0.9])}])
     assert high["kl_deterministic"] is None and high["kl_uncertain"] == pytest.approx(0.375)
+
+
+def test_a_dataset_without_held_out_prompts_is_refused(known, tmp_path):
+    """Evaluating on training prompts would flatter the student: one line saying what to do instead."""
+    import shutil
+
+    from pipeline.dataset.schema import DatasetError
+
+    dataset = shutil.copytree(known["dataset"], tmp_path / "no-heldout")
+    manifest = json.loads((dataset / "manifest.json").read_text())
+    manifest["heldout_fraction"] = 0.0
+    (dataset / "manifest.json").write_text(json.dumps(manifest))
+    want = (
+        f"{dataset} has no held-out prompts (prompts.heldout_fraction was 0); evaluation on training prompts would "
+        "not be honest: regenerate with heldout_fraction > 0"
+    )
+    with pytest.raises(DatasetError) as err:
+        evaluate(_config(known, tmp_path), dataset_dir=dataset, student_dir=known["student"])
+    assert str(err.value) == want
+    assert not _config(known, tmp_path).metrics_path.exists()
