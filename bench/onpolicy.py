@@ -1,6 +1,6 @@
 """Off-policy only vs on-policy rounds, same student steps and about the same teacher-scored tokens, 3 seeds.
 
-    python bench/onpolicy.py [--prompts 600] [--steps 300] [--seeds 0 1 2]
+    python bench/onpolicy.py [--prompts 400] [--steps 150] [--seeds 0 1 2]
 
 The demo teacher and student (transformers backend, in process), in a regime with headroom: few prompts and
 few steps, so the student does not already match the teacher.
@@ -42,7 +42,7 @@ def config(out: Path, prompts: int, steps: int, seed: int, rounds: int) -> dict:
         "generate": {"k": 20, "max_new_tokens": 24, "seed": seed, "shard_size": 1000},
         "student": {"shrink": {**STUDENT, "intermediate_size": 256}},
         "train": {"alpha": 0.2, "max_steps": steps, "batch_size": 64, "lr": 3e-3, "warmup_steps": 20, "seed": seed},
-        "eval": {"task": "demo", "max_prompts": 500, "batch_size": 512, "seed": seed},
+        "eval": {"task": "demo", "max_prompts": 300, "batch_size": 512, "seed": seed},
         "rounds": rounds,
         "on_policy": {"share": 0.5, "steps": steps},
     }
@@ -92,8 +92,8 @@ def on_policy(root: Path, prompts: int, steps: int, seed: int) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--prompts", type=int, default=600)
-    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--prompts", type=int, default=400)
+    ap.add_argument("--steps", type=int, default=150)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--work", default="data/bench/onpolicy")
     ap.add_argument("--out", default="bench/results/onpolicy.json")
