@@ -1,4 +1,5 @@
-"""Where the teacher runs for one generate run: in this process (hf), attached vLLM servers, or managed ones.
+"""Where the teacher runs for one generate run: in this process (hf), a vLLM engine worker, attached vLLM servers,
+or managed ones.
 
 `teacher_endpoints` yields the endpoints for the run (starting and always stopping managed servers);
 `open_teacher` opens a Teacher on one of them. The shard executors (pipeline/generate.py, flows/) use both.
@@ -13,22 +14,26 @@ from pathlib import Path
 
 from pipeline.config import RunConfig
 from pipeline.teachers.base import Teacher
-from pipeline.teachers.managed import ManagedServer, managed_servers
+from pipeline.teachers.managed import ManagedServer, managed_servers, sigterm_as_exit
+from pipeline.teachers.vllm_engine import EngineProcess
 
 
 @dataclass(frozen=True)
 class Endpoint:
-    """One place shards can be sent: a server URL, or None for the model loaded in this process."""
+    """One place shards can be sent: a server URL, the engine worker of this run, or neither for the model loaded
+    in this process."""
 
     url: str | None = None
     model_name: str | None = None
     """Model name the server expects (vLLM's --served-model-name)."""
     server: ManagedServer | None = None
     """The process behind `url` when this run started it (None when attached)."""
+    engine: EngineProcess | None = None
+    """The vLLM engine worker this run started (backend vllm_engine)."""
 
     @property
     def label(self) -> str:
-        return self.url or "in-process"
+        return self.url or ("vllm-engine" if self.engine is not None else "in-process")
 
 
 def max_logprobs(k: int) -> int:
@@ -41,7 +46,17 @@ def teacher_endpoints(cfg: RunConfig, *, max_servers: int | None = None) -> Iter
     """The run's endpoints: [in-process] for hf, the configured URLs, or managed servers started here
     (at most `max_servers` of `teacher.num_servers`) and always stopped on the way out."""
     t = cfg.teacher
-    if t.backend != "vllm_server":
+    if t.backend == "vllm_engine":
+        engine = EngineProcess(
+            t, max_logprobs=max_logprobs(cfg.generate.k), log_path=Path(cfg.output_dir) / "teacher_engine.log"
+        )
+        with sigterm_as_exit():
+            try:
+                engine.start()
+                yield [Endpoint(engine=engine)]
+            finally:
+                engine.stop()
+    elif t.backend != "vllm_server":
         yield [Endpoint()]
     elif t.endpoints():
         yield [Endpoint(url, t.served_model_name or t.model) for url in t.endpoints()]
@@ -60,6 +75,12 @@ def open_teacher(cfg: RunConfig, endpoint: Endpoint) -> Teacher:
         from pipeline.teachers.hf import HFTeacher
 
         return HFTeacher(t)
+    if t.backend == "vllm_engine":
+        from pipeline.teachers.vllm_engine import VLLMEngineTeacher
+
+        if endpoint.engine is None:
+            raise ValueError("the vllm_engine backend needs the engine endpoint that teacher_endpoints() starts")
+        return VLLMEngineTeacher(t, endpoint.engine)
     from pipeline.teachers.vllm_server import VLLMServerTeacher
 
     attach = t.model_copy(

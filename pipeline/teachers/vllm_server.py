@@ -14,9 +14,14 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import numpy as np
 
-from pipeline.core import stable_id
 from pipeline.dataset.schema import Generation
-from pipeline.teachers.base import SamplingSpec, TeacherInfo, TeacherRequestError, TeacherServerError
+from pipeline.teachers.base import (
+    SamplingSpec,
+    TeacherInfo,
+    TeacherRequestError,
+    TeacherServerError,
+    request_seeds,
+)
 from pipeline.teachers.managed import ManagedServer
 
 
@@ -145,9 +150,7 @@ class VLLMServerTeacher:
         return [parse_choice(c, spec.k) for c in choices]
 
     def generate(self, prompts: list[list[int]], spec: SamplingSpec, seed: int) -> list[list[Generation]]:
-        # One request per prompt with its own seed: results do not depend on concurrency or batching.
-        # vLLM seeds sample j of a request with seed + j, so prompts get hashed, far-apart seeds.
-        seeds = [int(stable_id("request", seed, i)[:15], 16) for i in range(len(prompts))]
+        seeds = request_seeds(seed, len(prompts))  # one request per prompt, each with its own seed
         pool = ThreadPoolExecutor(max_workers=self.cfg.concurrency)
         ok = False
         try:
