@@ -89,11 +89,21 @@ def run(
     config: ConfigArg,
     stages: Annotated[str, typer.Option(help="Comma-separated: generate,train,eval.")] = "generate,train,eval",
     resume: Annotated[bool, typer.Option(help="Train from the newest good checkpoint of an interrupted run.")] = False,
+    task_runner: Annotated[
+        str, typer.Option(help="Where shard tasks run: thread (this process) or ray (prefect-ray).")
+    ] = "thread",
+    ray_address: Annotated[
+        str | None, typer.Option(help="With --task-runner ray: a running cluster's address (default: a local one).")
+    ] = None,
     set_: SetOpt = None,
 ) -> None:
     """Run the Prefect flow (ephemeral local API unless PREFECT_API_URL is set)."""
     cfg = _config(config, set_)
     wanted = _stages(stages)
+    if task_runner not in ("thread", "ray"):
+        _fail(f"unknown task runner {task_runner!r}; choose from thread, ray")
+    if ray_address and task_runner != "ray":
+        _fail("--ray-address needs --task-runner ray")
     from pipeline.preflight import preflight
 
     _run(preflight, cfg, wanted)
@@ -102,8 +112,12 @@ def run(
     os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "pipeline")  # stage logs appear in the Prefect run
     logging.getLogger("pipeline").setLevel(logging.INFO)
     from flows.distill import distill_flow
+    from flows.distill import task_runner as make_runner
 
-    out = _run(distill_flow, cfg, stages=wanted, resume=resume)
+    flow_ = distill_flow
+    if task_runner != "thread":
+        flow_ = distill_flow.with_options(task_runner=_run(make_runner, task_runner, ray_address))
+    out = _run(flow_, cfg, stages=wanted, resume=resume)
     print_summary(out)
 
 
