@@ -98,10 +98,10 @@ class PrefectShards:
     """Shard executor of the flow: a Prefect task per shard, yielding each as it finishes.
 
     Served teachers: the executor keeps SHARDS_PER_ENDPOINT tasks in flight per endpoint (the next shard's start
-    overlaps the last one's tail) on the flow's task runner, starting the next as soon as one finishes. Teachers
-    in this process (the hf model, the vLLM engine): tasks run one after another in this thread, without the tag
-    (one model runs one shard at a time; the hf backend's samples depend on that). A cached result counts only
-    while its file matches it; otherwise the shard runs again.
+    overlaps the last one's tail) on the flow's task runner, starting the next as soon as one finishes. The vLLM
+    engine (in this process): as many tasks in flight, on threads of this process. The hf model: one task after
+    another in this thread (its samples depend on torch's global RNG). Tasks in this process carry no tag. A
+    cached result counts only while its file matches it; otherwise the shard runs again.
     """
 
     per_endpoint: int = SHARDS_PER_ENDPOINT
@@ -132,9 +132,20 @@ class PrefectShards:
                 return outcome(index, state, str(state.state_details.task_run_id))
             return done
 
-        if not urls:
-            if endpoints[0].engine is not None:
-                shared_teacher(cfg, endpoints[0])  # opened here, with the engine at hand; the tasks find it
+        if endpoints[0].engine is not None:
+            # The run's engine lives in this process, so its tasks run on threads here whatever the flow's runner
+            # is: two in flight, so one task's Prefect bookkeeping and Parquet write overlap the next one's engine
+            # time (the engine itself takes one request at a time).
+            shared_teacher(cfg, endpoints[0])  # opened here, with the engine at hand; the tasks find it
+            with ThreadPoolTaskRunner(max_workers=self.per_endpoint) as local:
+
+                def submit_local(index: int, slot: int):
+                    params = {"cfg": cfg, "key": work.key, "index": index, "urls": [], "served_model_name": None}
+                    return local.submit(task_for(index, tags=set()), parameters=params)
+
+                yield from self._window(work.todo, 1, submit_local, outcome)
+            return
+        if not urls:  # the hf model: one shard at a time in this thread (its samples depend on that)
             for index in work.todo:
                 state = task_for(index, tags=set())(cfg, work.key, index, [], return_state=True)
                 yield outcome(index, state, str(state.state_details.task_run_id))
@@ -147,15 +158,25 @@ class PrefectShards:
             self.per_endpoint,
             f" (operator limit tag:{TEACHER_TAG} = {limit})" if limit is not None else "",
         )
-        pending, running, load = list(work.todo), {}, Counter()
+        yield from self._window(
+            work.todo,
+            len(urls),
+            lambda index, slot: task_for(index).submit(cfg, work.key, index, urls, served, slot),
+            outcome,
+        )
+
+    def _window(self, todo: list[int], endpoints: int, submit, outcome) -> Iterator[ShardEvent]:
+        """Keep `per_endpoint` tasks in flight on each of `endpoints` (shard i starts on endpoint i mod n), start
+        the next as soon as one finishes, and yield each outcome as it arrives."""
+        pending, running, load = list(todo), {}, Counter()
 
         def fill() -> None:
             while pending:
-                slot = min(range(len(urls)), key=lambda s: load[s])  # shard i starts on endpoint i mod n
+                slot = min(range(endpoints), key=lambda s: load[s])
                 if load[slot] >= self.per_endpoint:
                     return
                 index = pending.pop(0)
-                running[task_for(index).submit(cfg, work.key, index, urls, served, slot)] = (index, slot)
+                running[submit(index, slot)] = (index, slot)
                 load[slot] += 1
 
         fill()
