@@ -1,6 +1,6 @@
 """Capture throughput: what a user compares (`--compare`), and the server's cost of top-k logprobs (default mode).
 
-    python bench/capture.py --compare [--config configs/demo.yaml] [--repeats 3] [--hf]
+    python bench/capture.py --compare [--config configs/demo.yaml] [--repeats 3] [--hf] [--ray] [--only WORD ...]
     python bench/capture.py [--model data/models/demo-teacher] [--prompts 2000] [--repeats 3]
 
 `--compare`: in one run, on the config's prompts and teacher, whole commands as a user runs them, rows
@@ -8,10 +8,11 @@ interleaved (the order rotates each repeat) so drift on a shared machine hits ev
 offline script (bench/plain_vllm.py: `vllm.LLM(...).generate(prompts, SamplingParams(logprobs=20))`, arrays,
 one pyarrow Parquet write; in the teacher env), `distill generate` with each vLLM backend (vllm_engine,
 vllm_server; `--hf` adds configs/demo-hf.yaml), and the flow (`distill run --stages generate`, its own Prefect
-ephemeral API, as `distill run` does by default) with each. Per row, medians of: whole-command wall seconds,
-the generate stage's own seconds (what the command reports), and steady tokens/s (plain script: tokens over
-its `generate` call; distill: the tokens of shards 2..n over the time between the first and the last shard
-file). Writes bench/results/capture-compare.json.
+ephemeral API, as `distill run` does by default) with each (`--ray` adds the flow on a local Ray cluster,
+server backend). `--only engine ...` keeps the rows whose name holds a word (and the plain script). Per row,
+medians of: whole-command wall seconds, the generate stage's own seconds (what the command reports), and
+steady tokens/s (plain script: tokens over its `generate` call; distill: the tokens of shards 2..n over the
+time between the first and the last shard file). Writes bench/results/capture-compare.json.
 
 Default mode: one managed server; tokens/s with no logprobs, k=0, 5, 20 and transformers, median of
 `--repeats`, ratios against `no logprobs` of the same run. Writes bench/results/capture.json.
@@ -199,11 +200,22 @@ def compare(args) -> None:
             ],
             env,
         )
+    if args.ray:
+        sets = ["--set", "teacher.backend=vllm_server", "--set", f"teacher.python={args.python}"]
+        rows["distill run --stages generate --task-runner ray (vllm_server)"] = (
+            lambda out, s=sets: [
+                *distill, "run", args.config, "--stages", "generate", "--task-runner", "ray", *s,
+                "--set", f"output_dir={out}",
+            ],
+            env,
+        )  # fmt: skip
     if args.hf:
         rows["distill generate (hf)"] = (
             lambda out: [*distill, "generate", "configs/demo-hf.yaml", "--set", f"output_dir={out}"],
             env,
         )
+    if args.only:
+        rows = {n: r for n, r in rows.items() if n == "plain vLLM script" or any(o in n for o in args.only)}
     results: dict[str, list[dict]] = {name: [] for name in rows}
     names = list(rows)
     for rep in range(args.repeats):
@@ -226,6 +238,8 @@ def compare(args) -> None:
             f"{m['wall_s'] / plain['wall_s']:>10.2f}x {m['steady_tps'] / plain['steady_tps']:>11.2f}x"
         )
     for backend in ("vllm_engine", "vllm_server"):
+        if f"distill generate ({backend})" not in med or f"distill run --stages generate ({backend})" not in med:
+            continue
         g, f = med[f"distill generate ({backend})"], med[f"distill run --stages generate ({backend})"]
         print(
             f"flow vs distill generate ({backend}): generate stage {100 * (f['stage_s'] / g['stage_s'] - 1):+.1f}%, "
@@ -253,6 +267,8 @@ def main() -> None:
     ap.add_argument("--config", default="configs/demo.yaml", help="--compare: the run config (prompts, teacher)")
     ap.add_argument("--hf", action="store_true", help="--compare: add `distill generate configs/demo-hf.yaml`")
     ap.add_argument("--keep", action="store_true", help="--compare: keep the output directories")
+    ap.add_argument("--ray", action="store_true", help="--compare: add the flow on a local Ray cluster (server)")
+    ap.add_argument("--only", nargs="*", help="--compare: only the rows whose name holds one of these (and plain)")
     ap.add_argument("--model", default="data/models/demo-teacher")
     ap.add_argument("--python", default=".venv-teacher/bin/python")
     ap.add_argument("--prompts", type=int, default=2000)
