@@ -1,7 +1,7 @@
 """`kill -9` of `distill generate` while the vLLM engine worker (backend vllm_engine) computes a shard.
 
 The engine runs in a process group of its own, guarded like a managed server: no vLLM process may outlive the
-killed `distill`; the shard committed before the kill is kept, a rerun finishes the dataset, and the result
+killed `distill`; the shards committed before the kill are kept, a rerun finishes the dataset, and the result
 equals an uninterrupted engine run's byte for byte.
 """
 
@@ -38,12 +38,13 @@ def test_kill_9_mid_shard_leaves_no_engine_and_the_rerun_matches_an_uninterrupte
     config = write_config(tmp_path / "cfg.yaml", fault_raw(tmp_path / "run", teacher=teacher))
     dataset = tmp_path / "run" / "dataset"
 
-    res = distill("generate", str(config), kill=("engine_busy", 2), env=env, timeout=1500)
+    # the third shard's request is in the engine; the shards before it are written or being written beside it
+    res = distill("generate", str(config), kill=("engine_busy", 3), env=env, timeout=1500)
     assert res.returncode == -signal.SIGKILL, f"expected a SIGKILL, got {res.returncode}\n{res.stderr[-2000:]}"
     gone = wait_until(lambda: not processes_mentioning(marker), 60)
     assert gone, f"engine processes outlived the killed distill: {processes_mentioning(marker)}"
     kept = listed_shards(dataset)
-    assert sorted(kept) == ["part-00000.parquet"] and not validate_dataset(dataset).complete
+    assert len(kept) < 4 and not validate_dataset(dataset).complete
 
     res = distill("generate", str(config), env=env, timeout=1500)
     assert res.returncode == 0, res.stderr[-3000:]

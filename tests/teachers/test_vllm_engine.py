@@ -203,7 +203,8 @@ def test_engine_and_server_backends_write_the_same_shards(engine, make_config, t
 @pytest.mark.slow
 @needs_vllm
 def test_an_engine_killed_mid_run_keeps_shards_and_leaves_no_process(make_config, tiny_teacher, tmp_path, monkeypatch):
-    """The worker's group killed after the first shard: one clear error with the log, shard 0 kept, no orphan."""
+    """The worker's group killed as shard 2 starts (shard 1 is then in the engine: `distill generate` keeps the next
+    shard waiting beside the engine): one clear error with the log, shard 0 kept, no orphan."""
     import pipeline.shards as shards_mod
     from pipeline.dataset.schema import read_manifest
     from pipeline.generate import generate_dataset
@@ -211,16 +212,16 @@ def test_an_engine_killed_mid_run_keeps_shards_and_leaves_no_process(make_config
     cfg = make_config(out=tmp_path / "crash", teacher=engine_config(tiny_teacher).model_dump())
     real, seen = shards_mod.generate_shard, []
 
-    def kill_before_shard_1(cfg_, index, teacher):
+    def kill_before_shard_2(cfg_, index, teacher):
         seen.append(teacher.engine.proc.pid)
-        if index == 1:
+        if index == 2:
             os.killpg(teacher.engine.proc.pid, signal.SIGKILL)
         return real(cfg_, index, teacher)
 
-    monkeypatch.setattr(shards_mod, "generate_shard", kill_before_shard_1)
+    monkeypatch.setattr(shards_mod, "generate_shard", kill_before_shard_2)
     with pytest.raises(TeacherServerError, match=r"teacher engine exited \(code -9\) mid-run: .*log: .*engine"):
         generate_dataset(cfg, progress=False)
     assert not group_members(seen[0]), "the engine's processes were left behind"
     manifest = read_manifest(cfg.dataset_dir)
-    assert [s.index for s in manifest.shards] == [0] and not manifest.complete
+    assert [s.index for s in manifest.shards] in ([0], [0, 1]) and not manifest.complete
     assert (Path(cfg.output_dir) / "teacher_engine.log").stat().st_size > 0
