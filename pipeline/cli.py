@@ -89,11 +89,21 @@ def run(
     config: ConfigArg,
     stages: Annotated[str, typer.Option(help="Comma-separated: generate,train,eval.")] = "generate,train,eval",
     resume: Annotated[bool, typer.Option(help="Train from the newest good checkpoint of an interrupted run.")] = False,
+    task_runner: Annotated[
+        str, typer.Option(help="Where shard tasks run: thread (this process) or ray (prefect-ray).")
+    ] = "thread",
+    ray_address: Annotated[
+        str | None, typer.Option(help="With --task-runner ray: a running cluster's address (default: a local one).")
+    ] = None,
     set_: SetOpt = None,
 ) -> None:
     """Run the Prefect flow (ephemeral local API unless PREFECT_API_URL is set)."""
     cfg = _config(config, set_)
     wanted = _stages(stages)
+    if task_runner not in ("thread", "ray"):
+        _fail(f"unknown task runner {task_runner!r}; choose from thread, ray")
+    if ray_address and task_runner != "ray":
+        _fail("--ray-address needs --task-runner ray")
     from pipeline.preflight import preflight
 
     _run(preflight, cfg, wanted)
@@ -103,9 +113,13 @@ def run(
     logging.getLogger("pipeline").setLevel(logging.INFO)
     from flows.api import local_api
     from flows.distill import distill_flow
+    from flows.distill import task_runner as make_runner
 
+    flow_ = distill_flow
+    if task_runner != "thread":
+        flow_ = distill_flow.with_options(task_runner=_run(make_runner, task_runner, ray_address))
     with local_api():  # Prefect's local API, taken down with this process even by kill -9
-        out = _run(distill_flow, cfg, stages=wanted, resume=resume)
+        out = _run(flow_, cfg, stages=wanted, resume=resume)
     print_summary(out)
 
 

@@ -107,7 +107,38 @@ class VLLMServerTeacherConfig(_Strict):
         )
 
 
-TeacherConfig = Annotated[HFTeacherConfig | VLLMServerTeacherConfig, Field(discriminator="backend")]
+class VLLMEngineTeacherConfig(_Strict):
+    """Teacher in vLLM's offline engine (`vllm.LLM`), run by a worker process from the teacher env for the whole
+    generate run: each shard is one continuously batched call, answered as arrays (no HTTP, no JSON per token)."""
+
+    backend: Literal["vllm_engine"] = "vllm_engine"
+    model: str
+    """Path or hub id the engine loads; its tokenizer is loaded locally to tokenize prompts."""
+    revision: str | None = None
+    python: str = ".venv-teacher/bin/python"
+    """Interpreter of the teacher environment that has vLLM."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    max_model_len: int | None = Field(None, ge=16)
+    tensor_parallel_size: int = Field(1, ge=1)
+    gpu_memory_utilization: float = Field(0.9, gt=0, le=1)
+    """Fraction of accelerator memory for vLLM (on CPU builds keep it low, ~0.3)."""
+    cpu_kvcache_space_gb: int | None = Field(None, ge=1)
+    """VLLM_CPU_KVCACHE_SPACE for CPU builds of vLLM (GiB of KV cache)."""
+    startup_timeout_s: float = Field(600, gt=0)
+    engine_args: dict[str, Any] = {}
+    """More `vllm.LLM` keyword arguments, e.g. {enforce_eager: true, max_num_seqs: 512}."""
+    trust_remote_code: bool = False
+
+    def identity(self) -> dict:
+        """Fields that change the outputs."""
+        return self.model_dump(
+            include={"backend", "model", "revision", "dtype", "max_model_len", "tensor_parallel_size", "engine_args"}
+        )
+
+
+TeacherConfig = Annotated[
+    HFTeacherConfig | VLLMServerTeacherConfig | VLLMEngineTeacherConfig, Field(discriminator="backend")
+]
 
 
 class PromptsConfig(_Strict):
@@ -381,7 +412,7 @@ def _all_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
 
 def _explain(err: ValidationError) -> str:
     e = err.errors()[0]
-    loc = ".".join(str(p) for p in e["loc"] if str(p) not in ("hf", "vllm_server"))
+    loc = ".".join(str(p) for p in e["loc"] if str(p) not in ("hf", "vllm_server", "vllm_engine"))
     if e["type"] == "extra_forbidden":
         close = difflib.get_close_matches(loc, _all_keys(RunConfig), n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""

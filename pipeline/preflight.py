@@ -34,10 +34,11 @@ def preflight(cfg: RunConfig, stages: list[str] | tuple[str, ...]) -> None:
             "or run --stages generate,train"
         )
     t = cfg.teacher
-    if "generate" in stages and t.backend == "vllm_server" and not t.endpoints() and not Path(t.python).exists():
+    managed = t.backend == "vllm_engine" or (t.backend == "vllm_server" and not t.endpoints())
+    if "generate" in stages and managed and not Path(t.python).exists():
         raise ConfigError(
             f"teacher.python {t.python!r} not found: create the vLLM teacher environment with "
-            "`make teacher-env`, point teacher.python at a Python that has vllm, or set teacher.url(s)"
+            "`make teacher-env`, point teacher.python at a Python that has vllm, or attach to servers (teacher.url(s))"
         )
     if cfg.student.model and _local_missing(cfg.student.model):
         raise ConfigError(f"student.model path {cfg.student.model!r} does not exist")

@@ -119,3 +119,9 @@ def test_a_bug_keeps_its_traceback(raw, tmp_path, monkeypatch):
     result = runner.invoke(app, ["generate", str(_write(tmp_path, raw))])
     assert result.exit_code != 0 and isinstance(result.exception, ValueError), result.output
     assert "error:" not in result.output
+
+
+def test_task_runner_choices_are_one_line(raw, tmp_path):
+    cfg = str(_write(tmp_path, raw))
+    one_line_error(runner.invoke(app, ["run", cfg, "--task-runner", "dask"]), "unknown task runner 'dask'")
+    one_line_error(runner.invoke(app, ["run", cfg, "--ray-address", "auto"]), "--ray-address needs --task-runner ray")

@@ -20,6 +20,20 @@ def test_demo_config_is_the_documented_default():
     cfg = load_config(Path(__file__).parent.parent / "configs/demo.yaml")
     assert cfg.generate.k == 20 and cfg.output_dir == "data/runs/demo"
     assert cfg.student.shrink is not None and cfg.student.shrink.hidden_size < 128
+    assert cfg.teacher.backend == "vllm_engine"  # the fastest capture path (bench/README.md, capture)
+
+
+def test_engine_backend_keys_are_checked_and_key_the_dataset():
+    raw = {"teacher": {"backend": "vllm_engine", "model": "x"}, "prompts": {"path": "p"}, "student": {"model": "s"}}
+    cfg = build_config(raw, ["teacher.engine_args={enforce_eager: true}"])
+    assert cfg.teacher.engine_args == {"enforce_eager": True} and cfg.teacher.python == ".venv-teacher/bin/python"
+    with pytest.raises(
+        ConfigError, match=r"unknown config key 'teacher.engine_arg' \(did you mean 'teacher.engine_args'"
+    ):
+        build_config(raw, ["teacher.engine_arg={}"])
+    with pytest.raises(ConfigError, match=r"unknown config key 'teacher.url'"):
+        build_config(raw, ["teacher.url=http://a:8000"])  # the engine runs here; attaching is vllm_server's
+    assert cfg.generate_fingerprint() != build_config(raw).generate_fingerprint()  # engine arguments change outputs
 
 
 def test_unknown_key_suggests_the_closest(tmp_path):

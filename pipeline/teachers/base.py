@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from pipeline.core import UserError
+from pipeline.core import UserError, stable_id
 from pipeline.dataset.schema import Generation
 
 
@@ -50,6 +50,13 @@ class Teacher(Protocol):
     def close(self) -> None:
         """Release the model / stop a managed server."""
         ...
+
+
+def request_seeds(seed: int, count: int) -> list[int]:
+    """One seed per prompt of a call seeded `seed`: vLLM backends send each prompt with its own seed, so results
+    do not depend on concurrency or batching. vLLM seeds sample j of a request with seed + j, so the seeds are
+    hashed, far apart."""
+    return [int(stable_id("request", seed, i)[:15], 16) for i in range(count)]
 
 
 class TeacherServerError(UserError):

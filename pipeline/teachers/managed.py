@@ -76,13 +76,7 @@ class ManagedServer:
 
     def environment(self) -> dict[str, str]:
         """The server's environment: ours, minus PYTHONPATH, plus vLLM settings and this server's GPUs."""
-        env = {**os.environ, "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1"}
-        if self.cfg.cpu_kvcache_space_gb is not None:  # read only by CPU builds of vLLM
-            env["VLLM_CPU_KVCACHE_SPACE"] = str(self.cfg.cpu_kvcache_space_gb)
-        if self.devices is not None:
-            env["CUDA_VISIBLE_DEVICES"] = ",".join(self.devices)
-        env.pop("PYTHONPATH", None)  # our packages must not shadow the teacher environment's
-        return env
+        return teacher_environment(self.cfg, self.devices)
 
     @property
     def model_name(self) -> str:
@@ -96,26 +90,7 @@ class ManagedServer:
     def launch(self) -> None:
         """Spawn the server process (returns at once). Call from the thread that outlives the server: the
         guard's PR_SET_PDEATHSIG fires when the spawning *thread* exits."""
-        if not Path(self.cfg.python).exists():
-            raise TeacherServerError(
-                f"teacher python {self.cfg.python!r} not found; create the teacher environment "
-                "(`make teacher-env`) or set teacher.python / teacher.url"
-            )
-        env = self.environment()
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        log = open(self.log_path, "ab")
-        # Own process group, so stop() reaches every child; the guard stops that group if we are killed (-9 included).
-        guarded = [
-            self.cfg.python,
-            str(Path(__file__).with_name("server_guard.py")),
-            str(os.getpid()),
-            "--",
-            *self.command(),
-        ]
-        self.proc = subprocess.Popen(
-            guarded, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, start_new_session=True
-        )
-        log.close()
+        self.proc = launch_guarded(self.cfg.python, self.command(), self.environment(), self.log_path)
         self._deadline = time.monotonic() + self.cfg.startup_timeout_s
 
     def wait_healthy(self) -> None:
@@ -141,30 +116,80 @@ class ManagedServer:
         return self.proc is not None and self.proc.poll() is None
 
     def log_tail(self) -> str:
-        try:
-            lines = [ln for ln in self.log_path.read_text(errors="replace").splitlines() if ln.strip()]
-        except OSError:
-            return ""
-        errors = [ln for ln in lines if "Error" in ln or "error" in ln]
-        return (errors or lines or [""])[-1].strip()[:300]
+        return log_tail(self.log_path)
 
     def stop(self) -> None:
         """SIGTERM the server's process group, then SIGKILL whatever is left (engine workers included)."""
-        if self.proc is None:
-            return
-        pgid = self.proc.pid
+        stop_group(self.proc)
+
+
+def teacher_environment(cfg, devices: list[str] | None = None) -> dict[str, str]:
+    """The environment of a process run from the teacher environment: ours, minus PYTHONPATH, plus vLLM settings
+    and its GPUs (None: inherit ours)."""
+    env = {**os.environ, "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1"}
+    if cfg.cpu_kvcache_space_gb is not None:  # read only by CPU builds of vLLM
+        env["VLLM_CPU_KVCACHE_SPACE"] = str(cfg.cpu_kvcache_space_gb)
+    if devices is not None:
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(devices)
+    env.pop("PYTHONPATH", None)  # our packages must not shadow the teacher environment's
+    return env
+
+
+def launch_guarded(
+    python: str, cmd: list[str], env: dict[str, str], log_path: Path, pass_fds: tuple[int, ...] = ()
+) -> subprocess.Popen:
+    """Start `cmd` under server_guard.py in a new session (its own process group, so `stop_group` reaches every
+    child, and the guard stops that group if we are killed, -9 included), output appended to `log_path`;
+    `pass_fds` are handed on to `cmd`. Call from the thread that outlives the process: the guard's
+    PR_SET_PDEATHSIG fires when the spawning *thread* exits."""
+    if not Path(python).exists():
+        raise TeacherServerError(
+            f"teacher python {python!r} not found; create the teacher environment "
+            "(`make teacher-env`) or set teacher.python / teacher.url"
+        )
+    log_path = Path(log_path)
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    fds = ["--pass-fds", ",".join(map(str, pass_fds))] if pass_fds else []
+    guarded = [python, str(Path(__file__).with_name("server_guard.py")), str(os.getpid()), *fds, "--", *cmd]
+    with open(log_path, "ab") as log:
+        return subprocess.Popen(
+            guarded,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=env,
+            start_new_session=True,
+            pass_fds=pass_fds,
+        )
+
+
+def log_tail(log_path: Path) -> str:
+    """The last error line of a log (else its last line), for one-line errors."""
+    try:
+        lines = [ln for ln in Path(log_path).read_text(errors="replace").splitlines() if ln.strip()]
+    except OSError:
+        return ""
+    errors = [ln for ln in lines if "Error" in ln or "error" in ln]
+    return (errors or lines or [""])[-1].strip()[:300]
+
+
+def stop_group(proc: subprocess.Popen | None) -> None:
+    """SIGTERM a guarded process's group, then SIGKILL whatever is left (engine workers included)."""
+    if proc is None:
+        return
+    pgid = proc.pid
+    if group_members(pgid):
+        _signal_group(pgid, signal.SIGTERM)
+        deadline = time.monotonic() + 20
+        while group_members(pgid) and time.monotonic() < deadline:
+            proc.poll()
+            time.sleep(0.2)
         if group_members(pgid):
-            _signal_group(pgid, signal.SIGTERM)
-            deadline = time.monotonic() + 20
-            while group_members(pgid) and time.monotonic() < deadline:
-                self.proc.poll()
-                time.sleep(0.2)
-            if group_members(pgid):
-                _signal_group(pgid, signal.SIGKILL)
-        try:
-            self.proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            pass
+            _signal_group(pgid, signal.SIGKILL)
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        pass
 
 
 def gpu_slices(count: int, tensor_parallel_size: int, visible: str | None) -> list[list[str] | None]:
@@ -197,19 +222,28 @@ def managed_servers(cfg, *, count: int, max_logprobs: int, workdir: Path) -> Ite
         )
         if server.port not in {s.port for s in servers}:  # free_port() may hand out a port twice
             servers.append(server)
+    with sigterm_as_exit():
+        try:
+            for server in servers:  # all launched before any is waited for: start-ups overlap
+                server.launch()
+            for server in servers:
+                server.wait_healthy()
+            yield servers
+        finally:
+            for s in servers:
+                s.stop()
+
+
+@contextmanager
+def sigterm_as_exit() -> Iterator[None]:
+    """Inside: a SIGTERM to the main thread raises SystemExit(143), so `finally` blocks stop what we started."""
     try:
         old = signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(SystemExit(143)))
     except ValueError:  # not the main thread: the caller's handler stays
         old = None
     try:
-        for server in servers:  # all launched before any is waited for: start-ups overlap
-            server.launch()
-        for server in servers:
-            server.wait_healthy()
-        yield servers
+        yield
     finally:
-        for s in servers:
-            s.stop()
         if old is not None:
             signal.signal(signal.SIGTERM, old)
 

@@ -14,9 +14,14 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import numpy as np
 
-from pipeline.core import stable_id
 from pipeline.dataset.schema import Generation
-from pipeline.teachers.base import SamplingSpec, TeacherInfo, TeacherRequestError, TeacherServerError
+from pipeline.teachers.base import (
+    SamplingSpec,
+    TeacherInfo,
+    TeacherRequestError,
+    TeacherServerError,
+    request_seeds,
+)
 from pipeline.teachers.managed import ManagedServer
 
 
@@ -179,9 +184,7 @@ class VLLMServerTeacher:
         return parse_prompt_logprobs(entries[len(prompt) : len(prompt) + len(completion)], completion, k)
 
     def generate(self, prompts: list[list[int]], spec: SamplingSpec, seed: int) -> list[list[Generation]]:
-        # One request per prompt with its own seed: results do not depend on concurrency or batching.
-        # vLLM seeds sample j of a request with seed + j, so prompts get hashed, far-apart seeds.
-        seeds = [int(stable_id("request", seed, i)[:15], 16) for i in range(len(prompts))]
+        seeds = request_seeds(seed, len(prompts))  # one request per prompt, each with its own seed
         return self._in_parallel(self._request, [(p, spec, s) for p, s in zip(prompts, seeds)])
 
     def score(self, prompts: list[list[int]], completions: list[list[int]], k: int) -> list[Generation]:

@@ -4,8 +4,9 @@ The patches live here, on the test side, and only decide *when* to die: the proc
 SIGKILL, so no `finally`, atexit handler or flush runs, exactly as with `kill -9` from outside.
 
 Points (N counts calls of that kind in this process, from 1):
-  teacher_load      entering the teacher's constructor (HF or vLLM server; nothing written yet)
+  teacher_load      entering the teacher's constructor (HF, vLLM server or engine; nothing written yet)
   teacher_generate  entering the teacher's generate (the shard before it is committed)
+  engine_busy       a shard's request is in the vLLM engine worker (backend vllm_engine), its answer not yet read
   shard_write       half of a shard's Parquet bytes are on disk under its temp name
   shard_renamed     a shard was renamed to its final name but is not yet in the manifest
   manifest_rename   a new manifest is written and fsynced under its temp name, not yet renamed
@@ -27,6 +28,7 @@ from pathlib import Path
 POINTS = (
     "teacher_load",
     "teacher_generate",
+    "engine_busy",
     "shard_write",
     "shard_renamed",
     "manifest_rename",
@@ -53,10 +55,11 @@ def install(point: str, nth: int) -> None:
 
     if point in ("teacher_load", "teacher_generate"):
         from pipeline.teachers.hf import HFTeacher
+        from pipeline.teachers.vllm_engine import VLLMEngineTeacher
         from pipeline.teachers.vllm_server import VLLMServerTeacher
 
         name = "__init__" if point == "teacher_load" else "generate"
-        for cls in (HFTeacher, VLLMServerTeacher):
+        for cls in (HFTeacher, VLLMServerTeacher, VLLMEngineTeacher):
 
             def patched(self, *args, _original=getattr(cls, name), **kwargs):
                 if due():
@@ -64,6 +67,20 @@ def install(point: str, nth: int) -> None:
                 return _original(self, *args, **kwargs)
 
             setattr(cls, name, patched)
+    elif point == "engine_busy":
+        import time
+
+        from pipeline.teachers.vllm_engine import EngineProcess
+
+        original_receive = EngineProcess._receive
+
+        def receive(self, deadline=None, starting=False):
+            if not starting and due():
+                time.sleep(0.5)  # the worker has read the request and is generating
+                die()
+            return original_receive(self, deadline, starting)
+
+        EngineProcess._receive = receive
     elif point == "shard_write":
         import pyarrow.parquet as pq
 

@@ -137,3 +137,32 @@ def test_two_managed_vllm_servers_share_the_shards(make_config, tiny_teacher, tm
     for url in out.endpoints:  # both servers were stopped with the flow
         with pytest.raises(httpx.HTTPError):
             httpx.get(f"{url}/health", timeout=2)
+
+
+@pytest.mark.skipif(not Path(TEACHER_PYTHON).exists(), reason=f"no vLLM teacher environment at {TEACHER_PYTHON}")
+def test_the_engine_backend_runs_every_shard_task_on_one_engine_and_writes_distill_generates_bytes(
+    make_config, tiny_teacher, tmp_path
+):
+    from pipeline.generate import generate_dataset
+
+    teacher = {
+        "backend": "vllm_engine",
+        "model": str(tiny_teacher),
+        "python": TEACHER_PYTHON,
+        "dtype": "float32",
+        "max_model_len": 128,
+        "gpu_memory_utilization": 0.3,
+        "cpu_kvcache_space_gb": 1,
+        "startup_timeout_s": 900,
+        "engine_args": {"enforce_eager": True},
+    }
+    cfg = make_config(out=tmp_path / "flow", teacher=teacher, generate={"shard_size": 16})
+    state = distill_flow(cfg, stages=["generate"], return_state=True)
+    out = state.result().generate
+    assert out.shards_written == 6 and out.endpoints == {"vllm-engine": 6}
+    assert {r.state.name for r in _shard_runs(state)} == {"Completed"} and len(_shard_runs(state)) == 6
+    log = (Path(cfg.output_dir) / "teacher_engine.log").read_text()
+    assert log.count("init engine") == 1  # one engine for the whole run, not one per shard
+    direct = make_config(out=tmp_path / "direct", teacher=teacher, generate={"shard_size": 16})
+    generate_dataset(direct, progress=False)
+    assert _shards(cfg.dataset_dir) == _shards(direct.dataset_dir)
