@@ -7,7 +7,8 @@ few steps, so the student does not already match the teacher.
 - off-policy: the teacher samples all `--prompts` prompts; the student trains `--steps` steps on them;
 - rounds: the teacher samples half the prompts (round 0, a third of the steps); then two rounds in which the
   student samples half of those training prompts, the teacher scores them, and the student trains another
-  third of the steps (the round defaults: reverse KL with the tail bucket, alpha 0, earlier data mixed in).
+  third of the steps (the round defaults: reverse KL with the tail bucket, alpha 0, earlier data mixed in; and
+  the same rounds with forward KL, tail bucket, alpha 0.2 as round 0).
 Both arms are evaluated the same way: held-out KL against the teacher's samples, task accuracy, and the teacher's
 per-token reverse KL on the student's own held-out samples. Prints a table (mean ± std over seeds) and writes
 bench/results/onpolicy.json.
@@ -34,7 +35,7 @@ from pipeline.train import train_student  # noqa: E402
 STUDENT = {"hidden_size": 64, "num_attention_heads": 2, "num_key_value_heads": 2, "head_dim": 32}
 
 
-def config(out: Path, prompts: int, steps: int, seed: int, rounds: int) -> dict:
+def config(out: Path, prompts: int, steps: int, seed: int, rounds: int, round_loss: dict | None = None) -> dict:
     return {
         "output_dir": str(out),
         "teacher": {"backend": "hf", "model": "data/models/demo-teacher", "batch_size": 256},
@@ -44,7 +45,7 @@ def config(out: Path, prompts: int, steps: int, seed: int, rounds: int) -> dict:
         "train": {"alpha": 0.2, "max_steps": steps, "batch_size": 64, "lr": 3e-3, "warmup_steps": 20, "seed": seed},
         "eval": {"task": "demo", "max_prompts": 300, "batch_size": 512, "seed": seed},
         "rounds": rounds,
-        "on_policy": {"share": 0.5, "steps": steps},
+        "on_policy": {"share": 0.5, "steps": steps, **(round_loss or {})},
     }
 
 
@@ -73,8 +74,15 @@ def off_policy(root: Path, prompts: int, steps: int, seed: int) -> dict:
     return {**out, "teacher_scored_tokens": scored_tokens(cfg.dataset_dir), "seconds": [seconds]}
 
 
-def on_policy(root: Path, prompts: int, steps: int, seed: int) -> dict:
-    cfg = build_config(config(root / "rounds", prompts // 2, steps // 3, seed, rounds=3))
+ROUND_LOSSES = {
+    "rounds, reverse KL": {},  # the defaults: reverse_kl, tail bucket, alpha 0
+    "rounds, forward KL": {"kind": "forward_kl", "tail_bucket": True, "alpha": 0.2},
+}
+
+
+def on_policy(root: Path, prompts: int, steps: int, seed: int, arm: str) -> dict:
+    name = "rounds" if arm == "rounds, reverse KL" else "rounds-forward"
+    cfg = build_config(config(root / name, prompts // 2, steps // 3, seed, rounds=3, round_loss=ROUND_LOSSES[arm]))
     seconds = []
     t0 = time.perf_counter()
     generate_dataset(cfg, progress=False)
@@ -99,15 +107,16 @@ def main() -> None:
     ap.add_argument("--out", default="bench/results/onpolicy.json")
     args = ap.parse_args()
 
-    runs: dict[str, list[dict]] = {"off-policy": [], "rounds (3)": []}
+    runs: dict[str, list[dict]] = {"off-policy": [], **{arm: [] for arm in ROUND_LOSSES}}
     for seed in args.seeds:
         root = Path(args.work) / f"seed{seed}"
         runs["off-policy"].append(off_policy(root, args.prompts, args.steps, seed))
-        runs["rounds (3)"].append(on_policy(root, args.prompts, args.steps, seed))
+        for arm in ROUND_LOSSES:
+            runs[arm].append(on_policy(root, args.prompts, args.steps, seed, arm))
         print(f"seed {seed}: " + json.dumps({k: v[-1] for k, v in runs.items()}), flush=True)
 
     keys = ["accuracy", "greedy_accuracy", "kl_teacher_samples", "reverse_kl_own_samples", "teacher_scored_tokens"]
-    print(f"{'arm':<12}" + "".join(f"{k:>26}" for k in keys))
+    print(f"{'arm':<20}" + "".join(f"{k:>26}" for k in keys))
     rows = []
     for arm, rs in runs.items():
         row = {"arm": arm, "runs": rs}
@@ -118,8 +127,8 @@ def main() -> None:
             row[k] = {"mean": mean, "std": std}
             cells.append(f"{mean:>17.4f} ± {std:<6.4f}" if k != "teacher_scored_tokens" else f"{mean:>26,.0f}")
         rows.append(row)
-        print(f"{arm:<12}" + "".join(cells))
-    per_round = [statistics.median(r["seconds"][i] for r in runs["rounds (3)"]) for i in range(3)]
+        print(f"{arm:<20}" + "".join(cells))
+    per_round = [statistics.median(r["seconds"][i] for r in runs["rounds, reverse KL"]) for i in range(3)]
     print("rounds arm, median seconds per round (generate + train): " + ", ".join(f"{s:.0f}" for s in per_round))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(
