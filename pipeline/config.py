@@ -124,7 +124,7 @@ class VLLMEngineTeacherConfig(_Strict):
     """Fraction of accelerator memory for vLLM (on CPU builds keep it low, ~0.3)."""
     cpu_kvcache_space_gb: int | None = Field(None, ge=1)
     """VLLM_CPU_KVCACHE_SPACE for CPU builds of vLLM (GiB of KV cache)."""
-    startup_timeout_s: float = Field(600, gt=0)
+    startup_timeout_s: float = Field(600.0, gt=0)
     engine_args: dict[str, Any] = {}
     """More `vllm.LLM` keyword arguments, e.g. {enforce_eager: true, max_num_seqs: 512}."""
     trust_remote_code: bool = False

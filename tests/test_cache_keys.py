@@ -91,6 +91,7 @@ CHANGES: dict[str, Callable[[typing.Any], typing.Any]] = {
     "teacher.url": lambda _: "http://10.0.0.5:8000",
     "teacher.urls": lambda urls: [*urls, "http://10.0.0.6:8000"],
     "teacher.extra_args": lambda args: [*args, "--enforce-eager"],
+    "teacher.engine_args": lambda args: {**args, "enforce_eager": True},
 }
 """Changed values picked by hand where the generic rule (`changed`) would do, but a realistic one reads better."""
 
@@ -104,6 +105,11 @@ BASES = {
         "teacher": {"backend": "vllm_server", "model": "teacher"},
         "prompts": {"path": "prompts.jsonl", "limit": 10},
         "student": {"shrink": {"hidden_size": 64}},
+    },
+    "vllm engine teacher": {
+        "teacher": {"backend": "vllm_engine", "model": "teacher"},
+        "prompts": {"path": "prompts.jsonl"},
+        "student": {"model": "student"},
     },
     "rescore mode, mixed datasets, rounds": {
         "teacher": {"backend": "vllm_server", "model": "teacher"},
@@ -274,7 +280,7 @@ def expected_change(dotted: str, key: str, cfg: RunConfig) -> bool:
 def test_every_config_field_is_varied(bases):
     """The walk reaches every field of every model (both backends, the shrink section): none escapes the key test."""
     seen = {owner for name, cfg in bases.items() for _, owner, _ in variations(cfg, INVALID_IN.get(name))}
-    seen |= {("HFTeacherConfig", "backend"), ("VLLMServerTeacherConfig", "backend")}  # the backend test
+    seen |= {(m, "backend") for m in ("HFTeacherConfig", "VLLMServerTeacherConfig", "VLLMEngineTeacherConfig")}
     missed = schema_fields() - seen
     assert missed == set(), f"fields no base config can vary (set them in a BASES entry, or add to CHANGES): {missed}"
     assert len(seen) > 60  # the walk is not empty: 70 fields when this test was written
@@ -282,7 +288,7 @@ def test_every_config_field_is_varied(bases):
 
 def test_the_neutral_tables_name_real_fields():
     """A renamed or removed field must leave the tables too (else the table lists nothing and pins nothing)."""
-    dotted = {f"teacher.{name}" for name in {**_teacher_fields("hf"), **_teacher_fields("vllm_server")}}
+    dotted = {f"teacher.{name}" for b in ("hf", "vllm_server", "vllm_engine") for name in _teacher_fields(b)}
     for section in ("prompts", "generate", "student", "train", "eval", "on_policy"):
         for sub in _models_in(RunConfig.model_fields[section].annotation):
             dotted |= {f"{section}.{name}" for name in sub.model_fields}
@@ -336,9 +342,10 @@ def test_each_teacher_backend_is_a_key_of_its_own(bases):
     """The same model through the other backend is another teacher (hf samples differently from vLLM)."""
     hf = bases["hf teacher, pretrained student"]
     vllm = RunConfig.model_validate({**hf.model_dump(), "teacher": {"backend": "vllm_server", "model": "teacher"}})
+    engine = RunConfig.model_validate({**hf.model_dump(), "teacher": {"backend": "vllm_engine", "model": "teacher"}})
     for key in ("generate_fingerprint", "generate_key", "shard task key"):
-        assert KEYS[key][1](hf) != KEYS[key][1](vllm), key
-    assert hf.train_fingerprint() == vllm.train_fingerprint()
+        assert len({KEYS[key][1](hf), KEYS[key][1](vllm), KEYS[key][1](engine)}) == 3, key
+    assert hf.train_fingerprint() == vllm.train_fingerprint() == engine.train_fingerprint()
 
 
 def test_the_student_source_is_part_of_the_train_key(bases):
