@@ -30,6 +30,10 @@ log = logging.getLogger(__name__)
 CHECKPOINTS = "checkpoints"
 _STEP_DIR = re.compile(r"^step-(\d{7,})$")
 _FILES = ("model.safetensors", "optimizer.pt", "rng.pt")
+AUX_FILE = "aux.safetensors"
+AUX_PREFIX = "aux."
+"""Weights under this prefix are trained beside the student but are not part of it (the live feature loss's
+projections): checkpoints keep them in AUX_FILE, so model.safetensors stays the student's own file."""
 
 
 class CheckpointMismatchError(UserError):
@@ -65,7 +69,8 @@ def save_checkpoint(
     """Write checkpoint `step` under `root` atomically, then delete all but the newest `keep`.
 
     `model_state`: the student's full weights; tied aliases (`pipeline.compat.tied_names`) are dropped as safetensors'
-    save_model drops them, so the file is the one save_model(student) writes in a single process.
+    save_model drops them, so the file is the one save_model(student) writes in a single process. Entries named
+    `AUX_PREFIX...` go to AUX_FILE instead.
     `optimizer_state`: a full optimizer state dict.
     """
     root.mkdir(parents=True, exist_ok=True)
@@ -74,18 +79,21 @@ def save_checkpoint(
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     aliases = {alias: kept for kept, group in (tied or {}).items() for alias in group}
+    aux = {k: v.contiguous() for k, v in model_state.items() if k.startswith(AUX_PREFIX)}
     save_file(
-        {k: v.contiguous() for k, v in model_state.items() if k not in aliases},
+        {k: v.contiguous() for k, v in model_state.items() if k not in aliases and k not in aux},
         str(tmp / "model.safetensors"),
         metadata=aliases or None,
     )
+    if aux:
+        save_file(aux, str(tmp / AUX_FILE))
     torch.save(optimizer_state, tmp / "optimizer.pt")
     rng = {"cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
         rng["cuda"] = torch.stack(torch.cuda.get_rng_state_all())
     torch.save(rng, tmp / "rng.pt")
     files = {}
-    for name in _FILES:
+    for name in _FILES + ((AUX_FILE,) if aux else ()):
         with open(tmp / name, "rb") as fh:
             os.fsync(fh.fileno())
         files[name] = sha256_file(tmp / name)
@@ -120,7 +128,7 @@ def _verify(path: Path) -> dict:
             raise _Damaged(f"{name} missing")
         if sha256_file(path / name) != digest:
             raise _Damaged(f"{name} fails its checksum")
-    if set(state.get("files", {})) != set(_FILES):
+    if set(state.get("files", {})) - {AUX_FILE} != set(_FILES):
         raise _Damaged("incomplete file list")
     return state
 
@@ -151,10 +159,20 @@ def read_weights(ckpt: Checkpoint, tied: dict[str, list[str]] | None = None) -> 
     return _with_aliases(load_file(str(ckpt.path / "model.safetensors")), tied)
 
 
+def read_aux(ckpt: Checkpoint) -> dict[str, torch.Tensor]:
+    """The checkpoint's weights trained beside the student (names start with AUX_PREFIX); {} when it has none."""
+    path = ckpt.path / AUX_FILE
+    return load_file(str(path)) if path.is_file() else {}
+
+
 def weight_shapes(ckpt: Checkpoint, tied: dict[str, list[str]] | None = None) -> dict[str, tuple[int, ...]]:
-    """{name: shape} of the checkpoint's weights (tied aliases included), from the file header only."""
-    with safe_open(str(ckpt.path / "model.safetensors"), framework="pt") as fh:
-        return _with_aliases({k: tuple(fh.get_slice(k).get_shape()) for k in fh.keys()}, tied)
+    """{name: shape} of the checkpoint's weights (tied aliases and AUX_FILE's included), from file headers only."""
+    shapes = {}
+    for name in ("model.safetensors", AUX_FILE):
+        if (ckpt.path / name).is_file():
+            with safe_open(str(ckpt.path / name), framework="pt") as fh:
+                shapes.update({k: tuple(fh.get_slice(k).get_shape()) for k in fh.keys()})
+    return _with_aliases(shapes, tied)
 
 
 def read_optimizer(ckpt: Checkpoint) -> dict:

@@ -237,6 +237,57 @@ class MixConfig(_Strict):
     """Times each of its training samples is seen per epoch (the run's own dataset: once)."""
 
 
+class FeatureLossConfig(_Strict):
+    """FitNets-style hidden-state matching against the live teacher (`train.live_teacher`)."""
+
+    weight: float = Field(0.0, ge=0.0)
+    """w_feat in the total loss; 0: off."""
+    kind: Literal["mse", "cosine"] = "mse"
+    """Per token: mean squared difference, or 1 - cosine similarity (scale-free)."""
+    layer_map: dict[int, int] | None = None
+    """Student decoder layer -> teacher decoder layer (a layer's output; 0-based, negative counts from the end).
+    Default: every student layer, each to the teacher layer at the same relative depth (last to last). Where the
+    hidden sizes differ, a learned linear projection maps the student's states to the teacher's width."""
+
+
+class AttentionLossConfig(_Strict):
+    """MiniLMv2-style self-attention relation distillation against the live teacher."""
+
+    weight: float = Field(0.0, ge=0.0)
+    """w_attn in the total loss; 0: off."""
+    layer_map: dict[int, int] | None = None
+    """Student layer -> teacher layer whose relations are matched. Default: the last to the last (MiniLMv2)."""
+    relations: list[Literal["query", "key", "value"]] = Field(["query", "key", "value"], min_length=1)
+    """Vector types whose scaled dot-product relations are matched (query-query, key-key, value-value)."""
+    relation_heads: int | None = Field(None, ge=1)
+    """Relation heads each vector type is split into (on both models, so head counts and sizes may differ).
+    Default: the largest number up to the student's attention heads that divides every width."""
+
+
+class RelationLossConfig(_Strict):
+    """RKD distance and angle losses between the sequences of each micro-batch, on pooled representations."""
+
+    weight: float = Field(0.0, ge=0.0)
+    """w_rel in the total loss; 0: off."""
+    student_layer: int = -1
+    """The decoder layer whose output, averaged over the completion tokens, represents a sequence."""
+    teacher_layer: int = -1
+    distance: float = Field(1.0, ge=0.0)
+    """Weight of the distance loss inside the relation loss (RKD: 1)."""
+    angle: float = Field(2.0, ge=0.0)
+    """Weight of the angle loss inside the relation loss (RKD: 2)."""
+
+    @model_validator(mode="after")
+    def _some_part(self) -> RelationLossConfig:
+        if self.weight > 0 and self.distance == 0 and self.angle == 0:
+            raise ValueError("train.relation.weight > 0 with distance and angle both 0 adds nothing; weight one")
+        return self
+
+
+LIVE_FIELDS = ("live_teacher", "feature", "attention", "relation")
+"""Train settings that only act with a live teacher (left out of the train key while it is off)."""
+
+
 class TrainConfig(_Strict):
     """Student training: loss = alpha*CE + (1-alpha)*T^2*D(teacher top-k || student)."""
 
@@ -269,6 +320,27 @@ class TrainConfig(_Strict):
     mix: list[MixConfig] = []
     """More datasets to train on with the run's own, e.g. a re-scored SFT set beside teacher samples (their
     held-out prompts stay out of training too; evaluation uses the run's own dataset)."""
+    live_teacher: bool = False
+    """Load the teacher with transformers in the training process and run it on every micro-batch (no grad), for
+    the feature, attention and relation losses; the top-k loss still comes from the dataset."""
+    feature: FeatureLossConfig = FeatureLossConfig()
+    attention: AttentionLossConfig = AttentionLossConfig()
+    relation: RelationLossConfig = RelationLossConfig()
+
+    @model_validator(mode="after")
+    def _live_families(self) -> TrainConfig:
+        on = [name for name in ("feature", "attention", "relation") if getattr(self, name).weight > 0]
+        if on and not self.live_teacher:
+            raise ValueError(
+                f"train.{on[0]}.weight > 0 needs train.live_teacher: true (hidden states and attention are not in "
+                "the dataset; the teacher runs beside the student in training)"
+            )
+        return self
+
+    @property
+    def live_families(self) -> list[str]:
+        """The live-teacher loss families with a weight, in the order feature, attention, relation."""
+        return [name for name in ("feature", "attention", "relation") if getattr(self, name).weight > 0]
 
 
 class OnPolicyConfig(_Strict):
@@ -371,7 +443,12 @@ class RunConfig(_Strict):
             "gradient_checkpointing",
             "loss_chunk_size",
         }
-        return _hash({"student": self.student.model_dump(), "train": self.train.model_dump(exclude=operational)})
+        key = {"student": self.student.model_dump()}
+        if self.train.live_teacher:  # the teacher itself then shapes training, not only through the dataset
+            key["live_teacher"] = self.teacher.model_dump(include={"model", "revision"})
+        else:  # the live settings act only with it: keys of runs without one stay as they were
+            operational |= set(LIVE_FIELDS)
+        return _hash({**key, "train": self.train.model_dump(exclude=operational)})
 
     def config_hash(self) -> str:
         return _hash(self.model_dump())

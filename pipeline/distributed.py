@@ -14,8 +14,10 @@ import os
 import torch
 
 from pipeline.checkpoint import (
+    AUX_PREFIX,
     Checkpoint,
     CheckpointMismatchError,
+    read_aux,
     read_optimizer,
     read_weights,
     restore_rng,
@@ -45,6 +47,24 @@ class StudentWrapper(torch.nn.Module):
     def student_prefix(self) -> str:
         """The student's state-dict prefix inside this wrapper (e.g. "student.")."""
         return next(name for name, child in self.named_children() if child is self.student) + "."
+
+    @property
+    def aux(self) -> torch.nn.Module | None:
+        """Modules trained beside the student but not part of it (registered as `aux`), or None."""
+        return self._modules.get(AUX_PREFIX.rstrip("."))
+
+    def checkpoint_name(self, name: str) -> str:
+        """A wrapper parameter name as checkpoints hold it: the student's own name, or `aux.` + the aux module's."""
+        return name if name.startswith(AUX_PREFIX) else name.removeprefix(self.student_prefix())
+
+    def wrapper_name(self, name: str) -> str:
+        """The inverse of `checkpoint_name`."""
+        return name if name.startswith(AUX_PREFIX) else self.student_prefix() + name
+
+    def own_weights(self) -> dict[str, torch.Tensor]:
+        """The student's state dict plus the aux modules' under `aux.` (a plain, unsharded wrapper)."""
+        aux = {AUX_PREFIX + k: v for k, v in self.aux.state_dict().items()} if self.aux is not None else {}
+        return {**self.student.state_dict(), **aux}
 
 
 def make_accelerator(t: TrainConfig):
@@ -97,7 +117,8 @@ def is_fsdp(accelerator) -> bool:
 def full_weights(
     accelerator, model, wrapper: StudentWrapper, tied: dict[str, list[str]] | None = None
 ) -> dict[str, torch.Tensor]:
-    """The student's full (unsharded) weights under their HF names on rank 0, {} elsewhere.
+    """The student's full (unsharded) weights under their HF names on rank 0, {} elsewhere; modules trained beside
+    it (`wrapper.aux`) are included under `aux.` (checkpoints keep them apart; `student_only` drops them).
 
     Collective under FSDP: every rank must call it. The gathered copies of a tied tensor (`tied`) are made
     one tensor again, so `save_pretrained` drops the alias as it does for the unsharded student.
@@ -106,13 +127,17 @@ def full_weights(
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
         full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        prefix = wrapper.student_prefix()
-        weights = {k.removeprefix(prefix): v for k, v in full.items()}
+        weights = {wrapper.checkpoint_name(k): v for k, v in full.items()}
         for kept, group in (tied or {}).items() if weights else ():
             for alias in group:
                 weights[alias] = weights[kept]
         return weights
-    return wrapper.student.state_dict() if accelerator.is_main_process else {}
+    return wrapper.own_weights() if accelerator.is_main_process else {}
+
+
+def student_only(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`weights` without the aux entries: what the saved student directory holds."""
+    return {k: v for k, v in weights.items() if not k.startswith(AUX_PREFIX)}
 
 
 def _rekey_optimizer(osd: dict, rename) -> dict:
@@ -131,8 +156,7 @@ def full_optimizer_state(accelerator, model, wrapper: StudentWrapper, opt) -> di
     osd = get_optimizer_state_dict(model, inner, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if not accelerator.is_main_process:
         return {}
-    prefix = wrapper.student_prefix()
-    return _rekey_optimizer(osd, lambda k: k.removeprefix(prefix))
+    return _rekey_optimizer(osd, wrapper.checkpoint_name)
 
 
 def load_checkpoint(ckpt: Checkpoint, accelerator, model, wrapper: StudentWrapper, opt, *, tied, shapes) -> None:
@@ -143,7 +167,7 @@ def load_checkpoint(ckpt: Checkpoint, accelerator, model, wrapper: StudentWrappe
     if found != shapes:
         diff = sorted(set(found) ^ set(shapes)) or sorted(k for k in shapes if found[k] != shapes[k])
         raise CheckpointMismatchError(f"{ckpt.path} does not fit this student: {', '.join(diff[:3])} differ")
-    fsdp, main, prefix = is_fsdp(accelerator), accelerator.is_main_process, wrapper.student_prefix()
+    fsdp, main = is_fsdp(accelerator), accelerator.is_main_process
     inner = getattr(opt, "optimizer", opt)
     osd = read_optimizer(ckpt) if main or not fsdp else {}
     legacy = bool(osd) and any(isinstance(k, int) for k in osd["state"])  # opt.state_dict() of older versions
@@ -153,22 +177,26 @@ def load_checkpoint(ckpt: Checkpoint, accelerator, model, wrapper: StudentWrappe
                 f"{ckpt.path} has an index-keyed optimizer state (an older version wrote "
                 "it); resume it without FSDP once, or train without --resume"
             )
-        weights = {prefix + k: v for k, v in read_weights(ckpt, tied).items()} if main else {}
+        weights = {**read_weights(ckpt, tied), **read_aux(ckpt)} if main else {}
+        weights = {wrapper.wrapper_name(k): v for k, v in weights.items()}
         # rank 0 reads the files; each rank receives only its shards
         options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
         set_model_state_dict(model, weights, options=options)
         set_optimizer_state_dict(
-            model, inner, _rekey_optimizer(osd, lambda k: prefix + k) if main else {}, options=options
+            model, inner, _rekey_optimizer(osd, wrapper.wrapper_name) if main else {}, options=options
         )
     else:
         wrapper.student.load_state_dict(read_weights(ckpt, tied), strict=True)
+        if wrapper.aux is not None:
+            aux = {k.removeprefix(AUX_PREFIX): v for k, v in read_aux(ckpt).items()}
+            wrapper.aux.load_state_dict(aux, strict=True)
         if legacy:
             inner.load_state_dict(osd)
         else:
             set_optimizer_state_dict(
                 model,
                 inner,
-                _rekey_optimizer(osd, lambda k: prefix + k),
+                _rekey_optimizer(osd, wrapper.wrapper_name),
                 options=StateDictOptions(full_state_dict=True),
             )
     restore_rng(ckpt)

@@ -42,8 +42,9 @@ def plot_curves(history: list[dict], path: Path) -> None:
 
     steps = [h["step"] for h in history]
     fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
-    for key in ("loss", "ce", "kd"):
-        ax.plot(steps, [h[key] for h in history], label=key)
+    for key in ("loss", "ce", "kd", "feature", "attention", "relation"):  # the live parts when a run has them
+        if key in history[0]:
+            ax.plot(steps, [h[key] for h in history], label=key)
     ax.set_xlabel("step")
     ax.set_yscale("log")
     ax.legend()

@@ -40,7 +40,11 @@ from pipeline.distributed import (
     is_fsdp,
     load_checkpoint,
     make_accelerator,
+    student_only,
 )
+from pipeline.live.capture import Recorder
+from pipeline.live.plan import LivePlan, Projections, make_plan
+from pipeline.live.teacher import LiveTeacher, combine_live, live_loss_sums, load_live_teacher, teacher_states
 from pipeline.losses import LossSums, chunked_distill_loss_sums, combine
 from pipeline.models import build_student, resolve_device, seed_everything, student_tokenizer
 from pipeline.progress import plot_curves, progress_bar
@@ -72,17 +76,28 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 
 
 class DistillObjective(StudentWrapper):
-    """Student + loss in one forward, so DDP/FSDP wrappers see (and synchronise) the whole step."""
+    """Student + loss in one forward, so DDP/FSDP wrappers see (and synchronise) the whole step. With a live
+    teacher (`plan`), the student's inner states are recorded in the same forward and compared with the teacher's
+    (`teacher`, computed outside: the frozen teacher is not part of the wrapped, synchronised module); the
+    projections that train beside the student are its `aux` child."""
 
-    def __init__(self, student: torch.nn.Module, t: TrainConfig):
+    def __init__(self, student: torch.nn.Module, t: TrainConfig, plan: LivePlan | None = None):
         super().__init__(student)
-        self.t = t
+        self.t, self.plan = t, plan
+        if plan is not None:
+            self.aux = Projections(plan)
 
-    def forward(self, input_ids, attention_mask, loss_mask, labels, topk_ids, topk_logprobs):
+    def forward(self, input_ids, attention_mask, loss_mask, labels, topk_ids, topk_logprobs, teacher=None):
         batch = Batch(input_ids, attention_mask, loss_mask, labels, topk_ids, topk_logprobs)
-        sums = loss_sums(self.student, batch, self.t)
+        if self.plan is None:
+            sums = loss_sums(self.student, batch, self.t)
+            live = sums.ce_sum.new_zeros(3)
+        else:
+            with Recorder(self.student, hidden=self.plan.student_hidden(), qkv=self.plan.student_qkv()) as rec:
+                sums = loss_sums(self.student, batch, self.t)
+            live = live_loss_sums(rec, teacher, self.plan, batch, self.aux)
         # clones, not views of one [2] tensor: FSDP2 hooks its backward on the outputs and warns about views
-        return sums.ce_sum.clone(), sums.kd_sum.clone()
+        return sums.ce_sum.clone(), sums.kd_sum.clone(), live
 
 
 def loss_sums(model: torch.nn.Module, batch: Batch, t: TrainConfig) -> LossSums:
@@ -105,7 +120,7 @@ def loss_sums(model: torch.nn.Module, batch: Batch, t: TrainConfig) -> LossSums:
 
 
 def make_optimizer(model: torch.nn.Module, t: TrainConfig, device: torch.device) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices only."""
+    """AdamW with weight decay on matrices only (the student's, and the live projections')."""
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     return torch.optim.AdamW(
@@ -148,6 +163,7 @@ class Setup:
     tied: dict[str, list[str]]  # tied weight aliases, dropped from saved weights
     fingerprint: str  # what a checkpoint must match to be resumed
     resumed: dict | None  # the resumed checkpoint's state; None for a fresh run
+    live: LiveTeacher | None = None  # the teacher in this process, for the feature/attention/relation losses
 
     @property
     def student(self) -> torch.nn.Module:
@@ -197,10 +213,17 @@ def setup(cfg: RunConfig, *, dataset_dir: Path, student_dir: Path, resume: bool)
     device = accelerator.device if t.device == "auto" else resolve_device(t.device)
     seed_everything(t.seed)
     student = student_on(cfg, device)
-    tied, shapes = tied_names(student), {k: tuple(v.shape) for k, v in student.state_dict().items()}
-    objective = DistillObjective(student, t)
+    live = None
+    if t.live_teacher:
+        teacher = load_live_teacher(cfg, manifest.tokenizer_fingerprint, device)
+        live = LiveTeacher(teacher, make_plan(t, student, teacher))
+        if not t.live_families:
+            log.warning("train.live_teacher is on but no feature/attention/relation weight is: it runs for nothing")
+    objective = DistillObjective(student, t, live.plan if live else None).to(device)
+    tied = tied_names(student)
+    shapes = {k: tuple(v.shape) for k, v in objective.own_weights().items()}
     # optimizer and model prepared together: FSDP replaces the parameters with sharded ones (DDP keeps them)
-    model, opt = accelerator.prepare(objective, make_optimizer(student, t, device))
+    model, opt = accelerator.prepare(objective, make_optimizer(objective, t, device))
     fingerprint = stable_id(cfg.train_fingerprint(), manifest.generate_fingerprint, *stream.mix_fingerprints)
     root = checkpoint_root(student_dir)
     load = lambda ckpt: load_checkpoint(ckpt, accelerator, model, objective, opt, tied=tied, shapes=shapes)
@@ -208,7 +231,7 @@ def setup(cfg: RunConfig, *, dataset_dir: Path, student_dir: Path, resume: bool)
     if state is None and accelerator.is_main_process:
         clear(root)  # checkpoints of an earlier run must not be resumed into this one
     return Setup(
-        cfg, student_dir, tokenizer, stream, accelerator, device, objective, model, opt, tied, fingerprint, state
+        cfg, student_dir, tokenizer, stream, accelerator, device, objective, model, opt, tied, fingerprint, state, live
     )
 
 
@@ -242,7 +265,8 @@ def fit(s: Setup, *, progress: bool) -> Fit:
             tokens_seen += n_global
             last = step == t.max_steps - 1
             if step % t.log_every == 0 or last:
-                loss_v, ce_v, kd_v = (acc.reduce(parts, "sum") if acc.num_processes > 1 else parts).tolist()
+                values = (acc.reduce(parts, "sum") if acc.num_processes > 1 else parts).tolist()
+                loss_v, ce_v, kd_v = values[:3]
                 rate = tokens_seen / (time.perf_counter() - start)
                 history.append(
                     {
@@ -250,14 +274,17 @@ def fit(s: Setup, *, progress: bool) -> Fit:
                         "loss": loss_v,
                         "ce": ce_v,
                         "kd": kd_v,
+                        **{name: values[3 + LIVE_PARTS.index(name)] for name in t.live_families},
                         "lr": lr_at(step, t),
                         "grad_norm": grad_norm,
                         "tokens_per_s": rate,
                     }
                 )
+                live = "".join(f" {name} {history[-1][name]:.4f}" for name in t.live_families)
                 log.info(
-                    "step %d/%d loss %.4f ce %.4f kd %.4f %.0f tok/s", step + 1, t.max_steps, loss_v, ce_v, kd_v, rate
-                )
+                    "step %d/%d loss %.4f ce %.4f kd %.4f%s %.0f tok/s",
+                    step + 1, t.max_steps, loss_v, ce_v, kd_v, live, rate,
+                )  # fmt: skip
             if t.checkpoint_every and (step + 1) % t.checkpoint_every == 0 and not last:
                 tokens_before = s.resumed["tokens_seen"] if s.resumed else 0
                 write_checkpoint(s, step + 1, history, tokens_before + tokens_seen)
@@ -265,25 +292,33 @@ def fit(s: Setup, *, progress: bool) -> Fit:
     return Fit(history, tokens_seen, time.perf_counter() - start)
 
 
+LIVE_PARTS = ("feature", "attention", "relation")
+"""The live-teacher loss parts, in the order the objective returns them (logged under these names)."""
+
+
 def accumulate(s: Setup, micro: list[Batch]) -> tuple[torch.Tensor, int]:
     """Forward and backward over this rank's micro-batches of one step, each loss a share of the step's global
-    per-token mean. Returns (loss, ce, kd) of this rank's share as a [3] tensor, and the step's global token count."""
+    per-token mean (per micro-batch mean for the relation loss). Returns (loss, ce, kd, feature, attention,
+    relation) of this rank's share as a [6] tensor (the last three unweighted), and the step's global token count."""
     acc, t = s.accelerator, s.cfg.train
     world = acc.num_processes
     n_local = sum(b.n_tokens for b in micro)
     n_global = int(acc.reduce(torch.tensor(n_local, device=s.device), "sum")) if world > 1 else n_local
-    parts = torch.zeros(3, device=s.device)
+    batches_global = len(micro) * world  # every rank takes the same number of micro-batches per step
+    parts = torch.zeros(6, device=s.device)
     for i, batch in enumerate(micro):
         # gradients are all-reduced once per step, on the last micro-batch
         with contextlib.nullcontext() if i == len(micro) - 1 else acc.no_sync(s.model):
             with _autocast(s.device):
-                ce_sum, kd_sum = s.model(
+                teacher = teacher_states(s.live, batch) if s.live else None
+                ce_sum, kd_sum, live_sums = s.model(
                     batch.input_ids,
                     batch.attention_mask,
                     batch.loss_mask,
                     batch.labels,
                     batch.topk_ids,
                     batch.topk_logprobs,
+                    teacher,
                 )
             loss, ce, kd = combine(
                 LossSums(ce_sum, kd_sum, batch.n_tokens),
@@ -291,8 +326,12 @@ def accumulate(s: Setup, micro: list[Batch]) -> tuple[torch.Tensor, int]:
                 temperature=t.temperature,
                 n_tokens_global=n_global,
             )
+            live_loss, live_means = combine_live(
+                live_sums, t, n_tokens_global=n_global, n_batches_global=batches_global
+            )
+            loss = loss + live_loss
             acc.backward(loss * world)  # DDP/FSDP average gradients over ranks; we want the global sum
-        parts += torch.stack([loss.detach(), ce, kd])
+        parts += torch.cat([torch.stack([loss.detach(), ce, kd]), live_means])
     return parts, n_global
 
 
@@ -349,6 +388,7 @@ def save(s: Setup, f: Fit) -> TrainResult:
         "fsdp_version": acc.state.fsdp_plugin.fsdp_version if is_fsdp(acc) else None,
     }
     weights = full_weights(acc, s.model, s.objective, s.tied) if is_fsdp(acc) else None  # collective
+    weights = student_only(weights) if weights is not None else None  # live projections stay out of the student
     if acc.is_main_process:
         s.student.eval()
         s.student_dir.mkdir(parents=True, exist_ok=True)

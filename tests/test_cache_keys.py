@@ -63,6 +63,15 @@ NEUTRAL = {
         "train.gradient_checkpointing": "memory: the same numbers up to float summation order (test_train_resume)",
         "train.loss_chunk_size": "memory: positions per LM-head chunk, the same sums (test_losses)",
     },
+    "train without a live teacher": {
+        f"train.{family}.{name}": "the live-teacher losses act only with train.live_teacher (off in this base)"
+        for family, names in {
+            "feature": ("weight", "kind", "layer_map"),
+            "attention": ("weight", "layer_map", "relations", "relation_heads"),
+            "relation": ("weight", "student_layer", "teacher_layer", "distance", "angle"),
+        }.items()
+        for name in names
+    },
 }
 """Per key, the fields of its sections that must NOT change it, each with the reason."""
 
@@ -92,6 +101,8 @@ CHANGES: dict[str, Callable[[typing.Any], typing.Any]] = {
     "teacher.urls": lambda urls: [*urls, "http://10.0.0.6:8000"],
     "teacher.extra_args": lambda args: [*args, "--enforce-eager"],
     "teacher.engine_args": lambda args: {**args, "enforce_eager": True},
+    "train.feature.layer_map": lambda m: {**(m or {}), 1: 2},
+    "train.attention.layer_map": lambda m: {**(m or {}), 0: 0},
 }
 """Changed values picked by hand where the generic rule (`changed`) would do, but a realistic one reads better."""
 
@@ -119,10 +130,28 @@ BASES = {
         "train": {"mix": [{"path": "other/dataset", "repeat": 2}]},
         "rounds": 2,
     },
+    "live teacher, every family": {
+        "teacher": {"backend": "vllm_engine", "model": "teacher"},
+        "prompts": {"path": "prompts.jsonl"},
+        "student": {"shrink": {"hidden_size": 64}},
+        "train": {
+            "live_teacher": True,
+            "feature": {"weight": 0.5, "layer_map": {0: 1}},
+            "attention": {"weight": 0.5, "relation_heads": 2},
+            "relation": {"weight": 0.5},
+        },
+    },
 }
 """Configs that between them set every optional section: each field is varied in every base that has it."""
 
-INVALID_IN = {"rescore mode, mixed datasets, rounds": {"generate.n": "rescore scores each given completion once"}}
+_NEEDS_LIVE = {f"train.{f}.weight": "a weight needs train.live_teacher" for f in ("feature", "attention", "relation")}
+INVALID_IN = {
+    "hf teacher, pretrained student": _NEEDS_LIVE,
+    "vllm teacher, shrunk student": _NEEDS_LIVE,
+    "vllm engine teacher": _NEEDS_LIVE,
+    "rescore mode, mixed datasets, rounds": {"generate.n": "rescore scores each given completion once", **_NEEDS_LIVE},
+    "live teacher, every family": {"train.live_teacher": "the families weighted here need it"},
+}
 """Fields a base cannot vary (the config refuses any other value there); another base varies them."""
 
 # ---- the keys ---------------------------------------------------------------------------------------------------
@@ -267,10 +296,18 @@ def bases(tmp_path, monkeypatch) -> dict[str, RunConfig]:
     return {name: RunConfig.model_validate(raw) for name, raw in BASES.items()}
 
 
+LIVE_TEACHER_IDENTITY = ("teacher.model", "teacher.revision")
+"""With a live teacher, the teacher the train stage loads is in the train key (what it computes shapes training)."""
+
+
 def expected_change(dotted: str, key: str, cfg: RunConfig) -> bool:
     covers = KEYS[key][0]
     if covers == "generate" and cfg.generate.mode == "sample" and dotted in NEUTRAL["generate in sample mode"]:
         return False
+    if covers == "train" and not cfg.train.live_teacher and dotted in NEUTRAL["train without a live teacher"]:
+        return False
+    if covers == "train" and cfg.train.live_teacher and dotted in LIVE_TEACHER_IDENTITY:
+        return True
     return dotted.split(".")[0] in SECTIONS[covers] and dotted not in NEUTRAL[covers]
 
 
@@ -292,6 +329,9 @@ def test_the_neutral_tables_name_real_fields():
     for section in ("prompts", "generate", "student", "train", "eval", "on_policy"):
         for sub in _models_in(RunConfig.model_fields[section].annotation):
             dotted |= {f"{section}.{name}" for name in sub.model_fields}
+            for name, field in sub.model_fields.items():  # sections inside sections (train.feature)
+                for inner in _models_in(field.annotation):
+                    dotted |= {f"{section}.{name}.{leaf}" for leaf in inner.model_fields}
     dotted |= set(RunConfig.model_fields)
     listed = set(NO_KEY) | set(CHANGES) | set().union(*NEUTRAL.values())
     assert listed - dotted == set()
@@ -315,7 +355,7 @@ def test_key_changes_exactly_for_the_fields_that_change_the_output(bases, key):
                 continue
             if moved:
                 wrong.append(f"{dotted} ({base_name}) changes {key}, but it is listed as not changing the output")
-            elif dotted.split(".")[0] in SECTIONS[KEYS[key][0]]:
+            elif dotted.split(".")[0] in SECTIONS[KEYS[key][0]] or dotted in LIVE_TEACHER_IDENTITY:
                 wrong.append(
                     f"{dotted} ({base_name}) does not change {key}: add it to the key, or to NEUTRAL[{KEYS[key][0]!r}] "
                     "with the reason it cannot change the output"
