@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -207,3 +209,26 @@ def small_dataset(
 def sample_ids(batch) -> list[int]:
     """The sample numbers of a batch of `small_dataset` (prompt [i+1] -> i)."""
     return (batch.input_ids[:, 0] - 1).tolist()
+
+
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+# what `accelerate launch --use_fsdp --fsdp_version 2 --fsdp_auto_wrap_policy TRANSFORMER_BASED_WRAP` exports
+FSDP_ENV = {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2", "FSDP_AUTO_WRAP_POLICY": "TRANSFORMER_BASED_WRAP"}
+
+
+def train_cli(config: Path, dataset: str, *, launcher=(sys.executable,), env=None, resume=False):
+    """`distill train` in a subprocess (one process, or `launcher` such as TORCHRUN); asserts it exits 0."""
+    cmd = [
+        *launcher,
+        "-m",
+        "pipeline.cli",
+        "train",
+        str(config),
+        "--dataset",
+        dataset,
+        *(["--resume"] if resume else []),
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", **(env or {})}
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done

@@ -209,3 +209,47 @@ def test_recorder_reads_layers_and_projections_of_each_layout(family):
     rec.hidden.clear()
     model(input_ids=ids)
     assert rec.hidden == {}, "hooks are removed when the block ends"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_two_processes_with_a_live_teacher_equal_one_process(generated, tmp_path, mode):
+    """Two gloo processes (grad_accum 1; the teacher replicated on each) against one process with grad_accum 2:
+    the same micro-batches, so the same per-part numbers and weights, and the checkpoint keeps the projections."""
+    import yaml
+
+    from tests.helpers import FSDP_ENV, TORCHRUN, train_cli
+
+    base = _with_train(generated, **ALL, max_steps=3, batch_size=8, checkpoint_every=2, device="cpu")
+    base = base.model_dump(mode="json")
+    runs = {}
+    for name, accum, launcher in (("one", 2, None), ("two", 1, TORCHRUN)):
+        raw = {**base, "output_dir": str(tmp_path / name), "train": {**base["train"], "grad_accum": accum}}
+        (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(raw))
+        env = FSDP_ENV if launcher and mode == "fsdp" else None
+        train_cli(
+            tmp_path / f"{name}.yaml",
+            str(generated.dataset_dir),
+            **({"launcher": launcher} if launcher else {}),
+            env=env,
+        )
+        runs[name] = tmp_path / name / "student"
+    one, two = _history(runs["one"]), _history(runs["two"])
+    for part in ("loss", "kd", "feature", "attention", "relation"):
+        assert [h[part] for h in two] == pytest.approx([h[part] for h in one], rel=1e-5), part
+    got, want = load_file(str(runs["two"] / "model.safetensors")), load_file(str(runs["one"] / "model.safetensors"))
+    assert got.keys() == want.keys()
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=0, atol=1e-5, msg=name)
+    aux = [load_file(str(checkpoint_root(r) / "step-0000002" / "aux.safetensors")) for r in runs.values()]
+    for name in aux[0]:
+        torch.testing.assert_close(aux[1][name], aux[0][name], rtol=0, atol=1e-5, msg=name)
+    kind = json.loads((runs["two"] / "train_log.json").read_text())["distributed"]["type"]
+    assert kind == {"ddp": "MULTI_CPU", "fsdp": "FSDP"}[mode]
+    if mode == "fsdp":  # resume from step 2: the projections come back from the checkpoint, the run ends the same
+        (runs["two"] / "model.safetensors").unlink()
+        train_cli(tmp_path / "two.yaml", str(generated.dataset_dir), launcher=TORCHRUN, env=FSDP_ENV, resume=True)
+        again = load_file(str(runs["two"] / "model.safetensors"))
+        for name in got:
+            torch.testing.assert_close(again[name], got[name], rtol=0, atol=1e-6, msg=name)
+        assert [h["feature"] for h in _history(runs["two"])] == pytest.approx([h["feature"] for h in two], rel=1e-6)

@@ -6,9 +6,6 @@ equal one process with twice the gradient accumulation, and FSDP checkpoints res
 """
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -19,6 +16,7 @@ from safetensors.torch import load_file
 import pipeline.train as train_mod
 from pipeline.checkpoint import CheckpointMismatchError, checkpoint_root, latest_checkpoint
 from pipeline.train import train_student
+from tests.helpers import FSDP_ENV, TORCHRUN, train_cli
 
 
 class Interrupted(Exception):
@@ -133,28 +131,6 @@ def test_gradient_checkpointing_gives_the_same_numbers(generated, tmp_path):
     _assert_same_weights(tmp_path / "gc", tmp_path / "plain", atol=1e-5)
 
 
-TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-# what `accelerate launch --use_fsdp --fsdp_version 2 --fsdp_auto_wrap_policy TRANSFORMER_BASED_WRAP` exports
-FSDP_ENV = {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2", "FSDP_AUTO_WRAP_POLICY": "TRANSFORMER_BASED_WRAP"}
-
-
-def _train_cli(config: Path, dataset: str, *, launcher=(sys.executable,), env=None, resume=False):
-    cmd = [
-        *launcher,
-        "-m",
-        "pipeline.cli",
-        "train",
-        str(config),
-        "--dataset",
-        dataset,
-        *(["--resume"] if resume else []),
-    ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", **(env or {})}
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return done
-
-
 def _history(student_dir: Path) -> list[dict]:
     return json.loads((student_dir / "train_log.json").read_text())["history"]
 
@@ -170,7 +146,7 @@ def one_process(generated, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("one")
     one = {**base, "output_dir": str(tmp), "train": {**base["train"], "grad_accum": 2}}
     (tmp / "one.yaml").write_text(yaml.safe_dump(one))
-    _train_cli(tmp / "one.yaml", str(generated.dataset_dir))
+    train_cli(tmp / "one.yaml", str(generated.dataset_dir))
     return base, tmp / "student"
 
 
@@ -182,7 +158,7 @@ def _two_processes_vs_one(one_process, dataset: Path, tmp_path, env=None) -> tup
     base, one_dir = one_process
     two = {**base, "output_dir": str(tmp_path / "two"), "train": {**base["train"], "grad_accum": 1}}
     (tmp_path / "two.yaml").write_text(yaml.safe_dump(two))
-    _train_cli(tmp_path / "two.yaml", str(dataset), launcher=TORCHRUN, env=env)
+    train_cli(tmp_path / "two.yaml", str(dataset), launcher=TORCHRUN, env=env)
     two_dir = tmp_path / "two" / "student"
     _assert_same_weights(two_dir, one_dir, atol=1e-5)
     assert [h["loss"] for h in _history(two_dir)] == pytest.approx([h["loss"] for h in _history(one_dir)], rel=1e-5)
@@ -227,7 +203,7 @@ def test_two_fsdp_processes_equal_one_process_and_resume(one_process, generated,
     # resume: the final student is gone, training continues from step 2 and ends as before
     final = _weights(two)
     (two / "model.safetensors").unlink()
-    done = _train_cli(two_yaml, str(generated.dataset_dir), launcher=TORCHRUN, env=FSDP_ENV, resume=True)
+    done = train_cli(two_yaml, str(generated.dataset_dir), launcher=TORCHRUN, env=FSDP_ENV, resume=True)
     assert "resumed from the checkpoint at step 2" in done.stdout + done.stderr
     resumed = _weights(two)
     for name in final:

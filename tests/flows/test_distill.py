@@ -15,7 +15,7 @@ def _artifacts() -> dict:
     from prefect.client.orchestration import get_client
 
     with get_client(sync_client=True) as client:
-        return {a.key: a for a in client.read_artifacts(limit=100)}
+        return {a.key: a for a in sorted(client.read_artifacts(limit=100), key=lambda a: a.created)}
 
 
 def test_flow_end_to_end_then_student_only_reruns(make_config, tmp_path, monkeypatch):
@@ -42,11 +42,16 @@ def test_flow_end_to_end_then_student_only_reruns(make_config, tmp_path, monkeyp
     out = distill_flow(cfg, stages=["train", "eval"])
     assert out.generate is None and out.train.steps == 6
 
-    changed = make_config(out=tmp_path / "run", train={"max_steps": 4, "lr": 1e-3})
+    # a training-only change, with the live-teacher families: the teacher is loaded in training, never generating
+    live = {"live_teacher": True, **{f: {"weight": 0.5} for f in ("feature", "attention", "relation")}}
+    changed = make_config(out=tmp_path / "run", train={"max_steps": 4, "lr": 1e-3, **live})
     out = distill_flow(changed)
     assert out.generate.cached, "a training-only change must be a cache hit for the generate task"
     assert out.train.steps == 4
     assert (cfg.student_dir / "model.safetensors").read_bytes() != first_weights
+    curve = json.loads(_artifacts()["training-curve"].data)
+    assert [r["step"] for r in curve] == [1, 2, 3, 4]
+    assert all(r["feature"] > 0 and r["attention"] > 0 and r["relation"] >= 0 for r in curve)
 
 
 def test_deleted_dataset_is_regenerated_not_served_from_cache(make_config, tmp_path):
