@@ -50,7 +50,13 @@ CONFIGS: dict[str, tuple[list[str], int]] = {
     "ce+fkl+tail_k4": (["train.alpha=0.2", "train.kind=forward_kl", "train.tail_bucket=true"], 4),
     # reverse KL with the outside-top-k mass as a bucket: does constraining it fix ce+rkl? (see bench/README.md)
     "ce+rkl+tail": (["train.alpha=0.2", "train.kind=reverse_kl", "train.tail_bucket=true"], 20),
+    # the live-teacher families (the teacher runs beside the student in training), each on top of ce+fkl, weight 1
+    "ce+fkl+feature": (["train.alpha=0.2", "train.live_teacher=true", "train.feature.weight=1.0"], 20),
+    "ce+fkl+attention": (["train.alpha=0.2", "train.live_teacher=true", "train.attention.weight=1.0"], 20),
+    "ce+fkl+relation": (["train.alpha=0.2", "train.live_teacher=true", "train.relation.weight=1.0"], 20),
 }
+LIVE_CONFIGS = ["ce_only", "ce+fkl", "ce+fkl+feature", "ce+fkl+attention", "ce+fkl+relation"]
+"""`--configs` for the live-teacher comparison (bench/README.md)."""
 BASELINE = "ce_only"
 
 

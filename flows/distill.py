@@ -204,6 +204,12 @@ class RunOutput:
     paths: dict[str, str] = field(default_factory=dict)
 
 
+def _flat(result: TrainResult) -> dict:
+    """The result as one table row: the live-teacher parts as `final_feature`, ... columns."""
+    row = asdict(result)
+    return {**row, **{f"final_{name}": value for name, value in row.pop("final_live").items()}}
+
+
 def _round(row: dict) -> dict:
     return {k: round(v, 5) if isinstance(v, float) else v for k, v in row.items()}
 
@@ -214,7 +220,7 @@ def train_task(cfg: RunConfig, dataset_dir: str, resume: bool = False) -> TrainR
     resume = resume or current_task_run.run_count > 1
     result = train_student(cfg, dataset_dir=Path(dataset_dir), resume=resume)
     create_table_artifact(
-        key="training-metrics", description=f"student {result.student_dir}", table=[_round(asdict(result))]
+        key="training-metrics", description=f"student {result.student_dir}", table=[_round(_flat(result))]
     )
     log = json.loads((Path(result.student_dir) / "train_log.json").read_text())
     create_table_artifact(

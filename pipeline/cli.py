@@ -250,9 +250,11 @@ def train(
     res = _run(train_student, cfg, dataset_dir=dataset, resume=resume)
     if res.resumed_from_step:
         console.print(f"resumed from the checkpoint at step {res.resumed_from_step}")
+    live = "".join(f", {name} {value:.4f}" for name, value in res.final_live.items())
     console.print(
         f"student {res.student_dir}: {res.steps} steps, final loss {res.final_loss:.4f} "
-        f"(ce {res.final_ce:.4f}, kd {res.final_kd:.4f}), {res.tokens_per_s:.0f} tok/s, {res.seconds:.1f}s"
+        f"(ce {res.final_ce:.4f}, kd {res.final_kd:.4f}{live}), "
+        f"{res.tokens_per_s:.0f} tok/s, {res.seconds:.1f}s"
     )
 
 

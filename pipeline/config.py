@@ -242,8 +242,9 @@ class FeatureLossConfig(_Strict):
 
     weight: float = Field(0.0, ge=0.0)
     """w_feat in the total loss; 0: off."""
-    kind: Literal["mse", "cosine"] = "mse"
-    """Per token: mean squared difference, or 1 - cosine similarity (scale-free)."""
+    kind: Literal["mse", "cosine"] = "cosine"
+    """Per token: 1 - cosine similarity (scale-free: real LLMs' residual streams carry a few huge outlier dimensions
+    that would dominate a squared difference), or `mse`, the mean squared difference (FitNets)."""
     layer_map: dict[int, int] | None = None
     """Student decoder layer -> teacher decoder layer (a layer's output; 0-based, negative counts from the end).
     Default: every student layer, each to the teacher layer at the same relative depth (last to last). Where the

@@ -21,7 +21,7 @@ import json
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -65,6 +65,8 @@ class TrainResult:
     seconds: float
     train_samples: int
     resumed_from_step: int = 0
+    final_live: dict[str, float] = field(default_factory=dict)
+    """The last logged live-teacher parts (feature, attention, relation; unweighted), when a run has them."""
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -381,6 +383,7 @@ def save(s: Setup, f: Fit) -> TrainResult:
         f.seconds,
         s.stream.num_samples,
         s.start_step,
+        {name: last_log[name] for name in LIVE_PARTS if name in last_log},
     )
     distributed = {
         "type": acc.distributed_type.value,

@@ -227,13 +227,14 @@ def test_two_processes_with_a_live_teacher_equal_one_process(generated, tmp_path
         raw = {**base, "output_dir": str(tmp_path / name), "train": {**base["train"], "grad_accum": accum}}
         (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(raw))
         env = FSDP_ENV if launcher and mode == "fsdp" else None
-        train_cli(
+        done = train_cli(
             tmp_path / f"{name}.yaml",
             str(generated.dataset_dir),
             **({"launcher": launcher} if launcher else {}),
             env=env,
         )
         runs[name] = tmp_path / name / "student"
+        assert ", feature " in done.stdout and ", attention " in done.stdout and ", relation " in done.stdout
     one, two = _history(runs["one"]), _history(runs["two"])
     for part in ("loss", "kd", "feature", "attention", "relation"):
         assert [h[part] for h in two] == pytest.approx([h[part] for h in one], rel=1e-5), part

@@ -52,6 +52,8 @@ def test_flow_end_to_end_then_student_only_reruns(make_config, tmp_path, monkeyp
     curve = json.loads(_artifacts()["training-curve"].data)
     assert [r["step"] for r in curve] == [1, 2, 3, 4]
     assert all(r["feature"] > 0 and r["attention"] > 0 and r["relation"] >= 0 for r in curve)
+    (final,) = json.loads(_artifacts()["training-metrics"].data)
+    assert final["final_feature"] == pytest.approx(curve[-1]["feature"], abs=1e-5)
 
 
 def test_deleted_dataset_is_regenerated_not_served_from_cache(make_config, tmp_path):
