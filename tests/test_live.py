@@ -96,6 +96,20 @@ def test_resume_with_a_live_teacher_equals_the_uninterrupted_run(live_run, tmp_p
         torch.testing.assert_close(got[name], want[name], rtol=0, atol=1e-6, msg=name)
 
 
+def test_a_live_teacher_with_no_weight_trains_exactly_like_none(generated, tmp_path):
+    """The control for bench/quality.py's live rows: loading and running the teacher changes no number by itself."""
+    off = train_student(_with_train(generated, max_steps=3, batch_size=8), student_dir=tmp_path / "off", progress=False)
+    cfg = _with_train(generated, live_teacher=True, max_steps=3, batch_size=8)
+    on = train_student(cfg, student_dir=tmp_path / "on", progress=False)
+    assert on.final_loss == off.final_loss
+    assert (
+        load_file(str(tmp_path / "on" / "model.safetensors")).keys()
+        == load_file(str(tmp_path / "off" / "model.safetensors")).keys()
+    )
+    for name, tensor in load_file(str(tmp_path / "on" / "model.safetensors")).items():
+        assert torch.equal(tensor, load_file(str(tmp_path / "off" / "model.safetensors"))[name]), name
+
+
 def test_feature_loss_falls_while_training_on_it(generated, tmp_path):
     cfg = _with_train(
         generated, live_teacher=True, feature={"weight": 1.0, "kind": "cosine"}, max_steps=8, batch_size=16
