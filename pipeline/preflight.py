@@ -15,6 +15,7 @@ from pipeline.models import (
     tokenizer_fingerprint,
 )
 from pipeline.prompts import read_prompts
+from pipeline.trackers import check_trackers
 
 
 def _local_missing(name: str) -> bool:
@@ -54,6 +55,8 @@ def preflight(cfg: RunConfig, stages: list[str] | tuple[str, ...]) -> None:
         raise ConfigError(
             f"no dataset at {cfg.dataset_dir}; run the generate stage first (distill run CONFIG --stages generate)"
         )
+    if "train" in stages:
+        check_trackers(cfg)
     if "train" in stages and cfg.student.model:
         teacher_fp = (
             read_manifest(cfg.dataset_dir).tokenizer_fingerprint

@@ -55,6 +55,7 @@ from pipeline.models import (
     student_tokenizer,
 )
 from pipeline.progress import plot_curves, progress_bar
+from pipeline.trackers import accelerator_kwargs, end_trackers, log_row, start_trackers
 
 log = logging.getLogger(__name__)
 
@@ -219,7 +220,8 @@ def setup(cfg: RunConfig, *, dataset_dir: Path, student_dir: Path, resume: bool)
         mix=[(Path(m.path), m.repeat) for m in t.mix],
     )
     # picks up `accelerate launch` / torchrun's environment; a plain call is one process
-    accelerator = make_accelerator(t)
+    accelerator = make_accelerator(t, **accelerator_kwargs(cfg))
+    start_trackers(accelerator, cfg)
     device = accelerator.device if t.device == "auto" else resolve_device(t.device)
     seed_everything(t.seed)
     student = student_on(cfg, device)
@@ -312,6 +314,7 @@ def fit(s: Setup, *, progress: bool) -> Fit:
                         "tokens_per_s": rate,
                     }
                 )
+                log_row(acc, s.cfg, history[-1])
                 live = "".join(f" {name} {history[-1][name]:.4f}" for name in t.live_families)
                 log.info(
                     "step %d/%d loss %.4f ce %.4f kd %.4f%s %.0f tok/s",
@@ -321,6 +324,7 @@ def fit(s: Setup, *, progress: bool) -> Fit:
                 tokens_before = s.resumed["tokens_seen"] if s.resumed else 0
                 write_checkpoint(s, step + 1, history, tokens_before + tokens_seen, _total(acc, oov, s.resumed))
             advance(1, info=f"loss {float(parts[0]):.4f} (ce {float(parts[1]):.3f} kd {float(parts[2]):.4f})")
+    end_trackers(acc, s.cfg)
     oov_total = _total(acc, oov, s.resumed)
     if any(oov_total):
         log.warning(

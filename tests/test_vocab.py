@@ -13,9 +13,9 @@ import torch
 from typer.testing import CliRunner
 
 from pipeline.losses import chunked_distill_loss_sums, distill_loss_sums, out_of_vocab_counts, topk_divergence
+from tests.helpers import WORDS, tiny_llama
 
-WORDS = [f"w{i}" for i in range(27)]
-TOKENIZER_SIZE = 30  # 3 specials + 27 words
+TOKENIZER_SIZE = len(WORDS) + 3  # 30: 3 specials + 27 words
 TEACHER_ROWS, STUDENT_ROWS = 40, 32  # padded embeddings: the teacher's 8 rows beyond the student's
 
 
@@ -82,52 +82,13 @@ def test_out_of_vocab_counts() -> None:
 # --- a run with real (tiny) checkpoints ---------------------------------------------------------------------------
 
 
-def _tokenizer(out: Path):
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {tok: i for i, tok in enumerate(["<bos>", "<eos>", "<pad>", *WORDS])}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>")
-    fast.save_pretrained(out)
-    assert len(fast) == TOKENIZER_SIZE
-    return fast
-
-
-def _model(out: Path, rows: int, seed: int) -> Path:
-    """A tiny random Llama with `rows` embedding rows and the tokenizer, saved to `out`."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(
-        vocab_size=rows,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        head_dim=16,
-        max_position_embeddings=64,
-        bos_token_id=0,
-        eos_token_id=1,
-        pad_token_id=2,
-    )
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(config)
-    with torch.no_grad():  # a large spread, so the random teacher puts real mass on its padding rows
-        model.lm_head.weight.mul_(50.0)
-    model.save_pretrained(out)
-    _tokenizer(out)
-    return out
-
-
 @pytest.fixture(scope="module")
 def models(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("vocab-models")
     return {
-        "teacher": _model(root / "teacher", TEACHER_ROWS, seed=0),
-        "student": _model(root / "student", STUDENT_ROWS, seed=1),
-        "small": _model(root / "small", TOKENIZER_SIZE - 4, seed=2),
+        "teacher": tiny_llama(root / "teacher", TEACHER_ROWS, seed=0),
+        "student": tiny_llama(root / "student", STUDENT_ROWS, seed=1),
+        "small": tiny_llama(root / "small", TOKENIZER_SIZE - 4, seed=2),
     }
 
 
