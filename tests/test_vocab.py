@@ -177,3 +177,16 @@ def test_inspect_counts_ids_beyond_the_tokenizer(dataset) -> None:
     assert (summary.topk_beyond_tokenizer, summary.sampled_beyond_tokenizer) == (entries, sampled)
     row = next(r for r in summary_rows(summary) if r["metric"] == "ids beyond the tokenizer")
     assert f"{entries:,} top-k entries" in row["value"]
+
+
+def test_a_resumed_run_reports_the_counts_of_the_whole_run(models, dataset, tmp_path) -> None:
+    from pipeline.config import build_config
+    from pipeline.train import train_student
+
+    cfg = build_config(_raw(models, tmp_path, checkpoint_every=2))
+    whole = train_student(cfg, dataset_dir=dataset, progress=False)  # leaves the step-2 checkpoint behind
+    first = json.loads((Path(whole.student_dir) / "train_log.json").read_text())["vocab"]
+    resumed = train_student(cfg, dataset_dir=dataset, progress=False, resume=True)
+    assert resumed.resumed_from_step == 2
+    assert json.loads((Path(resumed.student_dir) / "train_log.json").read_text())["vocab"] == first
+    assert first["topk_entries_beyond_student"] == _beyond(dataset, STUDENT_ROWS)[0]
