@@ -318,6 +318,9 @@ class TrainConfig(_Strict):
     seed: int = 0
     device: str = "auto"
     log_every: int = Field(25, ge=1)
+    report_to: list[Literal["tensorboard", "mlflow", "wandb"]] = []
+    """Experiment trackers that get every logged step's loss parts, lr, grad_norm and tokens/s, written under
+    `<output_dir>/trackers/` (MLflow: a local file store; W&B: offline); the run is named after `name`."""
     mix: list[MixConfig] = []
     """More datasets to train on with the run's own, e.g. a re-scored SFT set beside teacher samples (their
     held-out prompts stay out of training too; evaluation uses the run's own dataset)."""
@@ -443,6 +446,7 @@ class RunConfig(_Strict):
             "device",
             "gradient_checkpointing",
             "loss_chunk_size",
+            "report_to",
         }
         key = {"student": self.student.model_dump()}
         if self.train.live_teacher:  # the teacher itself then shapes training, not only through the dataset

@@ -67,12 +67,13 @@ class StudentWrapper(torch.nn.Module):
         return {**self.student.state_dict(), **aux}
 
 
-def make_accelerator(t: TrainConfig):
-    """accelerate's Accelerator for this process: DDP, FSDP2 or one process, as the launcher's environment says."""
+def make_accelerator(t: TrainConfig, **tracking):
+    """accelerate's Accelerator for this process: DDP, FSDP2 or one process, as the launcher's environment says;
+    `tracking`: its experiment-tracker arguments (pipeline/trackers.py)."""
     from accelerate import Accelerator
     from accelerate.utils import DistributedType
 
-    accelerator = Accelerator(cpu=t.device == "cpu")
+    accelerator = Accelerator(cpu=t.device == "cpu", **tracking)
     if (
         os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
         and accelerator.distributed_type == DistributedType.MULTI_CPU

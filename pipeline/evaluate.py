@@ -30,7 +30,7 @@ from pipeline.dataset.batch import Batch
 from pipeline.dataset.schema import DatasetError, read_manifest
 from pipeline.dataset.stats import topk_entropy
 from pipeline.dataset.stream import TrainStream
-from pipeline.losses import map_head_chunks, topk_divergence
+from pipeline.losses import fold_out_of_vocab, map_head_chunks, topk_divergence
 from pipeline.models import load_causal_lm, load_tokenizer, resolve_device
 
 UNCERTAIN_NATS = 0.3  # teacher entropy (k+1 buckets) above this marks a position with several plausible tokens
@@ -58,14 +58,19 @@ def heldout_batches(
 def position_metrics(model, batch: Batch, chunk_size: int) -> dict[str, torch.Tensor]:
     """Per-position KL, top-1 agreement, CE, mass on the teacher's top-k and teacher entropy of one batch (on CPU)."""
     trunk = getattr(model, model.base_model_prefix)
+    pad = getattr(getattr(model, "config", None), "pad_token_id", None)
+    batch = batch.within_vocab(model.get_output_embeddings().out_features, pad if isinstance(pad, int) else 0)
     hidden = trunk(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state[batch.loss_mask]
 
-    def chunk(logits, labels, ids, lp):
+    def chunk(logits, labels, teacher_ids, teacher_lp):
         logits = logits.float()
+        # ids the student lacks (a larger teacher embedding) count as missing entries; sampled ones get no CE (0)
+        ids, lp = fold_out_of_vocab(teacher_ids, teacher_lp, logits.shape[-1])
+        labels = labels.masked_fill(labels >= logits.shape[-1], -100)
         on_topk = logits.log_softmax(-1).gather(1, ids).exp()  # missing entries (-inf teacher logprob) do not count
         return {
             "kl": topk_divergence(logits, ids, lp, kind="forward_kl").cpu(),
-            "agree": (logits.argmax(-1) == ids[:, 0]).cpu(),
+            "agree": (logits.argmax(-1) == teacher_ids[:, 0]).cpu(),
             "ce": torch.nn.functional.cross_entropy(logits, labels, reduction="none").cpu(),
             "mass": torch.where(torch.isfinite(lp), on_topk, 0.0).sum(-1).cpu(),
         }

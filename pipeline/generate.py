@@ -172,7 +172,12 @@ def new_manifest(cfg: RunConfig, plan: GeneratePlan, info: TeacherInfo) -> Manif
     t, g = cfg.teacher, cfg.generate
     return Manifest(
         teacher=TeacherRecord(
-            model=t.model, backend=info.backend, revision=t.revision, versions=info.versions, vocab_size=info.vocab_size
+            model=t.model,
+            backend=info.backend,
+            revision=t.revision,
+            versions=info.versions,
+            vocab_size=info.vocab_size,
+            tokenizer_size=info.tokenizer_size or None,
         ),
         tokenizer_fingerprint=plan.tokenizer_fingerprint,
         k=g.k,

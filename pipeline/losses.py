@@ -57,6 +57,22 @@ def gathered_log_softmax(z: Tensor, ids: Tensor, temperature: float = 1.0) -> Te
     return _GatheredLogSoftmax.apply(z, ids.long(), float(temperature))
 
 
+def fold_out_of_vocab(topk_ids: Tensor, topk_logprobs: Tensor, vocab_size: int) -> tuple[Tensor, Tensor]:
+    """Top-k entries the student cannot score (id >= vocab_size: a teacher with a larger embedding matrix) become
+    missing entries: logprob -inf (so their teacher mass goes to the tail bucket, or is renormalised away) and
+    id 0 (a safe gather index). ids, logprobs: [N, k] -> the same, without a host sync."""
+    beyond = topk_ids >= vocab_size
+    return topk_ids.masked_fill(beyond, 0), topk_logprobs.masked_fill(beyond, float("-inf"))
+
+
+def out_of_vocab_counts(topk_ids: Tensor, labels: Tensor, vocab_size: int) -> Tensor:
+    """What `fold_out_of_vocab` and the CE mask touch: [top-k entries, positions with any such entry, sampled
+    tokens] with id >= vocab_size, as an int64 [3] tensor on the ids' device (no host sync).
+    topk_ids: [N, k]; labels: [N]."""
+    beyond = topk_ids >= vocab_size
+    return torch.stack([beyond.sum(), beyond.any(-1).sum(), (labels >= vocab_size).sum()])
+
+
 def _log1mexp(x: Tensor) -> Tensor:
     """log(1 - exp(x)), stable at both ends (Maechler 2012); x >= 0 (no mass left) gives _NEG.
 
@@ -118,7 +134,8 @@ def topk_divergence(
 
     Args:
         student_logits: [N, V] student logits (any float dtype; computed in float32, or float64 if given).
-        topk_ids: [N, k] teacher top-k token ids, all < V.
+        topk_ids: [N, k] teacher top-k token ids; ids >= V (rows of a larger teacher embedding) are folded
+            into the tail like missing entries (`fold_out_of_vocab`).
         topk_logprobs: [N, k] raw teacher logprobs at T = 1; -inf marks a missing entry (p = 0, dropped
             from the support on both sides).
         kind: "forward_kl" = sum_i p_i (log p_i - log q_i), p = softmax(topk_logprobs / T) over the k
@@ -141,6 +158,7 @@ def topk_divergence(
         student_logits.
     """
     dtype = torch.promote_types(student_logits.dtype, torch.float32)
+    topk_ids, topk_logprobs = fold_out_of_vocab(topk_ids, topk_logprobs, student_logits.shape[-1])
     log_q_topk = gathered_log_softmax(student_logits.to(dtype), topk_ids, temperature)
     return _divergence(
         log_q_topk,
@@ -210,7 +228,9 @@ def distill_loss_sums(
 
     Args:
         student_logits: [N, V]; labels: [N] sampled token ids, all active (no -100 ignore index: every row
-            counts in n_tokens); topk_ids, topk_logprobs: [N, k].
+            counts in n_tokens); a label >= V (the student has no such token) adds 0 to CE, its position
+            keeps its KD term; topk_ids, topk_logprobs: [N, k], ids >= V folded into the tail as in
+            `topk_divergence`.
         alpha: weight of CE (CE at T = 1 on the sampled tokens); alpha == 1 skips the KD term and
             alpha == 0 skips CE (the skipped sum is a constant 0).
         temperature, kind, beta, tail_bucket: as in `topk_divergence`.
@@ -223,15 +243,19 @@ def distill_loss_sums(
     dtype = torch.promote_types(student_logits.dtype, torch.float32)
     zero = student_logits.new_zeros((), dtype=dtype)
     z = student_logits.to(dtype)
+    vocab = z.shape[-1]
+    topk_ids, topk_logprobs = fold_out_of_vocab(topk_ids, topk_logprobs, vocab)
+    beyond = labels >= vocab  # [N] sampled tokens the student cannot score: left out of CE
+    labels = labels.masked_fill(beyond, 0)
     ce_sum = kd_sum = zero
     # One gathered log_softmax (one [N, V] buffer in backward; F.cross_entropy alone keeps another [N, V])
     # serves both terms at T = 1: column 0 is the sampled token, the rest the teacher's top-k.
     shared = 0.0 < alpha < 1.0 and temperature == 1.0
     if shared:
         lq = gathered_log_softmax(z, torch.cat([labels.long()[:, None], topk_ids.long()], dim=-1))
-        ce_sum, log_q_topk = -lq[:, 0].sum(), lq[:, 1:]
+        ce_sum, log_q_topk = -lq[:, 0].masked_fill(beyond, 0.0).sum(), lq[:, 1:]
     elif alpha > 0.0:  # sum over an empty N is 0, still attached to the graph
-        ce_sum = -gathered_log_softmax(z, labels[:, None]).sum()
+        ce_sum = -gathered_log_softmax(z, labels[:, None])[:, 0].masked_fill(beyond, 0.0).sum()
     if alpha < 1.0:
         if not shared:
             log_q_topk = gathered_log_softmax(z, topk_ids, temperature)

@@ -22,6 +22,25 @@ class TokenizerMismatchError(UserError):
     """Student and teacher tokenizers differ: top-k ids would point at the wrong tokens."""
 
 
+class VocabularyError(UserError):
+    """A student whose embedding cannot represent every token of the tokenizer."""
+
+
+def output_vocab_size(model) -> int:
+    """How many token ids the model scores: its LM head's rows (out_features), padding rows included."""
+    return int(model.get_output_embeddings().weight.shape[0])
+
+
+def check_student_vocab(student_vocab: int, tokenizer_size: int, name: str) -> None:
+    """One line when the student's embedding has fewer rows than the tokenizer has tokens (ids it cannot hold)."""
+    if student_vocab < tokenizer_size:
+        raise VocabularyError(
+            f"student {name!r} has {student_vocab} embedding rows but its tokenizer has {tokenizer_size} tokens "
+            f"(ids {student_vocab}..{tokenizer_size - 1} cannot be represented); use a student with at least "
+            f"{tokenizer_size} rows (resize_token_embeddings({tokenizer_size}) and save it)"
+        )
+
+
 def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -126,6 +145,18 @@ def context_length(name: str, *, revision: str | None = None, trust_remote_code:
         if isinstance(value, int) and value > 0:
             return value
     return None
+
+
+def configured_vocab_size(name: str, *, revision: str | None = None, trust_remote_code: bool = False) -> int | None:
+    """The embedding rows a model's config declares (`vocab_size`), without loading weights; None if unknown."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(name, revision=revision, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError):
+        return None
+    value = getattr(getattr(config, "text_config", None) or config, "vocab_size", None)
+    return value if isinstance(value, int) and value > 0 else None
 
 
 def seed_everything(seed: int) -> None:

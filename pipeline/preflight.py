@@ -7,8 +7,15 @@ from pathlib import Path
 from pipeline.config import ConfigError, RunConfig
 from pipeline.core import looks_local
 from pipeline.dataset.schema import MANIFEST, read_manifest
-from pipeline.models import TokenizerMismatchError, load_tokenizer, tokenizer_fingerprint
+from pipeline.models import (
+    TokenizerMismatchError,
+    check_student_vocab,
+    configured_vocab_size,
+    load_tokenizer,
+    tokenizer_fingerprint,
+)
 from pipeline.prompts import read_prompts
+from pipeline.trackers import check_trackers
 
 
 def _local_missing(name: str) -> bool:
@@ -48,15 +55,22 @@ def preflight(cfg: RunConfig, stages: list[str] | tuple[str, ...]) -> None:
         raise ConfigError(
             f"no dataset at {cfg.dataset_dir}; run the generate stage first (distill run CONFIG --stages generate)"
         )
+    if "train" in stages:
+        check_trackers(cfg)
     if "train" in stages and cfg.student.model:
         teacher_fp = (
             read_manifest(cfg.dataset_dir).tokenizer_fingerprint
             if (cfg.dataset_dir / MANIFEST).is_file()
             else tokenizer_fingerprint(load_tokenizer(cfg.teacher.model, revision=cfg.teacher.revision))
         )
-        student_fp = tokenizer_fingerprint(load_tokenizer(cfg.student.model, revision=cfg.student.revision))
-        if student_fp != teacher_fp:
+        student_tok = load_tokenizer(cfg.student.model, revision=cfg.student.revision)
+        if tokenizer_fingerprint(student_tok) != teacher_fp:
             raise TokenizerMismatchError(
                 f"student {cfg.student.model!r} has a different tokenizer than the teacher {cfg.teacher.model!r}; "
                 "distillation on top-k ids needs the same tokenizer: pick a student of the teacher's family"
             )
+        rows = configured_vocab_size(
+            cfg.student.model, revision=cfg.student.revision, trust_remote_code=cfg.student.trust_remote_code
+        )
+        if rows is not None:  # the loaded student's LM head is checked again before training
+            check_student_vocab(rows, len(student_tok), cfg.student.model)

@@ -45,9 +45,17 @@ from pipeline.distributed import (
 from pipeline.live.capture import Recorder
 from pipeline.live.plan import LivePlan, Projections, make_plan
 from pipeline.live.teacher import LiveTeacher, combine_live, live_loss_sums, load_live_teacher, teacher_states
-from pipeline.losses import LossSums, chunked_distill_loss_sums, combine
-from pipeline.models import build_student, resolve_device, seed_everything, student_tokenizer
+from pipeline.losses import LossSums, chunked_distill_loss_sums, combine, out_of_vocab_counts
+from pipeline.models import (
+    build_student,
+    check_student_vocab,
+    output_vocab_size,
+    resolve_device,
+    seed_everything,
+    student_tokenizer,
+)
 from pipeline.progress import plot_curves, progress_bar
+from pipeline.trackers import accelerator_kwargs, end_trackers, log_row, start_trackers
 
 log = logging.getLogger(__name__)
 
@@ -166,6 +174,7 @@ class Setup:
     fingerprint: str  # what a checkpoint must match to be resumed
     resumed: dict | None  # the resumed checkpoint's state; None for a fresh run
     live: LiveTeacher | None = None  # the teacher in this process, for the feature/attention/relation losses
+    vocab: dict[str, int] = field(default_factory=dict)  # student, teacher and tokenizer sizes (`vocab_sizes`)
 
     @property
     def student(self) -> torch.nn.Module:
@@ -211,10 +220,12 @@ def setup(cfg: RunConfig, *, dataset_dir: Path, student_dir: Path, resume: bool)
         mix=[(Path(m.path), m.repeat) for m in t.mix],
     )
     # picks up `accelerate launch` / torchrun's environment; a plain call is one process
-    accelerator = make_accelerator(t)
+    accelerator = make_accelerator(t, **accelerator_kwargs(cfg))
+    start_trackers(accelerator, cfg)
     device = accelerator.device if t.device == "auto" else resolve_device(t.device)
     seed_everything(t.seed)
     student = student_on(cfg, device)
+    vocab = vocab_sizes(cfg, student, tokenizer, manifest.teacher.vocab_size)
     live = None
     if t.live_teacher:
         teacher = load_live_teacher(cfg, manifest.tokenizer_fingerprint, device)
@@ -233,8 +244,23 @@ def setup(cfg: RunConfig, *, dataset_dir: Path, student_dir: Path, resume: bool)
     if state is None and accelerator.is_main_process:
         clear(root)  # checkpoints of an earlier run must not be resumed into this one
     return Setup(
-        cfg, student_dir, tokenizer, stream, accelerator, device, objective, model, opt, tied, fingerprint, state, live
-    )
+        cfg, student_dir, tokenizer, stream, accelerator, device, objective, model, opt, tied, fingerprint, state, live,
+        vocab,
+    )  # fmt: skip
+
+
+def vocab_sizes(cfg: RunConfig, student: torch.nn.Module, tokenizer, teacher_vocab: int) -> dict[str, int]:
+    """The three vocabulary sizes; a student smaller than the tokenizer is an error, a teacher larger than the
+    student a warning (its extra ids are folded into the tail, docs/design.md "Vocabulary sizes")."""
+    sizes = {"student": output_vocab_size(student), "teacher": teacher_vocab, "tokenizer": len(tokenizer)}
+    check_student_vocab(sizes["student"], sizes["tokenizer"], cfg.student.model or "student.shrink")
+    if sizes["teacher"] > sizes["student"]:
+        log.warning(
+            "the teacher scores %d token ids, the student %d (tokenizer: %d): top-k ids >= %d go to the tail "
+            "(train.tail_bucket) or are dropped and renormalised, and sampled ones get no CE; counts in train_log.json",
+            sizes["teacher"], sizes["student"], sizes["tokenizer"], sizes["student"],
+        )  # fmt: skip
+    return sizes
 
 
 @dataclass
@@ -244,6 +270,7 @@ class Fit:
     history: list[dict]
     tokens_seen: int  # this process's run only, all ranks together
     seconds: float
+    out_of_vocab: list[int] = field(default_factory=lambda: [0, 0, 0])  # `out_of_vocab_counts`, resumed runs included
 
 
 def fit(s: Setup, *, progress: bool) -> Fit:
@@ -253,6 +280,8 @@ def fit(s: Setup, *, progress: bool) -> Fit:
     history = list(s.resumed["history"]) if s.resumed else []
     batches = s.stream.batches(start=s.resumed["data"] if s.resumed else None)
     tokens_seen, start = 0, time.perf_counter()
+    oov = torch.tensor(s.resumed.get("out_of_vocab", [0, 0, 0]) if s.resumed else [0, 0, 0], device=s.device)
+    n_vocab, pad = s.vocab.get("student", 0), s.tokenizer.pad_token_id
     with progress_bar("train", t.max_steps, enabled=progress and acc.is_main_process) as advance:
         advance(s.start_step)
         for step in range(s.start_step, t.max_steps):
@@ -260,6 +289,9 @@ def fit(s: Setup, *, progress: bool) -> Fit:
                 group["lr"] = lr_at(step, t)
             step_batches = [next(batches) for _ in range(acc.num_processes * t.grad_accum)]
             micro = [b.to(s.device) for b in step_batches[acc.process_index :: acc.num_processes]]
+            if n_vocab:  # ids the student has no row for: counted, then left out (losses.py folds labels and top-k)
+                oov += sum(out_of_vocab_counts(b.topk_ids, b.labels, n_vocab) for b in micro)
+                micro = [b.within_vocab(n_vocab, pad) for b in micro]
             parts, n_global = accumulate(s, micro)
             grad_norm = float(acc.clip_grad_norm_(s.model.parameters(), t.max_grad_norm))
             s.opt.step()
@@ -282,6 +314,7 @@ def fit(s: Setup, *, progress: bool) -> Fit:
                         "tokens_per_s": rate,
                     }
                 )
+                log_row(acc, s.cfg, history[-1])
                 live = "".join(f" {name} {history[-1][name]:.4f}" for name in t.live_families)
                 log.info(
                     "step %d/%d loss %.4f ce %.4f kd %.4f%s %.0f tok/s",
@@ -289,9 +322,26 @@ def fit(s: Setup, *, progress: bool) -> Fit:
                 )  # fmt: skip
             if t.checkpoint_every and (step + 1) % t.checkpoint_every == 0 and not last:
                 tokens_before = s.resumed["tokens_seen"] if s.resumed else 0
-                write_checkpoint(s, step + 1, history, tokens_before + tokens_seen)
+                write_checkpoint(s, step + 1, history, tokens_before + tokens_seen, _total(acc, oov, s.resumed))
             advance(1, info=f"loss {float(parts[0]):.4f} (ce {float(parts[1]):.3f} kd {float(parts[2]):.4f})")
-    return Fit(history, tokens_seen, time.perf_counter() - start)
+    end_trackers(acc, s.cfg)
+    oov_total = _total(acc, oov, s.resumed)
+    if any(oov_total):
+        log.warning(
+            "%d top-k entries at %d positions and %d sampled tokens were beyond the student's %d-token vocabulary",
+            *oov_total, n_vocab,
+        )  # fmt: skip
+    return Fit(history, tokens_seen, time.perf_counter() - start, oov_total)
+
+
+def _total(acc, oov: torch.Tensor, resumed: dict | None) -> list[int]:
+    """Out-of-vocabulary counts of all ranks (a collective); a resumed run's `oov` already holds the earlier ones,
+    counted once (rank 0's share carries them)."""
+    if acc.num_processes == 1:
+        return [int(x) for x in oov.tolist()]
+    earlier = torch.tensor(resumed.get("out_of_vocab", [0, 0, 0]) if resumed else [0, 0, 0], device=oov.device)
+    own = oov - earlier if acc.process_index else oov
+    return [int(x) for x in acc.reduce(own, "sum").tolist()]
 
 
 LIVE_PARTS = ("feature", "attention", "relation")
@@ -344,7 +394,9 @@ def _autocast(device: torch.device):
     return torch.autocast("cpu", enabled=False)
 
 
-def write_checkpoint(s: Setup, step: int, history: list[dict], tokens_seen: int) -> None:
+def write_checkpoint(
+    s: Setup, step: int, history: list[dict], tokens_seen: int, out_of_vocab: list[int] | None = None
+) -> None:
     """Checkpoint `step`: weights and optimizer gathered on every rank (collective under FSDP), written by rank 0."""
     acc = s.accelerator
     acc.wait_for_everyone()
@@ -363,6 +415,7 @@ def write_checkpoint(s: Setup, step: int, history: list[dict], tokens_seen: int)
                 "data": s.stream.position,
                 "history": history,
                 "tokens_seen": tokens_seen,
+                "out_of_vocab": out_of_vocab or [0, 0, 0],
             },
         )
     del weights, optim_state
@@ -405,6 +458,7 @@ def save(s: Setup, f: Fit) -> TrainResult:
                     "history": f.history,
                     "config": s.cfg.train.model_dump(),
                     "distributed": distributed,
+                    "vocab": vocab_report(s.vocab, f),
                 },
                 indent=2,
             )
@@ -412,6 +466,17 @@ def save(s: Setup, f: Fit) -> TrainResult:
         plot_curves(f.history, s.student_dir / "loss_curves.png")
     acc.wait_for_everyone()
     return result
+
+
+def vocab_report(sizes: dict[str, int], f: Fit) -> dict[str, int]:
+    """train_log.json's "vocab": the three sizes and what was beyond the student's vocabulary, over the whole run."""
+    entries, positions, sampled = f.out_of_vocab
+    return {
+        **{f"{name}_size": size for name, size in sizes.items()},
+        "topk_entries_beyond_student": entries,
+        "positions_beyond_student": positions,
+        "sampled_beyond_student": sampled,
+    }
 
 
 def train_student(

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+import torch
 import yaml
 
 from pipeline.core import stable_id
@@ -232,3 +233,46 @@ def train_cli(config: Path, dataset: str, *, launcher=(sys.executable,), env=Non
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     return done
+
+
+WORDS = [f"w{i}" for i in range(27)]
+"""The words of `word_tokenizer` (ids 3..29)."""
+
+
+def word_tokenizer(out: Path):
+    """A word-level tokenizer of 3 specials (<bos> <eos> <pad>) and WORDS, saved to `out`."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {tok: i for i, tok in enumerate(["<bos>", "<eos>", "<pad>", *WORDS])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>")
+    fast.save_pretrained(out)
+    return fast
+
+
+def tiny_llama(out: Path, rows: int, seed: int) -> Path:
+    """A tiny random Llama with `rows` embedding rows and the tokenizer, saved to `out`."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=rows,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=64,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=2,
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():  # a large spread, so the random teacher puts real mass on its padding rows
+        model.lm_head.weight.mul_(50.0)
+    model.save_pretrained(out)
+    word_tokenizer(out)
+    return out

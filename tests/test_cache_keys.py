@@ -62,6 +62,7 @@ NEUTRAL = {
         "train.device": "where training runs",
         "train.gradient_checkpointing": "memory: the same numbers up to float summation order (test_train_resume)",
         "train.loss_chunk_size": "memory: positions per LM-head chunk, the same sums (test_losses)",
+        "train.report_to": "where the logged numbers are also sent (experiment trackers), not what is trained",
     },
     "train without a live teacher": {
         f"train.{family}.{name}": "the live-teacher losses act only with train.live_teacher (off in this base)"

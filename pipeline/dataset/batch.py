@@ -32,6 +32,12 @@ class Batch:
     def n_tokens(self) -> int:
         return int(self.labels.numel())
 
+    def within_vocab(self, vocab_size: int, replacement: int) -> Batch:
+        """The batch with input ids >= vocab_size (sampled from a larger teacher embedding's padding rows: the
+        student has no row for them) replaced by `replacement` (a pad id); labels and top-k are left to the losses."""
+        ids = self.input_ids.masked_fill(self.input_ids >= vocab_size, replacement)
+        return Batch(ids, self.attention_mask, self.loss_mask, self.labels, self.topk_ids, self.topk_logprobs)
+
     def to(self, device: torch.device) -> Batch:
         return Batch(
             *(

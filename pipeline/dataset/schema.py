@@ -138,6 +138,10 @@ class TeacherRecord(BaseModel):
     revision: str | None = None
     versions: dict[str, str] = {}
     vocab_size: int
+    """Token ids the teacher scores: its LM head's rows, padding rows included (top-k ids are below it)."""
+    tokenizer_size: int | None = None
+    """len(tokenizer): ids from it up to vocab_size are padding rows with no text, which an undertrained teacher
+    can still rank or sample. None in manifests written before it was recorded."""
 
 
 class SamplingRecord(BaseModel):

@@ -101,6 +101,11 @@ class DatasetSummary(BaseModel):
     """Counts of the sampled token at rank 1..k (1-based), then "outside top-k"."""
     sampled_logprob_mean: float | None
     """Mean teacher logprob of the sampled tokens (T = 1)."""
+    topk_beyond_tokenizer: int | None = None
+    """Top-k entries whose id is >= the tokenizer's size (teacher padding rows: no text); None when the manifest
+    does not record the tokenizer size."""
+    sampled_beyond_tokenizer: int | None = None
+    """Sampled tokens with such an id."""
     teacher: TeacherRecord
     sampling: SamplingRecord
     logprobs_mode: str
@@ -182,8 +187,9 @@ def sampled_rank(sampled: np.ndarray, topk_ids: np.ndarray) -> np.ndarray:
 class _Accumulator:
     """Running sums and fixed-bin histograms, so nothing grows with the number of tokens."""
 
-    def __init__(self, k: int):
-        self.k = k
+    def __init__(self, k: int, tokenizer_size: int | None = None):
+        self.k, self.tokenizer_size = k, tokenizer_size
+        self.beyond = [0, 0]  # top-k entries, sampled tokens with id >= tokenizer_size
         self.edges = {
             "entropy": np.linspace(0.0, float(np.log(k + 1)), BINS + 1),
             "top1": np.linspace(0.0, 1.0, BINS + 1),
@@ -227,6 +233,9 @@ class _Accumulator:
         self.near_one_hot += int((stats["top1"] >= NEAR_ONE_HOT).sum())
         self.sampled_lp += float(flat_values(batch.column("token_logprobs"), np.float64).sum())
         self.tokens += sampled.size
+        if self.tokenizer_size is not None:
+            self.beyond[0] += int((ids >= self.tokenizer_size).sum())
+            self.beyond[1] += int((sampled >= self.tokenizer_size).sum())
 
     def token_stat(self, name: str) -> TokenStat:
         mean = self.sums[name] / self.tokens if self.tokens else None
@@ -256,7 +265,8 @@ def summarize(dataset_dir: Path, *, batch_rows: int = 128) -> DatasetSummary:
     if not dataset_dir.is_dir():
         raise DatasetError(f"{dataset_dir}: no such dataset directory")
     manifest = read_manifest(dataset_dir)
-    acc = _Accumulator(manifest.k)
+    known = manifest.teacher.tokenizer_size
+    acc = _Accumulator(manifest.k, known)
     for path in committed_shards(dataset_dir, manifest):
         for batch in pq.ParquetFile(path).iter_batches(batch_size=batch_rows, columns=STAT_COLUMNS):
             acc.add(batch)
@@ -279,6 +289,8 @@ def summarize(dataset_dir: Path, *, batch_rows: int = 128) -> DatasetSummary:
         k_needed={str(level): counts.tolist() for level, counts in acc.k_needed.items()},
         sampled_rank=acc.rank.tolist(),
         sampled_logprob_mean=acc.sampled_lp / acc.tokens if acc.tokens else None,
+        topk_beyond_tokenizer=acc.beyond[0] if known is not None else None,
+        sampled_beyond_tokenizer=acc.beyond[1] if known is not None else None,
         teacher=manifest.teacher,
         sampling=manifest.sampling,
         logprobs_mode=manifest.logprobs_mode,
@@ -316,6 +328,22 @@ def _mode(s: DatasetSummary) -> str:
         return "sample: the teacher's own completions"
     c = s.completions
     return f"rescore: given completions ({c.source}, {c.field}, {c.truncated} truncated) scored by the teacher"
+
+
+def _vocab(s: DatasetSummary) -> str:
+    size = s.teacher.tokenizer_size
+    return f"{s.teacher.vocab_size} (tokenizer: {size if size is not None else 'not recorded'})"
+
+
+def _beyond(s: DatasetSummary) -> str:
+    """Top-k entries and samples at padding-row ids (no text; a smaller student folds them into the tail)."""
+    if s.topk_beyond_tokenizer is None or s.sampled_beyond_tokenizer is None:
+        return "n/a (tokenizer size not recorded)"
+    k_total = max(1, s.tokens * s.k)
+    return (
+        f"{s.topk_beyond_tokenizer:,} top-k entries ({_pct(s.topk_beyond_tokenizer / k_total)}), "
+        f"{s.sampled_beyond_tokenizer:,} sampled tokens"
+    )
 
 
 def summary_rows(summary: DatasetSummary) -> list[dict[str, str]]:
@@ -370,7 +398,8 @@ def summary_rows(summary: DatasetSummary) -> list[dict[str, str]]:
         ("sampled tokens", "mean teacher logprob", _num(s.sampled_logprob_mean)),
         ("teacher", "model", s.teacher.model),
         ("teacher", "backend", s.teacher.backend + "".join(f", {k} {v}" for k, v in s.teacher.versions.items())),
-        ("teacher", "vocab size", str(s.teacher.vocab_size)),
+        ("teacher", "vocab size", _vocab(s)),
+        ("teacher", "ids beyond the tokenizer", _beyond(s)),
         ("teacher", "k, logprobs", f"k={s.k}, {s.logprobs_mode} (T=1), {s.logprobs_dtype}"),
         ("sampling", "mode", _mode(s)),
         (

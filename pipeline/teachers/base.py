@@ -30,6 +30,7 @@ class TeacherInfo:
     revision: str | None = None
     versions: dict[str, str] = field(default_factory=dict)
     vocab_size: int = 0
+    tokenizer_size: int = 0  # len(tokenizer); embedding rows beyond it are padding with no text (0: unknown)
     eos_token_ids: tuple[int, ...] = ()
 
 

@@ -38,6 +38,7 @@ class HFTeacher:
             revision=cfg.revision,
             versions={"transformers": transformers.__version__, "torch": torch.__version__},
             vocab_size=int(self.model.get_output_embeddings().weight.shape[0]),
+            tokenizer_size=len(self.tokenizer),
             eos_token_ids=tuple(self.eos),
         )
 

@@ -200,6 +200,7 @@ class VLLMEngineTeacher:
             revision=cfg.revision,
             versions={"vllm": engine.version},
             vocab_size=engine.vocab_size or len(tok),
+            tokenizer_size=len(tok),
             eos_token_ids=tuple(eos_ids(tok)),
         )
 

@@ -108,6 +108,7 @@ class VLLMServerTeacher:
             revision=cfg.revision,
             versions={"vllm": self._server_version()},
             vocab_size=int(vocab),
+            tokenizer_size=len(tok),
             eos_token_ids=tuple(eos_ids(tok)),
         )
 
