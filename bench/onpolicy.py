@@ -7,11 +7,12 @@ few steps, so the student does not already match the teacher.
 - off-policy: the teacher samples all `--prompts` prompts; the student trains `--steps` steps on them;
 - rounds: the teacher samples half the prompts (round 0, a third of the steps); then two rounds in which the
   student samples half of those training prompts, the teacher scores them, and the student trains another
-  third of the steps (the round defaults: reverse KL with the tail bucket, alpha 0, earlier data mixed in; and
-  the same rounds with forward KL, tail bucket, alpha 0.2 as round 0).
-Both arms are evaluated the same way: held-out KL against the teacher's samples, task accuracy, and the teacher's
-per-token reverse KL on the student's own held-out samples. Prints a table (mean ± std over seeds) and writes
-bench/results/onpolicy.json.
+  third of the steps. Three round settings: the defaults (reverse KL with the tail bucket, alpha 0, earlier data
+  mixed in, peak lr where round 0's schedule ended); the same with forward KL, alpha 0.2 as round 0; and the
+  defaults at round 0's full peak lr (`on_policy.lr` = `train.lr`, the default before the lr was measured).
+Every arm is evaluated on the same held-out prompts (those of all `--prompts`): held-out KL against the
+off-policy arm's teacher samples, task accuracy, and the teacher's per-token reverse KL on the student's own
+held-out samples. Prints a table (mean ± std over seeds) and writes bench/results/onpolicy.json.
 """
 
 from __future__ import annotations
@@ -75,27 +76,39 @@ def off_policy(root: Path, prompts: int, steps: int, seed: int) -> dict:
 
 
 ROUND_LOSSES = {
-    "rounds, reverse KL": {},  # the defaults: reverse_kl, tail bucket, alpha 0
-    "rounds, forward KL": {"kind": "forward_kl", "tail_bucket": True, "alpha": 0.2},
+    "rounds, reverse KL": ("rounds", {}),  # the defaults: reverse_kl, tail bucket, alpha 0, lr 10% of train.lr
+    "rounds, forward KL": ("rounds-forward", {"kind": "forward_kl", "tail_bucket": True, "alpha": 0.2}),
+    "rounds, reverse KL, peak lr": ("rounds-peak-lr", {"lr": 3e-3}),  # the rounds' lr before it was measured
 }
 
 
 def on_policy(root: Path, prompts: int, steps: int, seed: int, arm: str) -> dict:
-    name = "rounds" if arm == "rounds, reverse KL" else "rounds-forward"
-    cfg = build_config(config(root / name, prompts // 2, steps // 3, seed, rounds=3, round_loss=ROUND_LOSSES[arm]))
+    name, round_loss = ROUND_LOSSES[arm]
+    cfg = build_config(config(root / name, prompts // 2, steps // 3, seed, rounds=3, round_loss=round_loss))
+    same_heldout = build_config(config(root / name, prompts, steps // 3, seed, rounds=3, round_loss=round_loss))
+    reference = build_config(config(root / "offpolicy", prompts, steps, seed, rounds=1))
     seconds = []
     t0 = time.perf_counter()
     generate_dataset(cfg, progress=False)
     train_student(cfg, progress=False)
     seconds.append(time.perf_counter() - t0)
+    per_round = [teacher_forced(reference, cfg.student_dir, root / name / "m0.json")]
     for r in (1, 2):
         t0 = time.perf_counter()
         run_round(cfg, r, ["generate", "train"])
         seconds.append(time.perf_counter() - t0)
-    metrics = evaluate(cfg, student_dir=round_dir(cfg, 2) / "student", metrics_path=round_dir(cfg, 2) / "m.json")
+        per_round.append(teacher_forced(reference, round_dir(cfg, r) / "student", round_dir(cfg, r) / "m.json"))
+    # the off-policy arm's held-out prompts and teacher samples: the same evaluation for every arm
+    metrics = evaluate(reference, student_dir=round_dir(cfg, 2) / "student", metrics_path=round_dir(cfg, 2) / "m.json")
     tokens = scored_tokens(cfg.dataset_dir) + sum(scored_tokens(round_dir(cfg, r) / "dataset") for r in (1, 2))
-    out = summary(metrics, evaluate_on_policy(cfg, 2))
-    return {**out, "teacher_scored_tokens": tokens, "seconds": seconds}
+    out = summary(metrics, evaluate_on_policy(same_heldout, 2))
+    return {**out, "teacher_scored_tokens": tokens, "seconds": seconds, "per_round": per_round}
+
+
+def teacher_forced(reference, student: Path, metrics_path: Path) -> dict:
+    """One round's student on the off-policy arm's held-out teacher samples: KL and accuracy."""
+    s = evaluate(reference, student_dir=student, metrics_path=metrics_path)["student"]
+    return {"kl_teacher_samples": s["kl"], "accuracy": s["accuracy"], "greedy_accuracy": s["greedy_accuracy"]}
 
 
 def main() -> None:
@@ -128,6 +141,10 @@ def main() -> None:
             cells.append(f"{mean:>17.4f} ± {std:<6.4f}" if k != "teacher_scored_tokens" else f"{mean:>26,.0f}")
         rows.append(row)
         print(f"{arm:<20}" + "".join(cells))
+    for arm in ROUND_LOSSES:
+        for i in range(3):
+            cells = {k: statistics.mean(r["per_round"][i][k] for r in runs[arm]) for k in runs[arm][0]["per_round"][i]}
+            print(f"{arm}, after round {i}: " + ", ".join(f"{k} {v:.4f}" for k, v in cells.items()))
     per_round = [statistics.median(r["seconds"][i] for r in runs["rounds, reverse KL"]) for i in range(3)]
     print("rounds arm, median seconds per round (generate + train): " + ", ".join(f"{s:.0f}" for s in per_round))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

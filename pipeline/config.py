@@ -371,6 +371,9 @@ class OnPolicyConfig(_Strict):
     and moving the student's mass off the top-k costs nothing (docs/design.md)."""
     alpha: float = Field(0.0, ge=0.0, le=1.0)
     """CE weight in rounds: 0, as CE on the student's own samples would reinforce its own mistakes."""
+    lr: float | None = Field(None, gt=0)
+    """Peak lr of a round's warmup + cosine. Default: the lr round 0's schedule ended at (10% of train.lr): a warm
+    student warmed up again to the full peak is knocked back (docs/design.md, "On-policy rounds")."""
 
 
 class EvalConfig(_Strict):

@@ -39,7 +39,7 @@ from pipeline.evaluate import evaluate
 from pipeline.generate import GenerateResult, generate_dataset, generate_key
 from pipeline.models import load_tokenizer
 from pipeline.shards import load_prompts
-from pipeline.train import TrainResult, train_student
+from pipeline.train import TrainResult, lr_at, train_student
 
 
 @dataclass
@@ -172,6 +172,11 @@ def score_student_samples(cfg: RunConfig, student: Path, work: Path, *, r: int, 
     return sampled, scored
 
 
+def round_lr(cfg: RunConfig) -> float:
+    """A round's peak lr: `on_policy.lr`, or where round 0's warmup + cosine ended (a round starts warm)."""
+    return cfg.on_policy.lr if cfg.on_policy.lr is not None else lr_at(cfg.train.max_steps, cfg.train)
+
+
 def round_train_config(cfg: RunConfig, r: int) -> RunConfig:
     """Round r's training: from round r-1's student, on the round's dataset and the earlier ones."""
     op = cfg.on_policy
@@ -185,6 +190,7 @@ def round_train_config(cfg: RunConfig, r: int) -> RunConfig:
             "kind": op.kind,
             "tail_bucket": op.tail_bucket,
             "alpha": op.alpha,
+            "lr": round_lr(cfg),
             "warmup_steps": min(cfg.train.warmup_steps, op.steps // 10),
             "mix": [MixConfig(**m) for m in mix],
             "seed": cfg.train.seed + r,

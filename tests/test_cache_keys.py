@@ -89,6 +89,7 @@ NO_KEY = {
     "on_policy.kind": "keyed per round",
     "on_policy.tail_bucket": "keyed per round",
     "on_policy.alpha": "keyed per round",
+    "on_policy.lr": "keyed per round",
     "output_dir": "where the outputs go (the dataset is found there, then checked against the keys)",
     "eval.task": "evaluation is never cached: it runs again every time",
     "eval.max_prompts": "evaluation is never cached",
@@ -377,6 +378,40 @@ def test_every_field_changes_some_key_or_is_listed(bases):
             if dotted not in NO_KEY and not any(dotted in n for n in NEUTRAL.values()):
                 silent.append(dotted)
     assert silent == [], f"fields that change no cache key and are not listed in NEUTRAL or NO_KEY: {silent}"
+
+
+ROUND_SAMPLING = {"on_policy.share", "on_policy.n", "on_policy.temperature", "on_policy.max_new_tokens"}
+"""on_policy fields that make a round's dataset (keyed by its generate fingerprint), not its training."""
+
+
+def test_a_rounds_train_key_follows_every_on_policy_training_field(bases):
+    """A finished round's student is kept while `round.json` holds its train key (pipeline/rounds.py): every
+    on_policy field that changes the round's training (its lr included) must change that key; the sampling ones
+    change the round's dataset instead."""
+    from pipeline.rounds import round_train_config
+
+    base = bases["rescore mode, mixed datasets, rounds"]
+    before = round_train_config(base, 2).train_fingerprint()
+    moved = {
+        dotted: round_train_config(cfg, 2).train_fingerprint() != before
+        for dotted, _, cfg in variations(base, INVALID_IN.get("rescore mode, mixed datasets, rounds"))
+        if dotted.startswith("on_policy.")
+    }
+    assert len(moved) == 11 and "on_policy.lr" in moved
+    assert {d for d, m in moved.items() if not m} == ROUND_SAMPLING
+
+
+def test_a_rounds_lr_defaults_to_where_round_0_ended(bases):
+    """Without on_policy.lr a round peaks at round 0's last lr (10% of train.lr), so it follows train.lr."""
+    from pipeline.rounds import round_train_config
+
+    base = bases["rescore mode, mixed datasets, rounds"]
+    assert round_train_config(base, 1).train.lr == pytest.approx(0.1 * base.train.lr)
+    faster = RunConfig.model_validate({**base.model_dump(), "train": {**base.train.model_dump(), "lr": 1e-2}})
+    assert round_train_config(faster, 1).train.lr == pytest.approx(1e-3)
+    assert round_train_config(faster, 1).train_fingerprint() != round_train_config(base, 1).train_fingerprint()
+    own = RunConfig.model_validate({**base.model_dump(), "on_policy": {"lr": 5e-4}})
+    assert round_train_config(own, 1).train.lr == 5e-4
 
 
 def test_each_teacher_backend_is_a_key_of_its_own(bases):
