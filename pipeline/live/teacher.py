@@ -27,6 +27,8 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class LiveTeacher:
+    """The loaded teacher (frozen, outside the wrapped module) and what the plan needs read from it."""
+
     model: torch.nn.Module
     plan: LivePlan
 
