@@ -73,7 +73,10 @@ def make_accelerator(t: TrainConfig, **tracking):
     from accelerate import Accelerator
     from accelerate.utils import DistributedType
 
-    accelerator = Accelerator(cpu=t.device == "cpu", **tracking)
+    # without a GPU, `device: auto` is the CPU: said explicitly, or accelerate 1.15 leaves each torchrun process
+    # alone (DistributedType.NO) and they all write one checkpoint directory
+    cpu = t.device == "cpu" or (t.device == "auto" and not torch.cuda.is_available())
+    accelerator = Accelerator(cpu=cpu, **tracking)
     if (
         os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
         and accelerator.distributed_type == DistributedType.MULTI_CPU

@@ -150,13 +150,13 @@ def one_process(generated, tmp_path_factory):
     return base, tmp / "student"
 
 
-def _two_processes_vs_one(one_process, dataset: Path, tmp_path, env=None) -> tuple[Path, Path, Path]:
+def _two_processes_vs_one(one_process, dataset: Path, tmp_path, env=None, device="cpu") -> tuple[Path, Path, Path]:
     """Two processes (gloo, CPU) with grad_accum 1, the same global batch as `one_process`: same numbers.
 
     Returns (the one-process student directory, the two-process one, the two-process config).
     """
     base, one_dir = one_process
-    two = {**base, "output_dir": str(tmp_path / "two"), "train": {**base["train"], "grad_accum": 1}}
+    two = {**base, "output_dir": str(tmp_path / "two"), "train": {**base["train"], "grad_accum": 1, "device": device}}
     (tmp_path / "two.yaml").write_text(yaml.safe_dump(two))
     train_cli(tmp_path / "two.yaml", str(dataset), launcher=TORCHRUN, env=env)
     two_dir = tmp_path / "two" / "student"
@@ -169,7 +169,9 @@ def _two_processes_vs_one(one_process, dataset: Path, tmp_path, env=None) -> tup
 @pytest.mark.slow
 def test_two_ddp_processes_equal_one_process_with_double_accumulation(one_process, generated, tmp_path):
     """`torchrun --nproc_per_node 2` (gloo on CPU) runs the same CLI; rank r takes micro-batches r, r+2, ..."""
-    _, two, _ = _two_processes_vs_one(one_process, generated.dataset_dir, tmp_path)
+    # `device: auto` on a machine without a GPU: the processes must still form one gloo group, not train alone
+    device = "cpu" if torch.cuda.is_available() else "auto"
+    _, two, _ = _two_processes_vs_one(one_process, generated.dataset_dir, tmp_path, device=device)
     assert json.loads((two / "train_log.json").read_text())["distributed"]["type"] == "MULTI_CPU"
 
 
