@@ -71,7 +71,12 @@ def _dims(config) -> dict[str, int]:
 
 def plan(spec: FromTeacherConfig, teacher_config) -> Plan:
     """The layers and sizes to cut from a teacher with `teacher_config`, or a one-line ConfigError."""
-    config = getattr(teacher_config, "text_config", None) or teacher_config
+    if getattr(teacher_config, "text_config", None) is not None:
+        raise ConfigError(
+            f"student.from_teacher cuts text-only causal LMs; {teacher_config.model_type} nests a text model: use "
+            "student.shrink or a pretrained student.model"
+        )
+    config = teacher_config
     layers = kept_layers(spec.layers, config.num_hidden_layers)
     asked = {k: v for k, v in spec.model_dump(include=set(NARROWED)).items() if v is not None}
     if not asked:
@@ -208,8 +213,7 @@ def cut(teacher: torch.nn.Module, p: Plan) -> torch.nn.Module:
 
     sd = teacher.state_dict()
     found = {int(m[2]) for k in sd if (m := LAYER_KEY.match(k))}
-    config = getattr(teacher.config, "text_config", None) or teacher.config
-    if len(found) != config.num_hidden_layers:
+    if len(found) != teacher.config.num_hidden_layers:
         raise ConfigError(
             f"student.from_teacher needs decoder layers named model.layers.N (Llama-style) or transformer.h.N "
             f"(GPT-2); {type(teacher).__name__} names them otherwise: use student.shrink"

@@ -187,6 +187,34 @@ def test_tied_embeddings_stay_tied(tmp_path):
     assert torch.equal(s.lm_head.weight, teacher.model.embed_tokens.weight[:, h])
 
 
+def test_a_qwen2_teacher_narrows_with_its_attention_biases(tmp_path):
+    """Qwen2: q/k/v biases (sliced with their rows), no head_dim in its config (the student's is set)."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    config = Qwen2Config(
+        vocab_size=40, hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=True,
+    )  # fmt: skip
+    teacher = Qwen2ForCausalLM(config).eval()
+    with torch.no_grad():
+        for name, p in teacher.named_parameters():
+            if name.endswith("bias"):
+                p.normal_()
+    teacher.save_pretrained(tmp_path / "qwen")
+    assert torch.equal(student(str(tmp_path / "qwen"))(ids()).logits, teacher(ids()).logits)
+    spec = {"layers": 2, "hidden_size": 16, "num_attention_heads": 2, "intermediate_size": 24}
+    s = student(str(tmp_path / "qwen"), **spec)
+    index = prune.select(prune.plan(FromTeacherConfig(**spec), teacher.config), teacher.state_dict())
+    assert s.config.head_dim == 8 and s.model.layers[1].self_attn.q_proj.weight.shape == (16, 16)
+    q, kv = index["layers"][2]["q"], index["layers"][2]["kv"]
+    attn, t_attn = s.model.layers[1].self_attn, teacher.model.layers[2].self_attn
+    assert torch.equal(attn.q_proj.bias, t_attn.q_proj.bias[q]) and torch.equal(
+        attn.k_proj.bias, t_attn.k_proj.bias[kv]
+    )
+    assert torch.isfinite(s(ids()).logits).all()
+
+
 def test_gpt2_keeps_layers_by_renaming(tmp_path):
     from transformers import GPT2Config, GPT2LMHeadModel
 
