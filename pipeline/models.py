@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pipeline import prune
 from pipeline.config import RunConfig, StudentConfig
 from pipeline.core import UserError, looks_local
 
@@ -166,20 +167,39 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def _teacher_config(teacher_model: str, *, trust_remote_code: bool, why: str):
+    from transformers import AutoConfig
+
+    _check_local(teacher_model, "teacher")
+    try:
+        return AutoConfig.from_pretrained(teacher_model, trust_remote_code=trust_remote_code)
+    except OSError as err:
+        raise ModelLoadError(
+            f"cannot read the teacher config {teacher_model!r} to {why}: {str(err).splitlines()[0]}"
+        ) from None
+
+
+def from_teacher_plan(cfg: StudentConfig, teacher_model: str) -> prune.Plan:
+    """What `student.from_teacher` cuts, checked against the teacher's config only (no weights are loaded)."""
+    config = _teacher_config(teacher_model, trust_remote_code=cfg.trust_remote_code, why="cut the student from it")
+    return prune.plan(cfg.from_teacher, config)
+
+
 def build_student(cfg: StudentConfig, teacher_model: str, *, seed: int) -> torch.nn.Module:
-    """A pretrained student, or a randomly initialised one with the teacher's config shrunk."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    """A pretrained student, one cut from the teacher's layers with their weights, or a randomly initialised one
+    with the teacher's config shrunk."""
+    from transformers import AutoModelForCausalLM
 
     if cfg.model is not None:
         return load_causal_lm(
             cfg.model, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code, device="cpu", dtype="float32"
         ).train()
-    try:
-        config = AutoConfig.from_pretrained(teacher_model, trust_remote_code=cfg.trust_remote_code)
-    except OSError as err:
-        raise ModelLoadError(
-            f"cannot read the teacher config {teacher_model!r} to shrink it: {str(err).splitlines()[0]}"
-        ) from None
+    if cfg.from_teacher is not None:
+        plan = from_teacher_plan(cfg, teacher_model)  # bad layers or head counts fail before the weights load
+        teacher = load_causal_lm(teacher_model, trust_remote_code=cfg.trust_remote_code, device="cpu")
+        torch.manual_seed(seed)
+        return prune.cut(teacher, plan).train()
+    config = _teacher_config(teacher_model, trust_remote_code=cfg.trust_remote_code, why="shrink it")
     for key, value in cfg.shrink.model_dump(exclude_none=True).items():
         setattr(config, key, value)
     if cfg.shrink.hidden_size and cfg.shrink.head_dim is None and hasattr(config, "head_dim"):

@@ -11,6 +11,7 @@ from pipeline.models import (
     TokenizerMismatchError,
     check_student_vocab,
     configured_vocab_size,
+    from_teacher_plan,
     load_tokenizer,
     tokenizer_fingerprint,
 )
@@ -57,6 +58,8 @@ def preflight(cfg: RunConfig, stages: list[str] | tuple[str, ...]) -> None:
         )
     if "train" in stages:
         check_trackers(cfg)
+    if "train" in stages and cfg.student.from_teacher:
+        from_teacher_plan(cfg.student, cfg.teacher.model)  # layers and sizes against the teacher's config
     if "train" in stages and cfg.student.model:
         teacher_fp = (
             read_manifest(cfg.dataset_dir).tokenizer_fingerprint

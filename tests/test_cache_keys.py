@@ -105,6 +105,7 @@ CHANGES: dict[str, Callable[[typing.Any], typing.Any]] = {
     "teacher.engine_args": lambda args: {**args, "enforce_eager": True},
     "train.feature.layer_map": lambda m: {**(m or {}), 1: 2},
     "train.attention.layer_map": lambda m: {**(m or {}), 0: 0},
+    "student.from_teacher.layers": lambda layers: "every_other" if layers != "every_other" else 3,
 }
 """Changed values picked by hand where the generic rule (`changed`) would do, but a realistic one reads better."""
 
@@ -123,6 +124,11 @@ BASES = {
         "teacher": {"backend": "vllm_engine", "model": "teacher"},
         "prompts": {"path": "prompts.jsonl"},
         "student": {"model": "student"},
+    },
+    "hf teacher, student cut from the teacher": {
+        "teacher": {"backend": "hf", "model": "teacher"},
+        "prompts": {"path": "prompts.jsonl"},
+        "student": {"from_teacher": {"layers": [0, 2], "hidden_size": 64}},
     },
     "rescore mode, mixed datasets, rounds": {
         "teacher": {"backend": "vllm_server", "model": "teacher"},
@@ -151,6 +157,7 @@ INVALID_IN = {
     "hf teacher, pretrained student": _NEEDS_LIVE,
     "vllm teacher, shrunk student": _NEEDS_LIVE,
     "vllm engine teacher": _NEEDS_LIVE,
+    "hf teacher, student cut from the teacher": _NEEDS_LIVE,
     "rescore mode, mixed datasets, rounds": {"generate.n": "rescore scores each given completion once", **_NEEDS_LIVE},
     "live teacher, every family": {"train.live_teacher": "the families weighted here need it"},
 }
@@ -429,6 +436,22 @@ def test_the_student_source_is_part_of_the_train_key(bases):
     shrunk = RunConfig.model_validate({**cfg.model_dump(), "student": {"shrink": {"hidden_size": 64}}})
     assert shrunk.train_fingerprint() != cfg.train_fingerprint()
     assert shrunk.generate_fingerprint() == cfg.generate_fingerprint()
+    cut = RunConfig.model_validate({**cfg.model_dump(), "student": {"from_teacher": {"layers": "every_other"}}})
+    assert len({cut.train_fingerprint(), shrunk.train_fingerprint(), cfg.train_fingerprint()}) == 3
+    assert cut.generate_fingerprint() == cfg.generate_fingerprint()
+
+
+def test_the_train_key_of_a_student_not_cut_from_the_teacher_is_as_before(bases):
+    """`student.from_teacher` enters the key only when set: checkpoints written before it existed still resume."""
+    import hashlib
+    import json
+
+    cfg = bases["vllm teacher, shrunk student"]
+    operational = {"checkpoint_every", "keep_checkpoints", "log_every", "device", "gradient_checkpointing",
+                   "loss_chunk_size", "report_to", "live_teacher", "feature", "attention", "relation"}  # fmt: skip
+    before = {"student": {k: v for k, v in cfg.student.model_dump().items() if k != "from_teacher"}}
+    before["train"] = cfg.train.model_dump(exclude=operational)
+    assert cfg.train_fingerprint() == hashlib.sha256(json.dumps(before, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def test_generate_keys_follow_the_contents_of_the_prompts_file_and_the_teacher(bases, tmp_path):

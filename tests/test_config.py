@@ -168,6 +168,10 @@ BOUNDS = {
     "student.shrink.num_attention_heads": ([1], [0]),
     "student.shrink.num_key_value_heads": ([1], [0]),
     "student.shrink.head_dim": ([8], [7]),
+    "student.from_teacher.hidden_size": ([8], [7]),
+    "student.from_teacher.intermediate_size": ([1], [0]),
+    "student.from_teacher.num_attention_heads": ([1], [0]),
+    "student.from_teacher.num_key_value_heads": ([1], [0]),
     "train.alpha": ([0.0, 1.0], [-1e-6, 1.000001]),
     "train.temperature": ([1e-6], [0.0]),
     "train.beta": ([0.0, 1.0], [-1e-6, 1.000001]),
@@ -192,6 +196,8 @@ def test_each_bound_accepts_its_edge_and_refuses_past_it(key):
     raw = VLLM if key.startswith("teacher.") and key != "teacher.batch_size" else HF
     if key.startswith("student.shrink."):
         raw = {**raw, "student": {"shrink": {}}}
+    if key.startswith("student.from_teacher."):
+        raw = {**raw, "student": {"from_teacher": {}}}
     ok, refused = BOUNDS[key]
     for value in ok:
         build_config(raw, [f"{key}={value}"])
@@ -207,7 +213,8 @@ def test_errors_inside_a_backend_or_a_validator_read_as_one_plain_line():
     with pytest.raises(ConfigError) as err:
         build_config({**HF, "student": {}})
     assert str(err.value) == (
-        "config key 'student': set exactly one of student.model (pretrained) or student.shrink (from teacher config)"
+        "config key 'student': set exactly one of student.model (pretrained), student.shrink (from teacher config) "
+        "or student.from_teacher (the teacher's layers, copied)"
     )
     with pytest.raises(
         ConfigError, match=r"^unknown config key 'teacher.concurency' \(did you mean 'teacher.concurrency'"
