@@ -253,7 +253,8 @@ def vocab_sizes(cfg: RunConfig, student: torch.nn.Module, tokenizer, teacher_voc
     """The three vocabulary sizes; a student smaller than the tokenizer is an error, a teacher larger than the
     student a warning (its extra ids are folded into the tail, docs/design.md "Vocabulary sizes")."""
     sizes = {"student": output_vocab_size(student), "teacher": teacher_vocab, "tokenizer": len(tokenizer)}
-    check_student_vocab(sizes["student"], sizes["tokenizer"], cfg.student.model or "student.shrink")
+    source = cfg.student.model or ("student.from_teacher" if cfg.student.from_teacher else "student.shrink")
+    check_student_vocab(sizes["student"], sizes["tokenizer"], source)
     if sizes["teacher"] > sizes["student"]:
         log.warning(
             "the teacher scores %d token ids, the student %d (tokenizer: %d): top-k ids >= %d go to the tail "
