@@ -276,3 +276,17 @@ def tiny_llama(out: Path, rows: int, seed: int) -> Path:
     model.save_pretrained(out)
     word_tokenizer(out)
     return out
+
+
+def model_with_another_tokenizer(path: Path) -> Path:
+    """A tiny Llama with a 3-token tokenizer of its own, saved at `path` (not the demo tokenizer: a mismatch)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    tk = Tokenizer(models.WordLevel({"a": 0, "b": 1, "<e>": 2}, unk_token="a"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<e>", pad_token="<e>").save_pretrained(path)
+    LlamaForCausalLM(
+        LlamaConfig(vocab_size=3, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)
+    ).save_pretrained(path)
+    return path

@@ -16,6 +16,7 @@ from pipeline.live.capture import Recorder, decoder_layers, qkv_widths
 from pipeline.live.plan import uniform_map
 from pipeline.models import TokenizerMismatchError
 from pipeline.train import train_student
+from tests.helpers import model_with_another_tokenizer
 
 ALL = {
     "live_teacher": True,
@@ -162,16 +163,7 @@ def test_bad_layer_maps_are_one_line_before_training(generated, tmp_path, train,
 
 
 def test_a_live_teacher_with_another_tokenizer_stops_before_training(generated, tmp_path):
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    other = tmp_path / "other"
-    tk = Tokenizer(models.WordLevel({"a": 0, "b": 1, "<e>": 2}, unk_token="a"))
-    tk.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<e>", pad_token="<e>").save_pretrained(other)
-    LlamaForCausalLM(
-        LlamaConfig(vocab_size=3, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)
-    ).save_pretrained(other)
+    other = model_with_another_tokenizer(tmp_path / "other")
     cfg = _with_train(generated, **ALL)
     pretrained = cfg.student.model_copy(update={"model": cfg.teacher.model, "shrink": None})  # the dataset's tokenizer
     cfg = cfg.model_copy(

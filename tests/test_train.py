@@ -9,6 +9,7 @@ from pipeline.dataset.reader import load_samples
 from pipeline.dataset.stream import TrainStream
 from pipeline.models import TokenizerMismatchError, load_causal_lm
 from pipeline.train import loss_sums, train_student
+from tests.helpers import model_with_another_tokenizer
 
 
 def test_a_few_steps_lower_the_loss(generated, tmp_path):
@@ -37,16 +38,7 @@ def test_alpha_one_is_plain_cross_entropy(generated):
 
 
 def test_tokenizer_mismatch_stops_before_training(generated, tmp_path):
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    other = tmp_path / "other"
-    tk = Tokenizer(models.WordLevel({"a": 0, "b": 1, "<e>": 2}, unk_token="a"))
-    tk.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<e>", pad_token="<e>").save_pretrained(other)
-    LlamaForCausalLM(
-        LlamaConfig(vocab_size=3, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)
-    ).save_pretrained(other)
+    other = model_with_another_tokenizer(tmp_path / "other")
     student = generated.student.model_copy(update={"model": str(other), "shrink": None})
     cfg = generated.model_copy(update={"student": student})
     with pytest.raises(TokenizerMismatchError, match="differs from the dataset's teacher tokenizer"):
