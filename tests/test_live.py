@@ -261,3 +261,12 @@ def test_two_processes_with_a_live_teacher_equal_one_process(generated, tmp_path
         for name in got:
             torch.testing.assert_close(again[name], got[name], rtol=0, atol=1e-6, msg=name)
         assert [h["feature"] for h in _history(runs["two"])] == pytest.approx([h["feature"] for h in two], rel=1e-6)
+
+
+def test_gradient_checkpointing_keeps_the_live_numbers(generated, tmp_path):
+    """The hooks read each layer's output in the first forward; the recomputation in backward must not disturb it."""
+    cfg = _with_train(generated, **ALL, max_steps=2, batch_size=8)
+    plain = train_student(cfg, student_dir=tmp_path / "plain", progress=False)
+    gc = train_student(_with_train(cfg, gradient_checkpointing=True), student_dir=tmp_path / "gc", progress=False)
+    assert gc.final_live == pytest.approx(plain.final_live, rel=1e-5)
+    assert gc.final_loss == pytest.approx(plain.final_loss, rel=1e-5)
