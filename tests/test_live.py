@@ -221,7 +221,12 @@ def test_recorder_reads_layers_and_projections_of_each_layout(family):
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])
 def test_two_processes_with_a_live_teacher_equal_one_process(generated, tmp_path, mode):
     """Two gloo processes (grad_accum 1; the teacher replicated on each) against one process with grad_accum 2:
-    the same micro-batches, so the same per-part numbers and weights, and the checkpoint keeps the projections."""
+    the same micro-batches, so the same per-part numbers at every step, and under DDP the same weights.
+
+    FSDP2's weights are compared with themselves across a resume, not with the one process: its reduce-scatter
+    sums the gradients in another order, and AdamW moves an element whose gradient cancels to ~1e-7 by up to the
+    lr either way (a fresh-clone run once failed 1e-5 on gate_proj after 3 steps); the plain FSDP2 test in
+    test_train_resume.py compares the weights, and the loss parts here pin the live computation."""
     import yaml
 
     from tests.helpers import FSDP_ENV, TORCHRUN, train_cli
@@ -247,11 +252,13 @@ def test_two_processes_with_a_live_teacher_equal_one_process(generated, tmp_path
         assert [h[part] for h in two] == pytest.approx([h[part] for h in one], rel=1e-5), part
     got, want = load_file(str(runs["two"] / "model.safetensors")), load_file(str(runs["one"] / "model.safetensors"))
     assert got.keys() == want.keys()
-    for name in want:
-        torch.testing.assert_close(got[name], want[name], rtol=0, atol=1e-5, msg=name)
     aux = [load_file(str(checkpoint_root(r) / "step-0000002" / "aux.safetensors")) for r in runs.values()]
-    for name in aux[0]:
-        torch.testing.assert_close(aux[1][name], aux[0][name], rtol=0, atol=1e-5, msg=name)
+    assert {k: v.shape for k, v in aux[1].items()} == {k: v.shape for k, v in aux[0].items()}
+    if mode == "ddp":
+        for name in want:
+            torch.testing.assert_close(got[name], want[name], rtol=0, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
+        for name in aux[0]:
+            torch.testing.assert_close(aux[1][name], aux[0][name], rtol=0, atol=1e-5, msg=name)
     kind = json.loads((runs["two"] / "train_log.json").read_text())["distributed"]["type"]
     assert kind == {"ddp": "MULTI_CPU", "fsdp": "FSDP"}[mode]
     if mode == "fsdp":  # resume from step 2: the projections come back from the checkpoint, the run ends the same
