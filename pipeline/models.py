@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +33,34 @@ def output_vocab_size(model) -> int:
     return int(model.get_output_embeddings().weight.shape[0])
 
 
+def output_head(model) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The LM head plus what the model's forward does to its output (Gemma 2/3's final-logit soft cap, Cohere's
+    logit scale, Granite's logit divisor), so head(trunk hidden states) equals `model(...).logits` wherever the
+    losses, the metrics and the transformers teacher run the head on gathered positions."""
+    head = model.get_output_embeddings()
+    config = getattr(model, "config", None)
+    config = getattr(config, "text_config", None) or config
+    if config is None:
+        return head
+    cap = getattr(config, "final_logit_softcapping", None)
+    scale = getattr(config, "logit_scale", None) if "cohere" in str(config.model_type) else None
+    divisor = getattr(config, "logits_scaling", None) if "granite" in str(config.model_type) else None
+    if not (cap or scale or divisor):
+        return head
+
+    def capped(hidden: torch.Tensor) -> torch.Tensor:
+        logits = head(hidden)
+        if scale:
+            logits = logits * scale
+        if divisor:
+            logits = logits / divisor
+        if cap:
+            logits = torch.tanh(logits / cap) * cap
+        return logits
+
+    return capped
+
+
 def check_student_vocab(student_vocab: int, tokenizer_size: int, name: str) -> None:
     """One line when the student's embedding has fewer rows than the tokenizer has tokens (ids it cannot hold)."""
     if student_vocab < tokenizer_size:
@@ -39,6 +68,28 @@ def check_student_vocab(student_vocab: int, tokenizer_size: int, name: str) -> N
             f"student {name!r} has {student_vocab} embedding rows but its tokenizer has {tokenizer_size} tokens "
             f"(ids {student_vocab}..{tokenizer_size - 1} cannot be represented); use a student with at least "
             f"{tokenizer_size} rows (resize_token_embeddings({tokenizer_size}) and save it)"
+        )
+
+
+POSITION_TABLES = ("wpe", "embed_positions", "position_embeddings")
+"""Names of learned absolute-position embeddings (GPT-2, OPT, BERT-style): a longer sequence has no row."""
+
+
+def learned_positions(model) -> int | None:
+    """Rows of the model's learned absolute-position table; None for rotary or relative positions (no hard limit)."""
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Embedding) and name.rsplit(".", 1)[-1] in POSITION_TABLES:
+            return int(module.num_embeddings)
+    return None
+
+
+def check_student_context(student_positions: int, longest: int, name: str) -> None:
+    """One line when a sample is longer than the student's learned positions (it would index past the table)."""
+    if longest > student_positions:
+        raise VocabularyError(
+            f"the dataset's longest sample is {longest} tokens but student {name!r} has learned positions for "
+            f"{student_positions}; use a student with a longer context, or regenerate with a smaller "
+            "prompts.max_prompt_tokens or generate.max_new_tokens"
         )
 
 
@@ -200,7 +251,11 @@ def build_student(cfg: StudentConfig, teacher_model: str, *, seed: int) -> torch
         torch.manual_seed(seed)
         return prune.cut(teacher, plan).train()
     config = _teacher_config(teacher_model, trust_remote_code=cfg.trust_remote_code, why="shrink it")
-    for key, value in cfg.shrink.model_dump(exclude_none=True).items():
+    sizes = cfg.shrink.model_dump(exclude_none=True)
+    types = getattr(config, "layer_types", None)
+    if "num_hidden_layers" in sizes and isinstance(types, list):  # Qwen2, Gemma 2/3: one entry per layer, pattern kept
+        sizes["layer_types"] = [types[i % len(types)] for i in range(sizes["num_hidden_layers"])]
+    for key, value in sizes.items():
         setattr(config, key, value)
     if cfg.shrink.hidden_size and cfg.shrink.head_dim is None and hasattr(config, "head_dim"):
         config.head_dim = config.hidden_size // config.num_attention_heads

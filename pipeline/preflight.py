@@ -11,6 +11,7 @@ from pipeline.models import (
     TokenizerMismatchError,
     check_student_vocab,
     configured_vocab_size,
+    context_length,
     from_teacher_plan,
     load_tokenizer,
     tokenizer_fingerprint,
@@ -21,6 +22,19 @@ from pipeline.trackers import check_trackers
 
 def _local_missing(name: str) -> bool:
     return looks_local(name) and not Path(name).expanduser().exists()
+
+
+def check_max_model_len(cfg: RunConfig) -> None:
+    """`teacher.max_model_len` past the model's own context: vLLM refuses to start (and learned positions have no
+    row past it), so say so before a server is launched."""
+    t = cfg.teacher
+    limit = getattr(t, "max_model_len", None)
+    own = context_length(t.model, revision=t.revision, trust_remote_code=t.trust_remote_code) if limit else None
+    if limit and own and limit > own:
+        raise ConfigError(
+            f"teacher.max_model_len={limit} is longer than {t.model!r}'s context of {own} tokens; set it to at most "
+            f"{own} or leave it unset"
+        )
 
 
 def preflight(cfg: RunConfig, stages: list[str] | tuple[str, ...]) -> None:
@@ -52,6 +66,7 @@ def preflight(cfg: RunConfig, stages: list[str] | tuple[str, ...]) -> None:
         raise ConfigError(f"student.model path {cfg.student.model!r} does not exist")
     if "generate" in stages:
         read_prompts(cfg.prompts)  # empty / malformed / non-UTF-8 prompts fail here, not mid-flow
+        check_max_model_len(cfg)
     elif not (cfg.dataset_dir / MANIFEST).is_file():
         raise ConfigError(
             f"no dataset at {cfg.dataset_dir}; run the generate stage first (distill run CONFIG --stages generate)"

@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from jinja2 import TemplateError
+
 from pipeline.config import PromptsConfig
 from pipeline.core import UserError, stable_id
 
@@ -118,7 +120,10 @@ def render(item: Any, tokenizer, chat_template: bool) -> str:
     """The exact prompt text the teacher sees (chat template applied when asked)."""
     if chat_template:
         messages = [{"role": "user", "content": item}] if isinstance(item, str) else item
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        try:
+            return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        except TemplateError as err:  # e.g. a system turn for a template that has no system role
+            raise PromptsError(f"the tokenizer's chat template rejects it: {err}; change the messages") from None
     if not isinstance(item, str):
         raise PromptsError("a prompt is a list of chat messages but prompts.chat_template is false; set it to true")
     return item
@@ -160,7 +165,7 @@ def _completion_ids(value: Any, text_ids, tokenizer, append_eos: bool) -> list[i
 
 
 def load_prompt_set(
-    cfg: PromptsConfig, tokenizer, *, rescore: bool = False, max_tokens: int | None = None
+    cfg: PromptsConfig, tokenizer, *, rescore: bool = False, max_tokens: int | None = None, new_tokens: int = 0
 ) -> PromptSet:
     """Read, render and tokenize prompts; empty and over-long prompts are skipped and counted, or stop the
     run when `on_invalid: fail`.
@@ -168,7 +173,8 @@ def load_prompt_set(
     `rescore`: each row also gives its completion (`cfg.completion_field`, or the last assistant turn of a chat),
     tokenized apart from its prompt, so the ids are what the tokenizer makes of each part (text that would merge
     across the boundary is not merged). Rows of one prompt are grouped under it, in file order. `max_tokens` is
-    the teacher's limit on prompt + completion (`overlong` decides what happens above it).
+    the teacher's limit on prompt + completion (`overlong` decides what happens above it); when the teacher samples,
+    a prompt with fewer than `new_tokens` (`generate.max_new_tokens`) positions left below it is over-long.
     """
     texts, token_ids, ids, completions, items = [], [], [], [], []
     skipped = {"empty": 0, "too_long": 0}
@@ -214,6 +220,14 @@ def load_prompt_set(
         ids_ = encode(text, tokenizer, cfg.chat_template)
         if cfg.max_prompt_tokens and len(ids_) > cfg.max_prompt_tokens:
             invalid("too_long", number, f"{len(ids_)} tokens, over prompts.max_prompt_tokens={cfg.max_prompt_tokens}")
+            continue
+        if completion is None and max_tokens is not None and len(ids_) + new_tokens > max_tokens:
+            invalid(
+                "too_long",
+                number,
+                f"{len(ids_)} tokens, and with generate.max_new_tokens={new_tokens} over the teacher's context of "
+                f"{max_tokens}",
+            )
             continue
         pid = stable_id(text)
         if completion is not None:

@@ -101,25 +101,30 @@ def load_prompts(cfg: RunConfig) -> tuple[object, PromptSet]:
         getattr(t, "max_model_len", None),
         cfg.prompts,
         rescore,
+        None if rescore else cfg.generate.max_new_tokens,
         path_fingerprint(cfg.prompts.path),
     )
     with _prompt_lock:
         if key not in _prompt_cache:
             tokenizer = load_tokenizer(t.model, revision=t.revision, trust_remote_code=t.trust_remote_code)
-            limit = rescore_limit(cfg) if rescore else None
+            context = teacher_context(cfg)
+            if rescore:
+                limits = {"max_tokens": context - 1 if context else None}
+            else:
+                limits = {"max_tokens": context, "new_tokens": cfg.generate.max_new_tokens}
             _prompt_cache.clear()  # one prompt set at a time is enough; do not grow with every config
-            _prompt_cache[key] = (tokenizer, load_prompt_set(cfg.prompts, tokenizer, rescore=rescore, max_tokens=limit))
+            _prompt_cache[key] = (tokenizer, load_prompt_set(cfg.prompts, tokenizer, rescore=rescore, **limits))
         return _prompt_cache[key]
 
 
-def rescore_limit(cfg: RunConfig) -> int | None:
-    """Longest prompt + completion the teacher can score: its context (`teacher.max_model_len`, else the model
-    config's) less the one token vLLM must generate (the same limit for every backend, so datasets agree)."""
+def teacher_context(cfg: RunConfig) -> int | None:
+    """The teacher's context (`teacher.max_model_len`, else the model config's), the same for every backend so
+    datasets agree. Sampling needs the prompt plus `generate.max_new_tokens` to fit; scoring, prompt plus completion
+    plus the one token vLLM must generate."""
     t = cfg.teacher
-    context = getattr(t, "max_model_len", None) or context_length(
+    return getattr(t, "max_model_len", None) or context_length(
         t.model, revision=t.revision, trust_remote_code=t.trust_remote_code
     )
-    return context - 1 if context else None
 
 
 def check_teacher(cfg: RunConfig, info: TeacherInfo) -> None:

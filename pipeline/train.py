@@ -31,6 +31,7 @@ from pipeline.compat import tied_names
 from pipeline.config import RunConfig, TrainConfig
 from pipeline.core import stable_id
 from pipeline.dataset.batch import Batch
+from pipeline.dataset.reader import longest_sample
 from pipeline.dataset.schema import read_manifest
 from pipeline.dataset.stream import TrainStream
 from pipeline.distributed import (
@@ -48,13 +49,17 @@ from pipeline.live.teacher import LiveTeacher, combine_live, live_loss_sums, loa
 from pipeline.losses import LossSums, chunked_distill_loss_sums, combine, out_of_vocab_counts
 from pipeline.models import (
     build_student,
+    check_student_context,
     check_student_vocab,
+    learned_positions,
+    output_head,
     output_vocab_size,
     resolve_device,
     seed_everything,
     student_tokenizer,
 )
 from pipeline.progress import plot_curves, progress_bar
+from pipeline.shards import teacher_context
 from pipeline.trackers import accelerator_kwargs, end_trackers, log_row, start_trackers
 
 log = logging.getLogger(__name__)
@@ -116,7 +121,7 @@ def loss_sums(model: torch.nn.Module, batch: Batch, t: TrainConfig) -> LossSums:
     hidden = trunk(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
     return chunked_distill_loss_sums(
         hidden[batch.loss_mask],
-        model.get_output_embeddings(),
+        output_head(model),
         batch.labels,
         batch.topk_ids,
         batch.topk_logprobs,
@@ -226,6 +231,7 @@ def setup(cfg: RunConfig, *, dataset_dir: Path, student_dir: Path, resume: bool)
     seed_everything(t.seed)
     student = student_on(cfg, device)
     vocab = vocab_sizes(cfg, student, tokenizer, manifest.teacher.vocab_size)
+    check_context(cfg, student, dataset_dir)
     live = None
     if t.live_teacher:
         teacher = load_live_teacher(cfg, manifest.tokenizer_fingerprint, device)
@@ -262,6 +268,19 @@ def vocab_sizes(cfg: RunConfig, student: torch.nn.Module, tokenizer, teacher_voc
             sizes["teacher"], sizes["student"], sizes["tokenizer"], sizes["student"],
         )  # fmt: skip
     return sizes
+
+
+def check_context(cfg: RunConfig, student: torch.nn.Module, dataset_dir: Path) -> None:
+    """A student with learned positions (GPT-2 style) must have a row for every position of the longest sample;
+    the data is read only when its table is shorter than the teacher's context (which bounds every sample)."""
+    positions = learned_positions(student)
+    if positions is None:
+        return
+    teacher = teacher_context(cfg)
+    if teacher is not None and positions >= teacher and not cfg.train.mix:
+        return
+    longest = max(longest_sample(d) for d in [dataset_dir, *(Path(m.path) for m in cfg.train.mix)])
+    check_student_context(positions, longest, cfg.student.model or "student.shrink / student.from_teacher")
 
 
 @dataclass

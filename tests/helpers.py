@@ -90,19 +90,19 @@ def server_config(model: Path, **kw):
     """A managed vLLM server for the tiny teacher; eager mode skips torch.compile (~20 s of each start on 2 cores)."""
     from pipeline.config import VLLMServerTeacherConfig
 
-    kw = {"extra_args": ["--enforce-eager"], **kw}
-    return VLLMServerTeacherConfig(
-        model=str(model),
-        python=TEACHER_PYTHON,
-        dtype="float32",
-        max_model_len=128,
-        gpu_memory_utilization=0.3,
-        cpu_kvcache_space_gb=1,
-        startup_timeout_s=300,
-        concurrency=16,
-        max_retries=1,
+    kw = {
+        "extra_args": ["--enforce-eager"],
+        "python": TEACHER_PYTHON,
+        "dtype": "float32",
+        "max_model_len": 128,
+        "gpu_memory_utilization": 0.3,
+        "cpu_kvcache_space_gb": 1,
+        "startup_timeout_s": 300,
+        "concurrency": 16,
+        "max_retries": 1,
         **kw,
-    )
+    }
+    return VLLMServerTeacherConfig(model=str(model), **kw)
 
 
 def fake_generation(rng, length: int, k: int, vocab: int):

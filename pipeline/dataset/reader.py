@@ -52,3 +52,15 @@ def load_samples(dataset_dir: Path, *, split: str = "all", limit_prompts: int | 
         topk_ids=np.split(rows.topk_ids, cut),
         topk_logprobs=np.split(rows.topk_logprobs.astype(np.float32), cut),
     )
+
+
+def longest_sample(dataset_dir: Path) -> int:
+    """Tokens in the dataset's longest prompt + completion (both splits), reading only the two token-id columns."""
+    stream = TrainStream(dataset_dir, split="all", batch_size=1, pad_id=0)
+    longest = 0
+    for table in stream.tables(["prompt_token_ids", "completion_token_ids"]):
+        lengths = pc.add(
+            pc.list_value_length(table["prompt_token_ids"]), pc.list_value_length(table["completion_token_ids"])
+        )
+        longest = max(longest, pc.max(lengths).as_py() or 0)
+    return longest

@@ -12,7 +12,7 @@ import torch
 
 from pipeline.config import HFTeacherConfig
 from pipeline.dataset.schema import Generation
-from pipeline.models import eos_ids, load_causal_lm, load_tokenizer
+from pipeline.models import eos_ids, load_causal_lm, load_tokenizer, output_head
 from pipeline.teachers.base import SamplingSpec, TeacherInfo
 
 
@@ -123,12 +123,10 @@ class HFTeacher:
         cols = torch.cat([torch.arange(len(p) - 1, len(p) + len(c) - 1) for p, c in zip(prompts, completions)])
         targets = torch.tensor([t for c in completions for t in c], device=device)
         positions = hidden[rows.to(device), cols.to(device)]
-        head, cap = self.model.get_output_embeddings(), getattr(self.model.config, "final_logit_softcapping", None)
+        head = output_head(self.model)
         top_lp, top_ids, tok_lp = [], [], []
         for lo in range(0, len(positions), 1024):
             logits = head(positions[lo : lo + 1024]).float()
-            if cap:  # Gemma 2/3 cap the logits in the model's forward, after the LM head
-                logits = torch.tanh(logits / cap) * cap
             logp = torch.log_softmax(logits, dim=-1)
             values, ids = logp.topk(k, dim=-1)
             top_lp.append(values)

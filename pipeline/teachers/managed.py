@@ -169,7 +169,8 @@ def log_tail(log_path: Path) -> str:
         lines = [ln for ln in Path(log_path).read_text(errors="replace").splitlines() if ln.strip()]
     except OSError:
         return ""
-    errors = [ln for ln in lines if "Error" in ln or "error" in ln]
+    # pydantic ends its message with a link line that also says "error"; the reason is the line above it
+    errors = [ln for ln in lines if ("Error" in ln or "error" in ln) and "errors.pydantic.dev" not in ln]
     return (errors or lines or [""])[-1].strip()[:300]
 
 
