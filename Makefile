@@ -31,7 +31,7 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q "$(TORCH)"
-	$(BIN)/pip install -q -e ".[flow,test,trackers]"
+	$(BIN)/pip install -q -e ".[flow,test,trackers,lmeval]"
 	touch $@
 
 $(TEACHER_STAMP):
@@ -80,7 +80,7 @@ test-fast: $(STAMP)
 # (`.venv/bin/mutmut results`, `mutmut show NAME`); a rerun only runs mutants whose code or tests changed.
 MUTANTS ?=
 mutation: $(STAMP)
-	$(BIN)/pip install -q -e ".[flow,test,trackers,mutation]"
+	$(BIN)/pip install -q -e ".[flow,test,trackers,lmeval,mutation]"
 	nice -n 19 $(BIN)/mutmut run --max-children 1 $(MUTANTS)
 	$(BIN)/python bench/mutation_scores.py
 

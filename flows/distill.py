@@ -25,6 +25,7 @@ from prefect.futures import as_completed
 from prefect.runtime import task_run as current_task_run
 from prefect.task_runners import ThreadPoolTaskRunner
 
+from pipeline.benchmarks import rows as benchmark_rows
 from pipeline.config import STAGES, ConfigError, RunConfig
 from pipeline.core import as_user_error
 from pipeline.dataset.schema import SHARDS_DIR, shard_name
@@ -247,6 +248,12 @@ def eval_task(cfg: RunConfig, dataset_dir: str, student_dir: str) -> dict:
         metrics = evaluate(cfg, dataset_dir=Path(dataset_dir), student_dir=Path(student_dir))
     rows = [{"model": who, **_round(metrics[who])} for who in ("teacher", "student")]
     create_table_artifact(key="evaluation", table=rows, description="held-out evaluation")
+    if metrics.get("lm_eval"):
+        create_table_artifact(
+            key="lm-eval",
+            table=[_round(row) for row in benchmark_rows(metrics["lm_eval"])],
+            description="lm-evaluation-harness tasks: teacher vs student",
+        )
     return metrics
 
 

@@ -211,6 +211,16 @@ def print_metrics(metrics: dict) -> None:
         if key in metrics["student"] or key in metrics["teacher"]:
             table.add_row(key, fmt(metrics["teacher"].get(key)), fmt(metrics["student"].get(key)))
     console.print(table)
+    if metrics.get("lm_eval"):
+        from pipeline.benchmarks import rows
+
+        bench = Table(title="lm-evaluation-harness: teacher vs student")
+        for column in ("task", "metric", "teacher", "student", "± stderr"):
+            bench.add_column(column, justify="left" if column in ("task", "metric") else "right")
+        for row in rows(metrics["lm_eval"]):
+            values = (row["teacher"], row["student"], row["student_stderr"])
+            bench.add_row(row["task"], row["metric"], *map(fmt, values))
+        console.print(bench)
 
 
 @app.command()

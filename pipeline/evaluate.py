@@ -25,13 +25,14 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
+from pipeline import benchmarks
 from pipeline.config import RunConfig
 from pipeline.dataset.batch import Batch
 from pipeline.dataset.schema import DatasetError, read_manifest
 from pipeline.dataset.stats import topk_entropy
 from pipeline.dataset.stream import TrainStream
 from pipeline.losses import fold_out_of_vocab, map_head_chunks, topk_divergence
-from pipeline.models import load_causal_lm, load_tokenizer, resolve_device
+from pipeline.models import load_causal_lm, load_tokenizer, output_head, resolve_device
 
 UNCERTAIN_NATS = 0.3  # teacher entropy (k+1 buckets) above this marks a position with several plausible tokens
 EVAL_COLUMNS = ["prompt_id", "prompt", "prompt_token_ids", "completion_token_ids", "token_logprobs"]
@@ -78,7 +79,7 @@ def position_metrics(model, batch: Batch, chunk_size: int) -> dict[str, torch.Te
     parts = map_head_chunks(
         chunk,
         hidden,
-        model.get_output_embeddings(),
+        output_head(model),
         batch.labels,
         batch.topk_ids,
         batch.topk_logprobs,
@@ -245,6 +246,10 @@ def evaluate(
         "student_dir": str(student_dir),
         "seconds": time.perf_counter() - start,
     }
+    if cfg.eval.lm_eval is not None:
+        del model  # the harness loads its own copy of each model
+        metrics["lm_eval"] = benchmarks.compare(cfg, student_dir, device.type)
+        metrics["seconds"] = time.perf_counter() - start
     text = json.dumps(metrics, indent=2)
     metrics_path = Path(metrics_path or cfg.metrics_path)
     metrics_path.parent.mkdir(parents=True, exist_ok=True)

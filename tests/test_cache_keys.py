@@ -95,6 +95,10 @@ NO_KEY = {
     "eval.max_prompts": "evaluation is never cached",
     "eval.batch_size": "evaluation is never cached",
     "eval.seed": "evaluation is never cached",
+    **{
+        f"eval.lm_eval.{name}": "evaluation is never cached (the teacher's lm-eval scores have their own key)"
+        for name in ("tasks", "include_path", "limit", "num_fewshot", "batch_size", "chat_template", "teacher")
+    },
 }
 """Fields outside every key's sections: listed here so that a new one is a decision, not an accident."""
 
@@ -129,6 +133,7 @@ BASES = {
         "teacher": {"backend": "hf", "model": "teacher"},
         "prompts": {"path": "prompts.jsonl"},
         "student": {"from_teacher": {"layers": [0, 2], "hidden_size": 64}},
+        "eval": {"lm_eval": {"tasks": ["demo_sort"], "include_path": "tasks", "limit": 8, "num_fewshot": 0}},
     },
     "rescore mode, mixed datasets, rounds": {
         "teacher": {"backend": "vllm_server", "model": "teacher"},

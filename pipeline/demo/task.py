@@ -107,6 +107,45 @@ def write_sft_jsonl(path: Path, n: int, seed: int) -> Path:
     return path
 
 
+def sort_choices(symbols: list[str], rng: random.Random, n: int = 4) -> tuple[list[str], int]:
+    """The sorted list and n - 1 near misses (two neighbours swapped, one symbol replaced by another of the prompt's
+    or by a letter it lacks), shuffled; returns the choices (each with its leading space) and the answer's index."""
+    right = sorted(symbols)
+    wrong: set[tuple[str, ...]] = set()
+    while len(wrong) < n - 1:
+        guess, i = list(right), rng.randrange(len(right))
+        kind = rng.randrange(3)
+        if kind == 0 and i + 1 < len(guess) and guess[i] != guess[i + 1]:
+            guess[i], guess[i + 1] = guess[i + 1], guess[i]
+        elif kind == 1 and len(set(symbols)) > 1:
+            guess[i] = rng.choice([s for s in symbols if s != guess[i]])
+            guess.sort()
+        elif kind == 2:
+            guess[i] = rng.choice([s for s in LETTERS if s not in symbols])
+            guess.sort()
+        if guess != right:
+            wrong.add(tuple(guess))
+    choices = [right, *map(list, sorted(wrong))]
+    rng.shuffle(choices)
+    return ["".join(f" {s}" for s in c) for c in choices], choices.index(right)
+
+
+def write_benchmark_jsonl(path: Path, n: int, seed: int) -> Path:
+    """Write n multiple-choice rows for the lm-evaluation-harness demo tasks: ``prompt``, ``context`` (the prompt,
+    sampled draws and the sort separator), four ``choices`` for the sorted list and the ``label`` of the right one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    with path.open("w") as f:
+        for _ in range(n):
+            prompt = make_prompt(rng)
+            draws = sample_completion(prompt, rng).split(SORT_SEP)[0]
+            choices, label = sort_choices(prompt_symbols(prompt), rng)
+            row = {"prompt": prompt, "context": prompt + draws + SORT_SEP, "choices": choices, "label": label}
+            f.write(json.dumps(row) + "\n")
+    return path
+
+
 def corpus(n: int, seed: int) -> Iterator[str]:
     """Yield n prompt+completion texts, e.g. to train the tokenizer on."""
     rng = random.Random(seed)
