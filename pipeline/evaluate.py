@@ -33,6 +33,7 @@ from pipeline.dataset.stats import topk_entropy
 from pipeline.dataset.stream import TrainStream
 from pipeline.losses import fold_out_of_vocab, map_head_chunks, topk_divergence
 from pipeline.models import load_causal_lm, load_tokenizer, output_head, resolve_device
+from pipeline.trackers import log_eval
 
 UNCERTAIN_NATS = 0.3  # teacher entropy (k+1 buckets) above this marks a position with several plausible tokens
 EVAL_COLUMNS = ["prompt_id", "prompt", "prompt_token_ids", "completion_token_ids", "token_logprobs"]
@@ -184,6 +185,15 @@ def sample_accuracy(
     return correct / max(1, len(prompts))
 
 
+def _trained_steps(student_dir: Path) -> int:
+    """The last logged step of the student's training (its train_log.json), 0 for a student trained elsewhere."""
+    try:
+        history = json.loads((student_dir / "train_log.json").read_text())["history"]
+    except (OSError, ValueError, KeyError):
+        return 0
+    return int(history[-1]["step"]) if history else 0
+
+
 def evaluate(
     cfg: RunConfig,
     *,
@@ -250,6 +260,7 @@ def evaluate(
         del model  # the harness loads its own copy of each model
         metrics["lm_eval"] = benchmarks.compare(cfg, student_dir, device.type)
         metrics["seconds"] = time.perf_counter() - start
+    log_eval(cfg, metrics, step=_trained_steps(student_dir))
     text = json.dumps(metrics, indent=2)
     metrics_path = Path(metrics_path or cfg.metrics_path)
     metrics_path.parent.mkdir(parents=True, exist_ok=True)

@@ -14,6 +14,9 @@ from pathlib import Path
 from pipeline.config import ConfigError, RunConfig
 
 TRACKERS_DIR = "trackers"
+USER_MLFLOW_URI = os.environ.get("MLFLOW_TRACKING_URI")
+"""The user's MLflow server, read once at import: `mlflow.set_tracking_uri` writes that variable itself, so reading
+it later would send a second run in the same process into the first run's store."""
 PACKAGES = {"tensorboard": "tensorboard", "mlflow": "mlflow", "wandb": "wandb"}
 """The package each tracker needs (`pip install -e ".[trackers]"` has the first two)."""
 
@@ -54,7 +57,7 @@ def start_trackers(accelerator, cfg: RunConfig) -> None:
     root = tracker_root(cfg).resolve()
     root.mkdir(parents=True, exist_ok=True)
     init_kwargs: dict[str, dict] = {}
-    if "mlflow" in report_to and "MLFLOW_TRACKING_URI" not in os.environ:
+    if "mlflow" in report_to and not USER_MLFLOW_URI:
         import mlflow
 
         os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow 3 keeps the file store behind this switch
@@ -80,3 +83,26 @@ def end_trackers(accelerator, cfg: RunConfig) -> None:
         for tracker in accelerator.trackers:
             tracker.finish()
         accelerator.trackers = []
+
+
+def eval_values(metrics: dict) -> dict[str, float]:
+    """The student's numbers in metrics.json as tracker scalars: `eval/<metric>` and `lm_eval/<task>/<metric>`."""
+    plain = lambda v: isinstance(v, int | float) and not isinstance(v, bool)
+    values = {f"eval/{k}": float(v) for k, v in metrics["student"].items() if plain(v)}
+    for task, scores in ((metrics.get("lm_eval") or {}).get("student") or {}).items():
+        values.update({f"lm_eval/{task}/{k}": float(v) for k, v in scores.items() if plain(v)})
+    return values
+
+
+def log_eval(cfg: RunConfig, metrics: dict, step: int) -> None:
+    """An evaluation's student metrics to the run's trackers at `step` (where its training ended). TensorBoard
+    puts them beside the training curves; MLflow and W&B record them as a run of their own under the same name."""
+    if not cfg.train.report_to:
+        return
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(**accelerator_kwargs(cfg))
+    start_trackers(accelerator, cfg)
+    if accelerator.is_main_process:
+        accelerator.log(eval_values(metrics), step=step)
+    end_trackers(accelerator, cfg)

@@ -62,6 +62,39 @@ def test_logged_steps_reach_tensorboard_and_mlflow(model, tmp_path) -> None:
     assert run.data.params["lr"] == str(cfg.train.lr)
 
 
+def test_evaluation_metrics_reach_tensorboard_and_mlflow_at_the_last_trained_step(model, tmp_path) -> None:
+    from mlflow.tracking import MlflowClient
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from pipeline.config import build_config
+    from pipeline.evaluate import evaluate
+    from pipeline.generate import generate_dataset
+    from pipeline.train import train_student
+
+    raw = _raw(model, tmp_path, ["tensorboard", "mlflow"])
+    raw["prompts"]["heldout_fraction"] = 0.25
+    cfg = build_config(raw)
+    generate_dataset(cfg, progress=False)
+    train_student(cfg, progress=False)
+    student = evaluate(cfg)["student"]
+    names = ("kl", "top1_agreement", "ce", "perplexity", "topk_mass")
+    root = Path(cfg.output_dir) / "trackers"
+
+    events = EventAccumulator(str(root / "tensorboard" / "tracked"))
+    events.Reload()
+    for name in names:
+        (scalar,) = events.Scalars(f"eval/{name}")
+        assert scalar.step == 3 and scalar.value == pytest.approx(student[name], rel=1e-6)
+    assert [s.step for s in events.Scalars("loss")] == [1, 2, 3]  # beside the training curve, not instead of it
+
+    client = MlflowClient(tracking_uri=(root / "mlflow").resolve().as_uri())
+    runs = client.search_runs([client.get_experiment_by_name("tracked").experiment_id])
+    (evaluated,) = [r for r in runs if "eval/kl" in r.data.metrics]
+    for name in names:
+        (metric,) = client.get_metric_history(evaluated.info.run_id, f"eval/{name}")
+        assert (metric.step, metric.value) == (3, pytest.approx(student[name]))
+
+
 def test_a_tracker_without_its_package_is_one_line(model, tmp_path, monkeypatch) -> None:
     from pipeline import trackers
     from pipeline.cli import app
