@@ -215,7 +215,7 @@ def print_metrics(metrics: dict) -> None:
         from pipeline.benchmarks import rows
 
         bench = Table(title="lm-evaluation-harness: teacher vs student")
-        for column in ("task", "metric", "teacher", "student", "± stderr"):
+        for column in ("task", "metric", "teacher", "student", "student stderr"):
             bench.add_column(column, justify="left" if column in ("task", "metric") else "right")
         for row in rows(metrics["lm_eval"]):
             values = (row["teacher"], row["student"], row["student_stderr"])

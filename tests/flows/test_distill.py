@@ -1,12 +1,14 @@
 """The Prefect flow end to end on tiny models (Prefect's local ephemeral API), and student-only reruns."""
 
 import json
+from pathlib import Path
 
 import pytest
 
 from flows.distill import distill_flow
 from tests.helpers import refuse_teacher
 
+LM_EVAL_TASKS = Path(__file__).resolve().parents[2] / "data" / "lm_eval"
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_api")]  # a Prefect API per module
 
 
@@ -39,8 +41,15 @@ def test_flow_end_to_end_then_student_only_reruns(make_config, tmp_path, monkeyp
 
     refuse_teacher(monkeypatch)  # from here on, starting the teacher fails the test
     first_weights = (cfg.student_dir / "model.safetensors").read_bytes()
-    out = distill_flow(cfg, stages=["train", "eval"])
+    tasks = {"tasks": ["demo_sort"], "include_path": str(LM_EVAL_TASKS), "limit": 8}
+    benchmarked = make_config(out=tmp_path / "run", eval={**cfg.eval.model_dump(), "lm_eval": tasks})
+    out = distill_flow(benchmarked, stages=["train", "eval"])
     assert out.generate is None and out.train.steps == 6
+    scores = json.loads(cfg.metrics_path.read_text())["lm_eval"]
+    table = json.loads(_artifacts()["lm-eval"].data)
+    assert [(r["task"], r["metric"]) for r in table] == [("demo_sort", "acc"), ("demo_sort", "acc_norm")]
+    assert [r["student"] for r in table] == [round(scores["student"]["demo_sort"][m], 5) for m in ("acc", "acc_norm")]
+    assert [r["teacher"] for r in table] == [round(scores["teacher"]["demo_sort"][m], 5) for m in ("acc", "acc_norm")]
 
     # a training-only change, with the live-teacher families: the teacher is loaded in training, never generating
     live = {"live_teacher": True, **{f: {"weight": 0.5} for f in ("feature", "attention", "relation")}}
