@@ -5,8 +5,8 @@ Narrowing keeps, by the sum of squared weights that read or write them (no data 
 magnitude instead, which needs a calibration pass): the residual channels (one set for the whole model), and per kept
 layer the whole key/value groups, the query heads inside each kept group, and the MLP neurons. Heads stay whole
 (head_dim is the teacher's), so RoPE and the grouped-query structure are unchanged. Narrowing is for Llama-style
-models (Llama, Qwen2, Mistral: `model.layers.N` with q/k/v/o and gate/up/down projections); keeping layers also
-works for GPT-2 (`transformer.h.N`).
+models (Llama, Qwen2, Mistral, Gemma 2: `model.layers.N` with separate q/k/v/o and gate/up/down projections);
+keeping layers also works for Phi-3 (fused projections) and GPT-2 (`transformer.h.N`).
 """
 
 from __future__ import annotations
@@ -21,6 +21,9 @@ from pipeline.config import ConfigError, FromTeacherConfig
 
 LAYER_KEY = re.compile(r"^(model\.layers|transformer\.h)\.(\d+)\.(.+)$")
 """A decoder layer's parameter: Llama-style `model.layers.N.*` or GPT-2 `transformer.h.N.*`."""
+
+FUSED = ("phi3",)
+"""Model types whose attention and MLP projections are fused (`qkv_proj`, `gate_up_proj`): layers only."""
 
 NARROWED = ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads")
 """The config fields `from_teacher` may make smaller."""
@@ -81,9 +84,14 @@ def plan(spec: FromTeacherConfig, teacher_config) -> Plan:
     asked = {k: v for k, v in spec.model_dump(include=set(NARROWED)).items() if v is not None}
     if not asked:
         return Plan(layers)
+    if config.model_type in FUSED:
+        raise ConfigError(
+            f"student.from_teacher cannot narrow a {config.model_type} teacher: its q/k/v and gate/up projections are "
+            "fused into one matrix each; keep layers only (drop the sizes), or use student.shrink"
+        )
     if not all(isinstance(getattr(config, k, None), int) for k in ("hidden_size", "intermediate_size")):
         raise ConfigError(
-            f"student.from_teacher can narrow Llama-style models only (Llama, Qwen2, Mistral); a {config.model_type} "
+            f"student.from_teacher can narrow Llama-style models only (Llama, Qwen2, Mistral, Gemma 2); a {config.model_type} "
             "teacher can only keep layers: drop the sizes"
         )
     teacher = _dims(config)

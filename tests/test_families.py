@@ -256,3 +256,38 @@ def test_a_student_with_fewer_learned_positions_than_the_longest_sample_is_one_l
     assert str(err.value).startswith(f"the dataset's longest sample is {longest} tokens but student")
     assert "has learned positions for 16;" in str(err.value)
     assert not (cfg.student_dir / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize("family", NAMES)
+def test_a_student_cut_from_the_teacher_keeping_everything_is_the_teacher(family, family_dir):
+    """`student.from_teacher` copies every weight the family has (tied embeddings, Gemma's four norms per layer,
+    Phi-3's fused projections, GPT-2's positions): keeping all layers, and narrowing to the teacher's own sizes
+    where the family can be narrowed, gives the teacher's logits. Phi-3 and GPT-2 narrowing is one line."""
+    from pipeline.config import ConfigError, FromTeacherConfig, StudentConfig
+    from pipeline.models import build_student
+
+    teacher_dir = family_dir(family)
+    teacher = AutoModelForCausalLM.from_pretrained(teacher_dir).eval()
+    ids = torch.randint(0, 300, (2, 11), generator=torch.Generator().manual_seed(1))
+    c = teacher.config
+    same_sizes = {
+        "hidden_size": c.hidden_size,
+        "intermediate_size": getattr(c, "intermediate_size", None),
+        "num_attention_heads": c.num_attention_heads,
+        "num_key_value_heads": getattr(c, "num_key_value_heads", None),
+    }
+    specs = [{}, {"layers": "every_other"}, same_sizes]
+    with torch.no_grad():
+        want = teacher(ids).logits
+        for spec in specs:
+            cut = StudentConfig(from_teacher=FromTeacherConfig(**{k: v for k, v in spec.items() if v is not None}))
+            if spec is same_sizes and family in ("phi3", "gpt2"):
+                with pytest.raises(ConfigError, match="narrow"):
+                    build_student(cut, str(teacher_dir), seed=0)
+                continue
+            student = build_student(cut, str(teacher_dir), seed=0).eval()
+            assert type(student) is type(teacher)
+            if spec.get("layers") == "every_other":
+                assert student.config.num_hidden_layers == 1
+                continue
+            torch.testing.assert_close(student(ids).logits, want, rtol=0, atol=1e-4)
