@@ -291,3 +291,18 @@ def test_a_student_cut_from_the_teacher_keeping_everything_is_the_teacher(family
                 assert student.config.num_hidden_layers == 1
                 continue
             torch.testing.assert_close(student(ids).logits, want, rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("family", NAMES)
+def test_the_live_teacher_families_train_on_every_family(family, family_dir, tmp_path):
+    """Feature, attention and relation losses read each family's layers and q/k/v (Phi-3's fused qkv_proj, GPT-2's
+    c_attn) from a shrunk student of the same family: every part is logged, finite and positive."""
+    teacher = family_dir(family)
+    live = {"live_teacher": True, **{f: {"weight": 0.5} for f in ("feature", "attention", "relation")}}
+    cfg = _config(family, teacher, tmp_path, train={"max_steps": 2, **live})
+    generate_dataset(cfg, progress=False)
+    result = train_student(cfg, progress=False)
+    history = json.loads((Path(result.student_dir) / "train_log.json").read_text())["history"]
+    assert [row["step"] for row in history] == [1, 2]
+    for row in history:
+        assert all(np.isfinite(row[part]) and row[part] > 0 for part in ("feature", "attention", "relation"))
