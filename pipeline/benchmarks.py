@@ -105,10 +105,10 @@ def teacher_key(cfg: RunConfig) -> str:
     return stable_id(t.model, t.revision, path_fingerprint(t.model), json.dumps(settings), folder, lm_eval.__version__)
 
 
-def compare(cfg: RunConfig, student_dir: Path, device: str) -> dict:
+def compare(cfg: RunConfig, student_dir: Path, device: str, manager=None) -> dict:
     """metrics.json's "lm_eval": the task settings, and each task's scores for the student and the teacher."""
     b = cfg.eval.lm_eval
-    manager = task_manager(b)  # unknown tasks fail before either model loads
+    manager = manager or task_manager(b)  # unknown tasks fail before either model loads
     student = score(str(student_dir), b, device=device, seed=cfg.eval.seed, manager=manager)
     teacher = None
     if b.teacher:

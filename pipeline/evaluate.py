@@ -212,6 +212,8 @@ def evaluate(
             "training prompts would not be honest: regenerate with heldout_fraction > 0"
         )
     split = "heldout"
+    # a task name the harness does not know stops here, not after the held-out metrics
+    manager = benchmarks.task_manager(cfg.eval.lm_eval) if cfg.eval.lm_eval is not None else None
     device = resolve_device(cfg.train.device)
     tokenizer = load_tokenizer(str(student_dir))
     batches = heldout_batches(
@@ -258,7 +260,7 @@ def evaluate(
     }
     if cfg.eval.lm_eval is not None:
         del model  # the harness loads its own copy of each model
-        metrics["lm_eval"] = benchmarks.compare(cfg, student_dir, device.type)
+        metrics["lm_eval"] = benchmarks.compare(cfg, student_dir, device.type, manager)
         metrics["seconds"] = time.perf_counter() - start
     log_eval(cfg, metrics, step=_trained_steps(student_dir))
     text = json.dumps(metrics, indent=2)

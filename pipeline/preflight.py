@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from pipeline.benchmarks import task_manager
 from pipeline.config import ConfigError, RunConfig
 from pipeline.core import looks_local
 from pipeline.dataset.schema import MANIFEST, read_manifest
@@ -73,6 +74,8 @@ def preflight(cfg: RunConfig, stages: list[str] | tuple[str, ...]) -> None:
         )
     if "train" in stages:
         check_trackers(cfg)
+    if "eval" in stages and cfg.eval.lm_eval is not None:
+        task_manager(cfg.eval.lm_eval)  # a misspelt task stops the run before training, not after it
     if "train" in stages and cfg.student.from_teacher:
         from_teacher_plan(cfg.student, cfg.teacher.model)  # layers and sizes against the teacher's config
     if "train" in stages and cfg.student.model:

@@ -91,8 +91,8 @@ def plan(spec: FromTeacherConfig, teacher_config) -> Plan:
         )
     if not all(isinstance(getattr(config, k, None), int) for k in ("hidden_size", "intermediate_size")):
         raise ConfigError(
-            f"student.from_teacher can narrow Llama-style models only (Llama, Qwen2, Mistral, Gemma 2); a {config.model_type} "
-            "teacher can only keep layers: drop the sizes"
+            "student.from_teacher can narrow Llama-style models only (Llama, Qwen2, Mistral, Gemma 2); a "
+            f"{config.model_type} teacher can only keep layers: drop the sizes"
         )
     teacher = _dims(config)
     for key, value in asked.items():

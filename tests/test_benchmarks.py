@@ -116,6 +116,15 @@ def test_unknown_tasks_and_a_missing_task_folder_are_one_line(tmp_path):
         task_manager(LMEvalConfig(tasks=["demo_sort"], include_path=str(tmp_path / "missing")))
 
 
+def test_a_misspelt_task_stops_the_run_in_preflight_before_training(make_config):
+    from pipeline.preflight import preflight
+
+    cfg = _with_tasks(make_config, tasks=["demo_sortt"])
+    with pytest.raises(BenchmarkError, match="'demo_sortt' not found"):
+        preflight(cfg, ["generate", "train", "eval"])
+    preflight(cfg, ["generate", "train"])  # no eval stage: not checked
+
+
 def test_the_demo_tasks_run_from_any_working_directory(tmp_path, monkeypatch):
     """The task's loader finds its JSONL beside the YAML, not relative to where the harness runs."""
     copy = shutil.copytree(TASKS, tmp_path / "tasks")
