@@ -84,27 +84,31 @@ def make_prompts(n: int, seed: int) -> list[str]:
     return [make_prompt(rng) for _ in range(n)]
 
 
-def write_prompts_jsonl(path: Path, n: int, seed: int) -> Path:
-    """Write n prompts as JSON lines ``{"prompt": ...}`` and return the path."""
+def _write_jsonl(path: Path, rows: Iterator[dict]) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w") as f:
-        for prompt in make_prompts(n, seed):
-            f.write(json.dumps({"prompt": prompt}) + "\n")
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
     return path
+
+
+def write_prompts_jsonl(path: Path, n: int, seed: int) -> Path:
+    """Write n prompts as JSON lines ``{"prompt": ...}`` and return the path."""
+    return _write_jsonl(path, ({"prompt": prompt} for prompt in make_prompts(n, seed)))
 
 
 def write_sft_jsonl(path: Path, n: int, seed: int) -> Path:
     """Write n prompts with a ground-truth completion each, ``{"prompt": ..., "completion": ...}``: text a user
     already has, for `generate.mode: rescore`."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
-    with path.open("w") as f:
+
+    def rows() -> Iterator[dict]:
         for _ in range(n):
             prompt = make_prompt(rng)
-            f.write(json.dumps({"prompt": prompt, "completion": sample_completion(prompt, rng)}) + "\n")
-    return path
+            yield {"prompt": prompt, "completion": sample_completion(prompt, rng)}
+
+    return _write_jsonl(path, rows())
 
 
 def sort_choices(symbols: list[str], rng: random.Random, n: int = 4) -> tuple[list[str], int]:
@@ -133,17 +137,16 @@ def sort_choices(symbols: list[str], rng: random.Random, n: int = 4) -> tuple[li
 def write_benchmark_jsonl(path: Path, n: int, seed: int) -> Path:
     """Write n multiple-choice rows for the lm-evaluation-harness demo tasks: ``prompt``, ``context`` (the prompt,
     sampled draws and the sort separator), four ``choices`` for the sorted list and the ``label`` of the right one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
-    with path.open("w") as f:
+
+    def rows() -> Iterator[dict]:
         for _ in range(n):
             prompt = make_prompt(rng)
             draws = sample_completion(prompt, rng).split(SORT_SEP)[0]
             choices, label = sort_choices(prompt_symbols(prompt), rng)
-            row = {"prompt": prompt, "context": prompt + draws + SORT_SEP, "choices": choices, "label": label}
-            f.write(json.dumps(row) + "\n")
-    return path
+            yield {"prompt": prompt, "context": prompt + draws + SORT_SEP, "choices": choices, "label": label}
+
+    return _write_jsonl(path, rows())
 
 
 def corpus(n: int, seed: int) -> Iterator[str]:
