@@ -2,6 +2,7 @@
 (datasets, pandas, DuckDB)."""
 
 import json
+import re
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -59,6 +60,88 @@ def test_round_trip_within_stated_bound(tmp_path, dtype):
     assert validate_dataset(tmp_path).samples == 6
     sample_ids = pq.read_table(tmp_path / "shards/part-00000.parquet")["sample_id"].to_pylist()
     assert len(set(sample_ids)) == 6
+
+
+def test_shards_record_the_schema_version_and_standard_list_names(tmp_path):
+    """Every shard's footer carries the Arrow schema: its version key, and lists whose items are named `element`
+    (the Parquet standard name every reader expects)."""
+    table = build_table(
+        prompt_ids=["a"],
+        prompts=["p"],
+        prompt_token_ids=[[1]],
+        generations=[[fake_generation(np.random.default_rng(5), 3, 4, 50)]],
+        completions=[["c"]],
+        seed=0,
+    )
+    info = write_shard(tmp_path, 0, table, prompts=1, heldout_fraction=0.0)
+    assert pq.read_schema(tmp_path / info.file).metadata[b"distill_schema_version"] == b"1"
+    for nullable in (False, True):
+        for field in arrow_schema(nullable=nullable):
+            t = field.type
+            while hasattr(t, "value_field"):
+                assert t.value_field.name == "element" and t.value_field.nullable == nullable, field
+                t = t.value_type
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_build_table_of_no_rows_is_an_empty_shard(tmp_path, dtype):
+    table = build_table(
+        prompt_ids=[], prompts=[], prompt_token_ids=[], generations=[], completions=[], seed=0, logprobs_dtype=dtype
+    )
+    assert table.num_rows == 0 and table.schema.equals(arrow_schema(dtype), check_metadata=True)
+    info = write_shard(tmp_path, 0, table, prompts=0, heldout_fraction=0.5)
+    assert info.rows == info.tokens == 0 and pq.read_table(tmp_path / info.file).num_rows == 0
+
+
+def test_build_table_rows_are_prompt_by_sample_with_seeded_ids():
+    """Row (i, j) is sample j of prompt i: its id is stable_id(prompt id, j, seed), the other columns its own."""
+    from pipeline.core import stable_id
+
+    rng = np.random.default_rng(6)
+    gens = [[fake_generation(rng, 2, 4, 50), fake_generation(rng, 3, 4, 50)], [fake_generation(rng, 1, 4, 50)]]
+    gens[1][0].finish_reason = "stop"
+    kw = dict(prompt_ids=["a", "b"], prompts=["pa", "pb"], prompt_token_ids=[[1, 2], [3]], generations=gens)
+    table = build_table(**kw, completions=[["a0", "a1"], ["b0"]], seed=7, logprobs_step=0.0)
+    rows = table.to_pylist()
+    assert [r["sample_id"] for r in rows] == [stable_id("a", 0, 7), stable_id("a", 1, 7), stable_id("b", 0, 7)]
+    assert [(r["prompt_id"], r["prompt"], r["completion"], r["prompt_token_ids"]) for r in rows] == [
+        ("a", "pa", "a0", [1, 2]),
+        ("a", "pa", "a1", [1, 2]),
+        ("b", "pb", "b0", [3]),
+    ]
+    assert [r["finish_reason"] for r in rows] == ["length", "length", "stop"]
+    for r, g in zip(rows, [gens[0][0], gens[0][1], gens[1][0]]):
+        assert r["completion_token_ids"] == g.completion_token_ids.tolist()
+        assert r["token_logprobs"] == g.token_logprobs.tolist()  # step 0: stored as given
+        assert r["topk_token_ids"] == g.topk_token_ids.tolist() and r["topk_logprobs"] == g.topk_logprobs.tolist()
+    other = build_table(**kw, completions=[["a0", "a1"], ["b0"]], seed=8)
+    assert other["sample_id"].to_pylist()[0] == stable_id("a", 0, 8) != rows[0]["sample_id"]
+
+
+def test_read_manifest_refuses_what_it_cannot_read_and_fills_old_fields(tmp_path):
+    from pipeline.dataset.schema import DatasetError, committed_shards
+
+    with pytest.raises(DatasetError, match=re.escape(f"{tmp_path}: no manifest.json (not a distill dataset")):
+        read_manifest(tmp_path)
+    manifest = tiny_manifest()
+    write_manifest(tmp_path, manifest)
+    with pytest.raises(DatasetError, match=re.escape(f"{tmp_path}: the dataset has no committed shards yet; run the")):
+        committed_shards(tmp_path, read_manifest(tmp_path))
+    raw = json.loads((tmp_path / "manifest.json").read_text())
+    for version, shown in ((2, "2"), (None, "None"), ("1", "'1'")):
+        (tmp_path / "manifest.json").write_text(json.dumps({**raw, "schema_version": version}))
+        message = f"schema_version {shown} is newer than this distill supports (1); upgrade distill"
+        with pytest.raises(DatasetError, match=f"^{re.escape(str(tmp_path / 'manifest.json'))}: {re.escape(message)}$"):
+            read_manifest(tmp_path)
+    del raw["storage"]["heldout_row_groups"]  # written before the split layout: its shards are not laid out by it
+    (tmp_path / "manifest.json").write_text(json.dumps(raw))
+    assert read_manifest(tmp_path).storage.heldout_row_groups is False
+    assert tiny_manifest().storage.heldout_row_groups is True
+    shard = {"rows": 1, "prompts": 1, "tokens": 1, "bytes": 1, "sha256": "x"}
+    raw["shards"] = [{**shard, "index": i, "file": f"shards/part-0000{i}.parquet"} for i in (0, 1)]
+    (tmp_path / "manifest.json").write_text(json.dumps(raw))
+    got = committed_shards(tmp_path, read_manifest(tmp_path))
+    assert got == [tmp_path / "shards/part-00000.parquet", tmp_path / "shards/part-00001.parquet"]
 
 
 def test_generated_dataset_invariants(generated):
