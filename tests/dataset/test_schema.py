@@ -144,6 +144,100 @@ def test_read_manifest_refuses_what_it_cannot_read_and_fills_old_fields(tmp_path
     assert got == [tmp_path / "shards/part-00000.parquet", tmp_path / "shards/part-00001.parquet"]
 
 
+def test_remove_stray_files_deletes_only_what_the_manifest_does_not_list(tmp_path):
+    from pipeline.dataset.writer import remove_stray_files
+
+    manifest = tiny_manifest(num_shards=2)
+    assert remove_stray_files(tmp_path, manifest) == []  # no shards/ yet
+    write_manifest(tmp_path, manifest)
+    table = build_table(
+        prompt_ids=["a"],
+        prompts=["p"],
+        prompt_token_ids=[[1]],
+        generations=[[fake_generation(np.random.default_rng(7), 2, 4, 50)]],
+        completions=[["c"]],
+        seed=0,
+    )
+    manifest = commit_shard(tmp_path, manifest, write_shard(tmp_path, 0, table, prompts=1, heldout_fraction=0.0))
+    write_shard(tmp_path, 1, table, prompts=1, heldout_fraction=0.0)  # written, never committed
+    for stray in ("shards/.part-00001.parquet.tmp-7", ".manifest.json.tmp-9"):
+        (tmp_path / stray).write_bytes(b"x")
+    (tmp_path / "notes.txt").write_bytes(b"kept")
+    removed = remove_stray_files(tmp_path, manifest)
+    assert sorted(removed) == [".manifest.json.tmp-9", ".part-00001.parquet.tmp-7", "part-00001.parquet"]
+    left = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*"))
+    assert left == ["manifest.json", "notes.txt", "shards", "shards/part-00000.parquet"]
+    assert remove_stray_files(tmp_path, manifest) == []
+
+
+def test_parquet_options_realise_the_storage_record(tmp_path):
+    """Explicit encodings win over dictionary encoding; float16 logprobs fall back to PLAIN; an explicit
+    dictionary list is used as given, an empty one turns dictionary encoding off."""
+    from pipeline.dataset.writer import parquet_options
+
+    split = "BYTE_STREAM_SPLIT"
+    plain = ["sample_id", "prompt_id", "prompt", "completion", "prompt_token_ids.list.element"]
+    plain += ["completion_token_ids.list.element", "finish_reason"]
+    assert parquet_options(StorageRecord()) == {
+        "compression": "zstd",
+        "compression_level": 9,
+        "row_group_size": 1024,
+        "use_dictionary": plain,
+        "column_encoding": {IDS_LEAF: split, LP_LEAF: split, TOKEN_LP_LEAF: split},
+    }
+    half = parquet_options(StorageRecord(compression_level=3, row_group_size=7), arrow_schema("float16"))
+    assert half["column_encoding"] == {IDS_LEAF: split, LP_LEAF: "PLAIN", TOKEN_LP_LEAF: split}
+    assert (half["compression_level"], half["row_group_size"]) == (3, 7)
+    listed = StorageRecord(dictionary_columns=["prompt"], column_encoding={})
+    assert parquet_options(listed)["use_dictionary"] == ["prompt"]
+    assert parquet_options(listed)["column_encoding"] is None
+    assert parquet_options(StorageRecord(dictionary_columns=[]))["use_dictionary"] is False
+    table = build_table(
+        prompt_ids=["a"],
+        prompts=["p"],
+        prompt_token_ids=[[1]],
+        generations=[[fake_generation(np.random.default_rng(8), 2, 4, 50)]],
+        completions=[["c"]],
+        seed=0,
+    )
+    info = write_shard(tmp_path, 0, table, prompts=1, heldout_fraction=0.0, storage=listed)
+    md = pq.ParquetFile(tmp_path / info.file).metadata.row_group(0)
+    dictionary = {
+        md.column(i).path_in_schema for i in range(md.num_columns) if "RLE_DICTIONARY" in md.column(i).encodings
+    }
+    assert dictionary == {"prompt"}
+
+
+def test_commit_shard_replaces_a_stale_entry_and_keeps_the_totals(tmp_path):
+    """Shards may be written into a directory that does not exist yet; each commit rewrites manifest.json (indented,
+    one trailing newline) with the shards sorted by index, the totals and `complete`."""
+    ds = tmp_path / "new" / "ds"
+    rng = np.random.default_rng(9)
+    gens = [[fake_generation(rng, 2 + i, 4, 50)] for i in range(3)]
+    table = build_table(
+        prompt_ids=["a", "b", "c"],
+        prompts=["p"] * 3,
+        prompt_token_ids=[[1]] * 3,
+        generations=gens,
+        completions=[["c"]] * 3,
+        seed=0,
+    )
+    first = write_shard(ds, 1, table.slice(0, 2), prompts=2, heldout_fraction=0.0)
+    assert (first.rows, first.prompts, first.tokens) == (2, 2, 5)
+    manifest = tiny_manifest(num_shards=2)
+    manifest.updated_at = "2000-01-01T00:00:00Z"
+    manifest = commit_shard(ds, manifest, first)
+    text = (ds / "manifest.json").read_text()
+    assert text == manifest.model_dump_json(indent=2) + "\n" and manifest.updated_at > "2000"
+    assert (manifest.total_samples, manifest.total_tokens, manifest.complete) == (2, 5, False)
+    manifest = commit_shard(ds, manifest, write_shard(ds, 0, table.slice(2), prompts=1, heldout_fraction=0.0))
+    assert [s.index for s in manifest.shards] == [0, 1] and manifest.complete
+    manifest = commit_shard(ds, manifest, write_shard(ds, 1, table, prompts=3, heldout_fraction=0.0))  # rewritten
+    assert [(s.index, s.rows, s.tokens) for s in manifest.shards] == [(0, 1, 4), (1, 3, 9)]
+    assert (manifest.total_samples, manifest.total_tokens, manifest.complete) == (4, 13, True)
+    assert read_manifest(ds).model_dump() == manifest.model_dump()
+
+
 def test_generated_dataset_invariants(generated):
     manifest = read_manifest(generated.dataset_dir)
     assert manifest.complete and manifest.k == 8 and manifest.logprobs_mode == "raw"
