@@ -5,6 +5,7 @@ import json
 import re
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -236,6 +237,37 @@ def test_commit_shard_replaces_a_stale_entry_and_keeps_the_totals(tmp_path):
     assert [(s.index, s.rows, s.tokens) for s in manifest.shards] == [(0, 1, 4), (1, 3, 9)]
     assert (manifest.total_samples, manifest.total_tokens, manifest.complete) == (4, 13, True)
     assert read_manifest(ds).model_dump() == manifest.model_dump()
+
+
+def test_write_shard_row_groups_and_a_failed_write(tmp_path, monkeypatch):
+    """Held-out rows get row groups of their own, and a part with no rows adds none; a write that fails leaves
+    no file behind and raises its own error."""
+    from pipeline.dataset import writer
+
+    ids = ["ffffffff", "00000000", "e0000000"]  # kept, held out, kept at fraction 0.5
+    table = build_table(
+        prompt_ids=ids,
+        prompts=["p"] * 3,
+        prompt_token_ids=[[1]] * 3,
+        generations=[[fake_generation(np.random.default_rng(10), 2, 4, 50)] for _ in ids],
+        completions=[["c"]] * 3,
+        seed=0,
+    )
+    for index, (rows, fraction, groups) in enumerate([(3, 0.5, [2, 1]), (2, 0.5, [2]), (3, 0.0, [3])]):
+        part = table.filter(pa.array([i != 1 for i in range(3)])) if rows == 2 else table
+        info = write_shard(tmp_path, index, part, prompts=rows, heldout_fraction=fraction)
+        md = pq.ParquetFile(tmp_path / info.file).metadata
+        assert [md.row_group(i).num_rows for i in range(md.num_row_groups)] == groups
+    held_last = pq.read_table(tmp_path / "shards/part-00000.parquet")["prompt_id"].to_pylist()
+    assert held_last == ["ffffffff", "e0000000", "00000000"]
+
+    def no_space(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(writer.pq, "ParquetWriter", no_space)
+    with pytest.raises(OSError, match="No space left on device"):
+        write_shard(tmp_path / "full", 0, table, prompts=3, heldout_fraction=0.0)
+    assert list((tmp_path / "full" / "shards").iterdir()) == []
 
 
 def test_generated_dataset_invariants(generated):
