@@ -2,8 +2,10 @@
 (datasets, pandas, DuckDB)."""
 
 import json
+import re
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -59,6 +61,213 @@ def test_round_trip_within_stated_bound(tmp_path, dtype):
     assert validate_dataset(tmp_path).samples == 6
     sample_ids = pq.read_table(tmp_path / "shards/part-00000.parquet")["sample_id"].to_pylist()
     assert len(set(sample_ids)) == 6
+
+
+def test_shards_record_the_schema_version_and_standard_list_names(tmp_path):
+    """Every shard's footer carries the Arrow schema: its version key, and lists whose items are named `element`
+    (the Parquet standard name every reader expects)."""
+    table = build_table(
+        prompt_ids=["a"],
+        prompts=["p"],
+        prompt_token_ids=[[1]],
+        generations=[[fake_generation(np.random.default_rng(5), 3, 4, 50)]],
+        completions=[["c"]],
+        seed=0,
+    )
+    info = write_shard(tmp_path, 0, table, prompts=1, heldout_fraction=0.0)
+    assert pq.read_schema(tmp_path / info.file).metadata[b"distill_schema_version"] == b"1"
+    for nullable in (False, True):
+        for field in arrow_schema(nullable=nullable):
+            t = field.type
+            while hasattr(t, "value_field"):
+                assert t.value_field.name == "element" and t.value_field.nullable == nullable, field
+                t = t.value_type
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_build_table_of_no_rows_is_an_empty_shard(tmp_path, dtype):
+    table = build_table(
+        prompt_ids=[], prompts=[], prompt_token_ids=[], generations=[], completions=[], seed=0, logprobs_dtype=dtype
+    )
+    assert table.num_rows == 0 and table.schema.equals(arrow_schema(dtype), check_metadata=True)
+    info = write_shard(tmp_path, 0, table, prompts=0, heldout_fraction=0.5)
+    assert info.rows == info.tokens == 0 and pq.read_table(tmp_path / info.file).num_rows == 0
+
+
+def test_build_table_rows_are_prompt_by_sample_with_seeded_ids():
+    """Row (i, j) is sample j of prompt i: its id is stable_id(prompt id, j, seed), the other columns its own."""
+    from pipeline.core import stable_id
+
+    rng = np.random.default_rng(6)
+    gens = [[fake_generation(rng, 2, 4, 50), fake_generation(rng, 3, 4, 50)], [fake_generation(rng, 1, 4, 50)]]
+    gens[1][0].finish_reason = "stop"
+    kw = dict(prompt_ids=["a", "b"], prompts=["pa", "pb"], prompt_token_ids=[[1, 2], [3]], generations=gens)
+    table = build_table(**kw, completions=[["a0", "a1"], ["b0"]], seed=7, logprobs_step=0.0)
+    rows = table.to_pylist()
+    assert [r["sample_id"] for r in rows] == [stable_id("a", 0, 7), stable_id("a", 1, 7), stable_id("b", 0, 7)]
+    assert [(r["prompt_id"], r["prompt"], r["completion"], r["prompt_token_ids"]) for r in rows] == [
+        ("a", "pa", "a0", [1, 2]),
+        ("a", "pa", "a1", [1, 2]),
+        ("b", "pb", "b0", [3]),
+    ]
+    assert [r["finish_reason"] for r in rows] == ["length", "length", "stop"]
+    for r, g in zip(rows, [gens[0][0], gens[0][1], gens[1][0]]):
+        assert r["completion_token_ids"] == g.completion_token_ids.tolist()
+        assert r["token_logprobs"] == g.token_logprobs.tolist()  # step 0: stored as given
+        assert r["topk_token_ids"] == g.topk_token_ids.tolist() and r["topk_logprobs"] == g.topk_logprobs.tolist()
+    other = build_table(**kw, completions=[["a0", "a1"], ["b0"]], seed=8)
+    assert other["sample_id"].to_pylist()[0] == stable_id("a", 0, 8) != rows[0]["sample_id"]
+
+
+def test_read_manifest_refuses_what_it_cannot_read_and_fills_old_fields(tmp_path):
+    from pipeline.dataset.schema import DatasetError, committed_shards
+
+    with pytest.raises(DatasetError, match=re.escape(f"{tmp_path}: no manifest.json (not a distill dataset")):
+        read_manifest(tmp_path)
+    manifest = tiny_manifest()
+    write_manifest(tmp_path, manifest)
+    with pytest.raises(DatasetError, match=re.escape(f"{tmp_path}: the dataset has no committed shards yet; run the")):
+        committed_shards(tmp_path, read_manifest(tmp_path))
+    raw = json.loads((tmp_path / "manifest.json").read_text())
+    for version, shown in ((2, "2"), (None, "None"), ("1", "'1'")):
+        (tmp_path / "manifest.json").write_text(json.dumps({**raw, "schema_version": version}))
+        message = f"schema_version {shown} is newer than this distill supports (1); upgrade distill"
+        with pytest.raises(DatasetError, match=f"^{re.escape(str(tmp_path / 'manifest.json'))}: {re.escape(message)}$"):
+            read_manifest(tmp_path)
+    del raw["storage"]["heldout_row_groups"]  # written before the split layout: its shards are not laid out by it
+    (tmp_path / "manifest.json").write_text(json.dumps(raw))
+    assert read_manifest(tmp_path).storage.heldout_row_groups is False
+    assert tiny_manifest().storage.heldout_row_groups is True
+    shard = {"rows": 1, "prompts": 1, "tokens": 1, "bytes": 1, "sha256": "x"}
+    raw["shards"] = [{**shard, "index": i, "file": f"shards/part-0000{i}.parquet"} for i in (0, 1)]
+    (tmp_path / "manifest.json").write_text(json.dumps(raw))
+    got = committed_shards(tmp_path, read_manifest(tmp_path))
+    assert got == [tmp_path / "shards/part-00000.parquet", tmp_path / "shards/part-00001.parquet"]
+
+
+def test_remove_stray_files_deletes_only_what_the_manifest_does_not_list(tmp_path):
+    from pipeline.dataset.writer import remove_stray_files
+
+    manifest = tiny_manifest(num_shards=2)
+    assert remove_stray_files(tmp_path, manifest) == []  # no shards/ yet
+    write_manifest(tmp_path, manifest)
+    table = build_table(
+        prompt_ids=["a"],
+        prompts=["p"],
+        prompt_token_ids=[[1]],
+        generations=[[fake_generation(np.random.default_rng(7), 2, 4, 50)]],
+        completions=[["c"]],
+        seed=0,
+    )
+    manifest = commit_shard(tmp_path, manifest, write_shard(tmp_path, 0, table, prompts=1, heldout_fraction=0.0))
+    write_shard(tmp_path, 1, table, prompts=1, heldout_fraction=0.0)  # written, never committed
+    for stray in ("shards/.part-00001.parquet.tmp-7", ".manifest.json.tmp-9"):
+        (tmp_path / stray).write_bytes(b"x")
+    (tmp_path / "notes.txt").write_bytes(b"kept")
+    removed = remove_stray_files(tmp_path, manifest)
+    assert sorted(removed) == [".manifest.json.tmp-9", ".part-00001.parquet.tmp-7", "part-00001.parquet"]
+    left = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*"))
+    assert left == ["manifest.json", "notes.txt", "shards", "shards/part-00000.parquet"]
+    assert remove_stray_files(tmp_path, manifest) == []
+
+
+def test_parquet_options_realise_the_storage_record(tmp_path):
+    """Explicit encodings win over dictionary encoding; float16 logprobs fall back to PLAIN; an explicit
+    dictionary list is used as given, an empty one turns dictionary encoding off."""
+    from pipeline.dataset.writer import parquet_options
+
+    split = "BYTE_STREAM_SPLIT"
+    plain = ["sample_id", "prompt_id", "prompt", "completion", "prompt_token_ids.list.element"]
+    plain += ["completion_token_ids.list.element", "finish_reason"]
+    assert parquet_options(StorageRecord()) == {
+        "compression": "zstd",
+        "compression_level": 9,
+        "row_group_size": 1024,
+        "use_dictionary": plain,
+        "column_encoding": {IDS_LEAF: split, LP_LEAF: split, TOKEN_LP_LEAF: split},
+    }
+    half = parquet_options(StorageRecord(compression_level=3, row_group_size=7), arrow_schema("float16"))
+    assert half["column_encoding"] == {IDS_LEAF: split, LP_LEAF: "PLAIN", TOKEN_LP_LEAF: split}
+    assert (half["compression_level"], half["row_group_size"]) == (3, 7)
+    listed = StorageRecord(dictionary_columns=["prompt"], column_encoding={})
+    assert parquet_options(listed)["use_dictionary"] == ["prompt"]
+    assert parquet_options(listed)["column_encoding"] is None
+    assert parquet_options(StorageRecord(dictionary_columns=[]))["use_dictionary"] is False
+    table = build_table(
+        prompt_ids=["a"],
+        prompts=["p"],
+        prompt_token_ids=[[1]],
+        generations=[[fake_generation(np.random.default_rng(8), 2, 4, 50)]],
+        completions=[["c"]],
+        seed=0,
+    )
+    info = write_shard(tmp_path, 0, table, prompts=1, heldout_fraction=0.0, storage=listed)
+    md = pq.ParquetFile(tmp_path / info.file).metadata.row_group(0)
+    dictionary = {
+        md.column(i).path_in_schema for i in range(md.num_columns) if "RLE_DICTIONARY" in md.column(i).encodings
+    }
+    assert dictionary == {"prompt"}
+
+
+def test_commit_shard_replaces_a_stale_entry_and_keeps_the_totals(tmp_path):
+    """Shards may be written into a directory that does not exist yet; each commit rewrites manifest.json (indented,
+    one trailing newline) with the shards sorted by index, the totals and `complete`."""
+    ds = tmp_path / "new" / "ds"
+    rng = np.random.default_rng(9)
+    gens = [[fake_generation(rng, 2 + i, 4, 50)] for i in range(3)]
+    table = build_table(
+        prompt_ids=["a", "b", "c"],
+        prompts=["p"] * 3,
+        prompt_token_ids=[[1]] * 3,
+        generations=gens,
+        completions=[["c"]] * 3,
+        seed=0,
+    )
+    first = write_shard(ds, 1, table.slice(0, 2), prompts=2, heldout_fraction=0.0)
+    assert (first.rows, first.prompts, first.tokens) == (2, 2, 5)
+    manifest = tiny_manifest(num_shards=2)
+    manifest.updated_at = "2000-01-01T00:00:00Z"
+    manifest = commit_shard(ds, manifest, first)
+    text = (ds / "manifest.json").read_text()
+    assert text == manifest.model_dump_json(indent=2) + "\n" and manifest.updated_at > "2000"
+    assert (manifest.total_samples, manifest.total_tokens, manifest.complete) == (2, 5, False)
+    manifest = commit_shard(ds, manifest, write_shard(ds, 0, table.slice(2), prompts=1, heldout_fraction=0.0))
+    assert [s.index for s in manifest.shards] == [0, 1] and manifest.complete
+    manifest = commit_shard(ds, manifest, write_shard(ds, 1, table, prompts=3, heldout_fraction=0.0))  # rewritten
+    assert [(s.index, s.rows, s.tokens) for s in manifest.shards] == [(0, 1, 4), (1, 3, 9)]
+    assert (manifest.total_samples, manifest.total_tokens, manifest.complete) == (4, 13, True)
+    assert read_manifest(ds).model_dump() == manifest.model_dump()
+
+
+def test_write_shard_row_groups_and_a_failed_write(tmp_path, monkeypatch):
+    """Held-out rows get row groups of their own, and a part with no rows adds none; a write that fails leaves
+    no file behind and raises its own error."""
+    from pipeline.dataset import writer
+
+    ids = ["ffffffff", "00000000", "e0000000"]  # kept, held out, kept at fraction 0.5
+    table = build_table(
+        prompt_ids=ids,
+        prompts=["p"] * 3,
+        prompt_token_ids=[[1]] * 3,
+        generations=[[fake_generation(np.random.default_rng(10), 2, 4, 50)] for _ in ids],
+        completions=[["c"]] * 3,
+        seed=0,
+    )
+    for index, (rows, fraction, groups) in enumerate([(3, 0.5, [2, 1]), (2, 0.5, [2]), (3, 0.0, [3])]):
+        part = table.filter(pa.array([i != 1 for i in range(3)])) if rows == 2 else table
+        info = write_shard(tmp_path, index, part, prompts=rows, heldout_fraction=fraction)
+        md = pq.ParquetFile(tmp_path / info.file).metadata
+        assert [md.row_group(i).num_rows for i in range(md.num_row_groups)] == groups
+    held_last = pq.read_table(tmp_path / "shards/part-00000.parquet")["prompt_id"].to_pylist()
+    assert held_last == ["ffffffff", "e0000000", "00000000"]
+
+    def no_space(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(writer.pq, "ParquetWriter", no_space)
+    with pytest.raises(OSError, match="No space left on device"):
+        write_shard(tmp_path / "full", 0, table, prompts=3, heldout_fraction=0.0)
+    assert list((tmp_path / "full" / "shards").iterdir()) == []
 
 
 def test_generated_dataset_invariants(generated):
