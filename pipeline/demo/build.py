@@ -101,17 +101,16 @@ def train(
     peak_lr: float = 3e-3,
     log: Callable[[str], None],
 ) -> dict:
-    """Train on fresh samples every step until max_steps or max_seconds; progress drives the LR."""
+    """Train on fresh samples every step until max_steps or max_seconds; progress drives the LR: the step count when
+    there is a step budget (the same teacher on a slow or busy machine), else the elapsed time."""
     rng = random.Random(seed + TRAIN_SEED_OFFSET)
     opt = torch.optim.AdamW(model.parameters(), lr=peak_lr, betas=(0.9, 0.98), weight_decay=0.01)
     model.train()
     start, step, tokens = time.perf_counter(), 0, 0
     while True:
         elapsed = time.perf_counter() - start
-        progress = elapsed / max_seconds
-        if max_steps is not None:
-            progress = max(progress, step / max_steps)
-        if progress >= 1.0:
+        progress = step / max_steps if max_steps is not None else elapsed / max_seconds
+        if progress >= 1.0 or elapsed >= max_seconds:
             break
         for group in opt.param_groups:
             group["lr"] = lr_at(progress, peak=peak_lr)

@@ -150,3 +150,20 @@ def test_the_shipped_sft_set_is_ground_truth_and_reproducible(tmp_path):
     assert made.read_bytes() == shipped.read_bytes()
     rows = [json.loads(line) for line in shipped.read_text().splitlines()]
     assert len(rows) == 3000 and all(task.check(r["prompt"], r["completion"]) for r in rows)
+
+
+def test_a_step_budget_alone_drives_the_teachers_schedule(tok, monkeypatch):
+    """On a slow machine (here every clock reading is 300 s later) the learning-rate schedule still follows the
+    steps, so `make demo` builds the same teacher; the time budget only stops training."""
+    import itertools
+
+    from transformers import LlamaForCausalLM
+
+    clock = itertools.count(0.0, 300.0)
+    monkeypatch.setattr(build.time, "perf_counter", lambda: next(clock))
+    seen = []
+    monkeypatch.setattr(build, "lr_at", lambda progress, peak: seen.append(progress) or peak)
+    ids = tok.convert_tokens_to_ids([build.BOS, build.EOS, build.PAD])
+    model = LlamaForCausalLM(build.teacher_config(len(tok), bos_id=ids[0], eos_id=ids[1], pad_id=ids[2]))
+    stats = build.train(model, tok, seed=0, max_steps=4, max_seconds=1000, batch_size=2, log=lambda _m: None)
+    assert seen == [0.0, 0.25, 0.5] and stats["steps"] == 3  # the 4th step is past the 1000 s cap
