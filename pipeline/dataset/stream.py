@@ -158,11 +158,6 @@ class TrainStream:
         rows = Rows.concat(parts, scratch) if len(parts) > 1 else parts[0]
         return rows, kept[np.random.default_rng([self.seed, epoch, index]).permutation(len(kept))]
 
-    def _read_window(self, epoch: int, index: int, units: list[_Unit]) -> Rows:
-        """The window's split rows, shuffled."""
-        rows, order = self._window(epoch, index, units)
-        return rows.take(order)
-
     def _epoch(self, epoch: int, first_batch: int) -> Iterator[Batch]:
         # Each batch gathers its samples straight from the joined window (no shuffled copy of the whole
         # window); fewer than a batch left at a window's end are carried into the next window's first batch.
