@@ -382,6 +382,11 @@ def test_shards_are_required_and_older_nullable_shards_still_read(tmp_path):
     assert batch.n_tokens == 24 and batch.topk_ids.shape == (24, 4)
     expected = np.concatenate([t["topk_token_ids"].combine_chunks().flatten().flatten().to_numpy() for t in tables])
     assert sorted(batch.topk_ids.numpy().ravel().tolist()) == sorted(expected.tolist())
+    want = [pid for t in tables for pid in t["prompt_id"].to_pylist()]
+    for size in (4, 7):  # a batch across both shards, then a last (short) batch across both
+        stream = TrainStream(tmp_path, split="all", batch_size=size, pad_id=0)
+        got = [t["prompt_id"].to_pylist() for _, t in stream.in_order(["prompt_id"])]
+        assert got == [want[i : i + size] for i in range(0, 6, size)]
 
 
 def test_float16_logprobs_are_written_plain_for_duckdb(tmp_path):
