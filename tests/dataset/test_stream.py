@@ -288,3 +288,32 @@ def test_collate_aligns_positions_with_labels(generated):
     # position t predicts token t+1: the token after each masked position is the label
     nxt = batch.input_ids[:, 1:][batch.loss_mask[:, :-1]]
     assert nxt.tolist() == batch.labels.tolist()
+
+
+def test_limit_keeps_a_chosen_prompts_rows_wherever_they_lie_and_tables_read_only_the_columns_asked(tmp_path):
+    """`tables(limit_prompts=...)` promises all rows of the chosen prompts "wherever they lie": a row group with
+    none of them does not end the pass (here prompt a's second sample sits in the last shard, after one of b)."""
+    from pipeline.dataset.schema import build_table
+    from pipeline.dataset.writer import commit_shard, write_manifest, write_shard
+    from tests.helpers import fake_generation, tiny_manifest
+
+    rng = np.random.default_rng(5)
+    manifest = tiny_manifest(num_shards=3, heldout_fraction=0.0)
+    write_manifest(tmp_path, manifest)
+    layout = [["a"], ["b"], ["a"]]
+    for index, pids in enumerate(layout):
+        table = build_table(
+            prompt_ids=pids,
+            prompts=["p"] * len(pids),
+            prompt_token_ids=[[1]] * len(pids),
+            generations=[[fake_generation(rng, 2, 4, 50)] for _ in pids],
+            completions=[["x"]] * len(pids),
+            seed=index,
+        )
+        shard = write_shard(tmp_path, index, table, prompts=len(pids), heldout_fraction=0.0)
+        manifest = commit_shard(tmp_path, manifest, shard)
+    stream = TrainStream(tmp_path, split="all", batch_size=8, pad_id=0)
+    tables = list(stream.tables(["prompt_id", "prompt_token_ids"], limit_prompts=1))
+    assert [t["prompt_id"].to_pylist() for t in tables] == [["a"], ["a"]]
+    assert all(t.column_names == ["prompt_id", "prompt_token_ids"] for t in tables)
+    assert [t.column_names for t in stream.tables(["completion_token_ids"])] == [["completion_token_ids"]] * 3
