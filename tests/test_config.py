@@ -285,3 +285,26 @@ def test_config_files_that_cannot_be_read_say_why(tmp_path):
     bad.write_text("teacher: {model: x\n")
     with pytest.raises(ConfigError, match=r"bad.yaml: YAML syntax error at line 2: "):
         load_config(bad)
+
+
+def test_yaml_errors_are_one_line_with_the_line_and_the_problem(tmp_path):
+    """A parser error names its line and problem; a reader error (a control character) has no mark, and its own
+    text runs over two lines: the line comes from its character position instead."""
+    unclosed = tmp_path / "unclosed.yaml"
+    unclosed.write_text("name: run\nteacher: [1, 2\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(unclosed)
+    assert str(err.value) == f"{unclosed}: YAML syntax error at line 3: expected ',' or ']', but got '<stream end>'"
+    control = tmp_path / "control.yaml"
+    control.write_text("name: run\noutput_dir: a\x07b\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(control)
+    assert str(err.value) == (
+        f"{control}: YAML syntax error at line 2: unacceptable character #x0007: special characters are not allowed"
+    )
+
+
+def test_an_error_of_the_whole_config_has_no_key_to_name():
+    with pytest.raises(ConfigError) as err:
+        build_config([])  # type: ignore[arg-type]
+    assert str(err.value) == "config: Input should be a valid dictionary or instance of RunConfig"

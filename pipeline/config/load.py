@@ -33,11 +33,13 @@ def parse_override(item: str) -> tuple[str, Any]:
 
 
 def _all_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
+    """Every dotted key of `model` (the "did you mean" candidates). Pydantic strips `Annotated` from a field's
+    annotation, so the arguments of a union, list or optional name its models."""
     keys = []
     for name, field in model.model_fields.items():
         keys.append(prefix + name)
         ann = field.annotation
-        for sub in getattr(ann, "__args__", (ann,)) + getattr(getattr(ann, "__origin__", None), "__args__", ()):
+        for sub in getattr(ann, "__args__", (ann,)):
             if isinstance(sub, type) and issubclass(sub, BaseModel):
                 keys.extend(_all_keys(sub, prefix + name + "."))
     return keys
@@ -72,12 +74,28 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {str(path)!r} not found")
+    text = path.read_text()
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = yaml.safe_load(text) or {}
     except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark else ""
-        raise ConfigError(f"{path}: YAML syntax error{where}: {getattr(err, 'problem', err)}") from None
+        raise ConfigError(f"{path}: YAML syntax error{_yaml_where(err, text)}: {_yaml_problem(err)}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of config sections")
     return build_config(raw, overrides)
+
+
+def _yaml_where(err: yaml.YAMLError, text: str) -> str:
+    """` at line N` for a parser error (its mark) or a reader error (a character position); '' if neither."""
+    mark = getattr(err, "problem_mark", None)
+    if mark is not None:
+        return f" at line {mark.line + 1}"
+    position = getattr(err, "position", None)  # yaml.reader.ReaderError: a bad character
+    if not isinstance(position, int):
+        return ""
+    line = text.count("\n", 0, position) + 1
+    return f" at line {line}"
+
+
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """The error's problem in one line (a reader error's text runs over two lines: what, then where)."""
+    return getattr(err, "problem", None) or str(err).splitlines()[0]
