@@ -29,7 +29,8 @@ from pipeline.benchmarks import rows as benchmark_rows
 from pipeline.config import STAGES, ConfigError, RunConfig
 from pipeline.core import as_user_error
 from pipeline.dataset.schema import SHARDS_DIR, shard_name
-from pipeline.dataset.stats import summarize, summary_rows
+from pipeline.dataset.stats import summarize
+from pipeline.dataset.summary_text import summary_rows
 from pipeline.dataset.validate import shard_is_intact
 from pipeline.evaluate import evaluate
 from pipeline.generate import GenerateResult, generate_dataset

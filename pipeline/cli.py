@@ -328,7 +328,7 @@ def inspect(
 
 
 def print_inspect(summary) -> None:
-    from pipeline.dataset.stats import summary_rows
+    from pipeline.dataset.summary_text import summary_rows
 
     table = Table(title=f"dataset {summary.dataset_dir}", show_header=False)
     table.add_column("metric")

@@ -170,7 +170,8 @@ def test_a_student_smaller_than_its_tokenizer_is_one_line(models, dataset, tmp_p
 
 
 def test_inspect_counts_ids_beyond_the_tokenizer(dataset) -> None:
-    from pipeline.dataset.stats import summarize, summary_rows
+    from pipeline.dataset.stats import summarize
+    from pipeline.dataset.summary_text import summary_rows
 
     summary = summarize(dataset)
     entries, _, sampled = _beyond(dataset, TOKENIZER_SIZE)

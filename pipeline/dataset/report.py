@@ -16,7 +16,8 @@ from matplotlib import colormaps
 from matplotlib.colors import to_hex
 from matplotlib.figure import Figure
 
-from pipeline.dataset.stats import MASS_LEVELS, DatasetSummary, summary_rows
+from pipeline.dataset.stats import MASS_LEVELS, DatasetSummary
+from pipeline.dataset.summary_text import summary_rows
 from pipeline.dataset.views import SampleView, TokenView
 
 CSS = """

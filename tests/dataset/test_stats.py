@@ -22,7 +22,8 @@ from pipeline.dataset.schema import (
     build_table,
     read_manifest,
 )
-from pipeline.dataset.stats import DatasetSummary, summarize, summary_rows
+from pipeline.dataset.stats import DatasetSummary, summarize
+from pipeline.dataset.summary_text import summary_rows
 from pipeline.dataset.views import sample_view
 from pipeline.dataset.writer import commit_shard, write_manifest, write_shard
 from tests.helpers import one_line_error, read_rows, tiny_manifest
