@@ -3,7 +3,7 @@
 A checkpoint is a directory `checkpoints/step-0000500/` holding `model.safetensors` (the student's full,
 unsharded weights under their HF names), `optimizer.pt` (the full optimizer state, keyed by parameter
 name so that DDP, FSDP and single-process runs read each other's checkpoints), `rng.pt` and `state.json`.
-The caller gathers both state dicts (pipeline/train.py; under FSDP every rank takes part) and rank 0
+The caller gathers both state dicts (pipeline/train/loop.py; under FSDP every rank takes part) and rank 0
 writes them here. It is assembled in a `.tmp` directory and renamed into place once every
 file is on disk, and `state.json` lists each file's sha256, so a kill mid-save or a damaged file is
 detected on resume and the previous good checkpoint is used instead.

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import pipeline.train as train_mod
+import pipeline.train.loop as train_loop
 from pipeline.checkpoint import checkpoint_root
 from pipeline.config import ConfigError, build_config
 from pipeline.live.capture import Recorder, decoder_layers, qkv_widths
@@ -79,13 +79,13 @@ def test_projections_are_in_checkpoints_not_in_the_student(live_run, generated, 
 def test_resume_with_a_live_teacher_equals_the_uninterrupted_run(live_run, tmp_path, monkeypatch):
     cfg, ref, ref_result = live_run
     out = tmp_path / "student"
-    real = train_mod.save_checkpoint
+    real = train_loop.save_checkpoint
 
     def save_then_stop(root, step, **kw):
         real(root, step, **kw)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(train_mod, "save_checkpoint", save_then_stop)
+    monkeypatch.setattr(train_loop, "save_checkpoint", save_then_stop)
     with pytest.raises(KeyboardInterrupt):
         train_student(cfg, student_dir=out, progress=False)
     monkeypatch.undo()

@@ -13,7 +13,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-import pipeline.train as train_mod
+import pipeline.train.loop as train_loop
 from pipeline.checkpoint import CheckpointMismatchError, checkpoint_root, latest_checkpoint
 from pipeline.train import train_student
 from tests.helpers import FSDP_ENV, TORCHRUN, train_cli
@@ -40,7 +40,7 @@ def _assert_same_weights(a: Path, b: Path, atol: float = 0.0) -> None:
 
 def _interrupt_after(monkeypatch, stop_step: int) -> None:
     """Save checkpoints as usual, then stop the run right after checkpoint `stop_step` (a crash stand-in)."""
-    real = train_mod.save_checkpoint
+    real = train_loop.save_checkpoint
 
     def save_then_stop(root, step, **kw):
         path = real(root, step, **kw)
@@ -48,7 +48,7 @@ def _interrupt_after(monkeypatch, stop_step: int) -> None:
             raise Interrupted(step)
         return path
 
-    monkeypatch.setattr(train_mod, "save_checkpoint", save_then_stop)
+    monkeypatch.setattr(train_loop, "save_checkpoint", save_then_stop)
 
 
 @pytest.fixture(scope="module")
