@@ -296,11 +296,11 @@ def test_yaml_errors_are_one_line_with_the_line_and_the_problem(tmp_path):
         load_config(unclosed)
     assert str(err.value) == f"{unclosed}: YAML syntax error at line 3: expected ',' or ']', but got '<stream end>'"
     control = tmp_path / "control.yaml"
-    control.write_text("name: run\noutput_dir: a\x07b\n")
+    control.write_text("\nname: run\noutput_dir: a\x07b\nrounds: 1\n")  # counted from the first line
     with pytest.raises(ConfigError) as err:
         load_config(control)
     assert str(err.value) == (
-        f"{control}: YAML syntax error at line 2: unacceptable character #x0007: special characters are not allowed"
+        f"{control}: YAML syntax error at line 3: unacceptable character #x0007: special characters are not allowed"
     )
 
 
