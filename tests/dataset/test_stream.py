@@ -317,3 +317,87 @@ def test_limit_keeps_a_chosen_prompts_rows_wherever_they_lie_and_tables_read_onl
     assert [t["prompt_id"].to_pylist() for t in tables] == [["a"], ["a"]]
     assert all(t.column_names == ["prompt_id", "prompt_token_ids"] for t in tables)
     assert [t.column_names for t in stream.tables(["completion_token_ids"])] == [["completion_token_ids"]] * 3
+
+
+def test_the_default_window_and_seed_are_the_training_order(tmp_path):
+    """Training builds its stream with the default shuffle window (4096 rows) and checkpoints store a position in
+    that order, so the defaults are part of the contract: row groups join a window until it holds >= 4096 rows."""
+    small_dataset(tmp_path, shards=3, rows_per_shard=2048, row_group_size=2048, heldout=0.0, k=1, vocab=8)
+    default = TrainStream(tmp_path, batch_size=512, pad_id=0)
+    assert [[u.rows for u in w] for w in default.windows(0)] == [[2048, 2048], [2048]]
+    explicit = TrainStream(tmp_path, batch_size=512, pad_id=0, seed=0, shuffle_rows=4096)
+    a, b = default.batches(), explicit.batches()
+    assert all(sample_ids(next(a)) == sample_ids(next(b)) for _ in range(13))  # into the second epoch
+
+
+def test_mixed_in_datasets_join_each_epoch_repeat_times_and_must_share_tokenizer_and_k(tmp_path):
+    base = small_dataset(tmp_path / "base", shards=1, rows_per_shard=10, row_group_size=5, heldout=0.0)
+    small_dataset(tmp_path / "other", shards=1, rows_per_shard=6, row_group_size=3, heldout=0.0)
+    other = read_manifest(tmp_path / "other")
+    other.generate_fingerprint = "other-key"
+    from pipeline.dataset.writer import write_manifest
+
+    write_manifest(tmp_path / "other", other)
+    stream = TrainStream(tmp_path / "base", batch_size=4, pad_id=0, mix=[(tmp_path / "other", 2)])
+    assert stream.num_samples == 10 + 2 * 6 and len(stream.units) == 2 + 2 * 2
+    assert (
+        stream.mix_fingerprints == ["other-key"] and stream.manifest.generate_fingerprint == base.generate_fingerprint
+    )
+    it = stream.batches()
+    ids = Counter(i for _ in range(stream.batches_per_epoch) for i in sample_ids(next(it)))
+    assert ids == Counter({i: 3 for i in range(6)} | {i: 1 for i in range(6, 10)})  # prompts [i+1] in both
+    small_dataset(tmp_path / "wide", shards=1, rows_per_shard=4, row_group_size=4, heldout=0.0, k=5)
+    with pytest.raises(DatasetError) as err:
+        TrainStream(tmp_path / "base", batch_size=4, pad_id=0, mix=[(tmp_path / "wide", 1)])
+    assert str(err.value) == (
+        f"{tmp_path / 'wide'} cannot be mixed into {tmp_path / 'base'}: made with another tokenizer or k (5 vs 3); "
+        "mix only datasets of the same teacher tokenizer and k"
+    )
+
+
+def test_bad_arguments_and_positions_say_what_is_wrong(tmp_path):
+    small_dataset(tmp_path, heldout=0.0)
+    with pytest.raises(ValueError, match=r"^split must be train, heldout or all, got 'dev'$"):
+        TrainStream(tmp_path, split="dev", batch_size=4, pad_id=0)
+    for kw in ({"batch_size": 0}, {"batch_size": 4, "shuffle_rows": 0}):
+        with pytest.raises(ValueError, match=r"^batch_size and shuffle_rows must be >= 1$"):
+            TrainStream(tmp_path, pad_id=0, **kw)
+    stream = TrainStream(tmp_path, batch_size=5, pad_id=0)
+    start = {"epoch": 0, "batch": stream.batches_per_epoch + 1}
+    with pytest.raises(DatasetError) as err:
+        next(stream.batches(start=start))
+    assert str(err.value) == (
+        f"position {start} is outside an epoch of {stream.batches_per_epoch} batches (another dataset or batch size?)"
+    )
+
+
+def test_a_shard_without_footer_statistics_is_split_by_reading_its_ids(tmp_path):
+    """Parquet written elsewhere may carry no min/max statistics: the split then comes from the prompt ids."""
+    from pipeline.core import sha256_file
+    from pipeline.dataset.writer import write_manifest
+
+    manifest = small_dataset(tmp_path, shards=2, rows_per_shard=12, row_group_size=4)
+    for shard in manifest.shards:
+        path = tmp_path / shard.file
+        pq.write_table(pq.read_table(path), path, row_group_size=4, write_statistics=False)
+        shard.sha256, shard.bytes = sha256_file(path), path.stat().st_size
+    write_manifest(tmp_path, manifest)
+    assert pq.ParquetFile(tmp_path / manifest.shards[0].file).metadata.row_group(0).column(1).statistics is None
+    for split in ("train", "heldout"):
+        stream = TrainStream(tmp_path, split=split, batch_size=24, pad_id=0)
+        want = {
+            i for i in range(24) if is_heldout(stable_id("p", i), manifest.heldout_fraction) == (split == "heldout")
+        }
+        assert set(sample_ids(next(stream.batches()))) == want and stream.num_samples == len(want)
+
+
+def test_windows_smaller_than_a_batch_carry_their_rows_into_the_next_window(tmp_path):
+    """A batch may need rows from several windows (here windows of 5 rows, batches of 12): none is dropped and the
+    epoch does not end early."""
+    small_dataset(tmp_path, shards=2, rows_per_shard=20, row_group_size=5, heldout=0.0)
+    stream = TrainStream(tmp_path, batch_size=12, pad_id=0, shuffle_rows=1)
+    it = stream.batches()
+    batches = [sample_ids(next(it)) for _ in range(stream.batches_per_epoch)]
+    assert [len(b) for b in batches] == [12, 12, 12, 4]
+    assert sorted(i for b in batches for i in b) == list(range(40))
+    assert stream.position == {"epoch": 0, "batch": 4}
