@@ -22,7 +22,7 @@ from pipeline.config import ConfigError, build_config
 from pipeline.core import path_fingerprint, stable_id
 from pipeline.dataset.schema import read_manifest
 from pipeline.models import load_tokenizer, tokenizer_fingerprint
-from pipeline.shards import InSequence, ShardDone, ShardFailed, load_prompts
+from pipeline.shards import InSequence, ShardDone, ShardFailed, ShardWork, load_prompts
 from tests.helpers import WORDS, tiny_llama
 
 ROWS = 40  # embedding rows of the tiny teacher; its tokenizer has 30 tokens
@@ -47,11 +47,11 @@ def _prompts(path: Path, count: int, *, long_from: int | None = None) -> str:
     return str(path)
 
 
-def _config(teacher: Path, tmp_path: Path, *, prompts: dict | None = None, **generate):
+def _config(teacher: Path, tmp_path: Path, *, prompts: dict | None = None, revision: str | None = None, **generate):
     raw = {
         "name": "orchestrator",
         "output_dir": str(tmp_path / "run"),
-        "teacher": {"backend": "hf", "model": str(teacher), "batch_size": 16},
+        "teacher": {"backend": "hf", "model": str(teacher), "batch_size": 16, "revision": revision},
         "prompts": prompts or {"path": _prompts(tmp_path / "prompts.jsonl", 25), "heldout_fraction": 0.2},
         "generate": {"k": 5, "max_new_tokens": 4, "shard_size": 10, "seed": 3, **generate},
         "student": {"model": str(teacher)},
@@ -177,11 +177,12 @@ def test_other_settings_or_another_prompt_list_are_refused_by_name(teacher, tmp_
 
 
 def test_the_manifest_records_every_setting_and_the_teachers_info(teacher, tmp_path):
-    cfg = _config(teacher, tmp_path, k=6, n=2, temperature=0.7, top_p=0.9, max_new_tokens=3, logprobs_dtype="float16")
+    sampling = {"k": 6, "n": 2, "temperature": 0.7, "top_p": 0.9, "max_new_tokens": 3, "logprobs_dtype": "float16"}
+    cfg = _config(teacher, tmp_path, revision="v1", **sampling)
     res = gen.generate_dataset(cfg, progress=False)
     m = read_manifest(cfg.dataset_dir)
     t = m.teacher
-    assert (t.model, t.backend, t.revision, t.vocab_size, t.tokenizer_size) == (str(teacher), "hf", None, ROWS, 30)
+    assert (t.model, t.backend, t.revision, t.vocab_size, t.tokenizer_size) == (str(teacher), "hf", "v1", ROWS, 30)
     assert set(t.versions) >= {"transformers", "torch"}
     assert (m.k, m.logprobs_dtype, m.mode, m.completions) == (6, "float16", "sample", None)
     s = m.sampling
@@ -253,7 +254,8 @@ def test_a_run_reports_what_it_wrote_and_a_rerun_writes_nothing(teacher, tmp_pat
     ]
     caplog.clear()
     again = gen.generate_dataset(cfg, progress=False)
-    assert not again.teacher_loaded and again.cached and again.shards_written == again.shards_cached == 0
+    assert again.teacher_loaded is False and again.cached and again.shards_written == again.shards_cached == 0
+    assert 0 <= again.seconds < 10
     assert (again.samples, again.tokens, again.endpoints, again.teacher_seconds) == (25, m.total_tokens, {}, 0.0)
     assert again.generate_fingerprint == res.generate_fingerprint and again.dataset_dir == res.dataset_dir
     assert [r.getMessage() for r in caplog.records] == [
@@ -265,12 +267,14 @@ def test_a_repair_rewrites_the_manifest_before_the_first_shard_and_says_so(teach
     cfg = _config(teacher, tmp_path)
     gen.generate_dataset(cfg, progress=False)
     good = {p: (cfg.dataset_dir / p).read_bytes() for p in _shard_files(cfg.dataset_dir)}
+    (cfg.dataset_dir / "shards/part-00000.parquet").unlink()
     (cfg.dataset_dir / "shards/part-00001.parquet").unlink()
     (cfg.dataset_dir / "shards/.part-00002.parquet.tmp-9").write_bytes(b"half")
-    seen = []
+    seen, asked = [], []
 
     class Watching(InSequence):
         def __call__(self, cfg, work, endpoints) -> Iterator:
+            asked.append(work)
             for event in super().__call__(cfg, work, endpoints):
                 yield event
                 on_disk = json.loads((work.dataset_dir / "manifest.json").read_text())
@@ -278,13 +282,14 @@ def test_a_repair_rewrites_the_manifest_before_the_first_shard_and_says_so(teach
 
     caplog.set_level(logging.INFO, logger="pipeline.generate")
     res = gen.generate_dataset(cfg, progress=False, executor=Watching())
-    assert seen == [[0, 2], [0, 1, 2]]  # the missing shard left the manifest as soon as the teacher was up
-    assert res.shards_written == 1 and res.samples == 25
+    assert seen == [[2], [0, 2], [0, 1, 2]]  # the missing shards left the manifest as soon as the teacher was up
+    assert asked == [ShardWork(cfg.dataset_dir, gen.generate_key(cfg), [0, 1])]  # the key: the flow's task cache
+    assert res.shards_written == 2 and res.samples == 25
     assert {p: (cfg.dataset_dir / p).read_bytes() for p in _shard_files(cfg.dataset_dir)} == good
     messages = [r.getMessage() for r in caplog.records]
     assert (
-        "1 committed shard(s) missing or corrupted (shards/part-00001.parquet); they will be generated again"
-        in messages
+        "2 committed shard(s) missing or corrupted (shards/part-00000.parquet, shards/part-00001.parquet); "
+        "they will be generated again" in messages
     )
     assert "removed 1 uncommitted file(s) left by an interrupted run" in messages
 
@@ -391,3 +396,6 @@ def test_progress_counts_prompts_from_the_committed_shards_on(teacher, tmp_path,
     monkeypatch.setattr(gen, "progress_bar", recording)
     gen.generate_dataset(cfg, progress=False)
     assert calls == [("open", "generate", 25, False), (10, None), (10, "shard 2/3"), (5, "shard 3/3")]
+    calls.clear()
+    gen.generate_dataset(_config(teacher, tmp_path / "fresh"))  # progress is shown unless asked not to
+    assert calls == [("open", "generate", 25, True), (0, None), (10, "shard 1/3"), (10, "shard 2/3"), (5, "shard 3/3")]
