@@ -336,21 +336,27 @@ def sampled_texts(model, tok, prompts: list[list[int]], *, temperature: float, s
     return out
 
 
-def test_sampled_accuracy_samples_the_full_distribution_at_the_datasets_temperature(known, tmp_path, monkeypatch):
-    """With the teacher's data sampled at T = 1, the student is sampled at T = 1, seeded by eval.seed: a checker
-    that accepts the completions drawn by hand for half of the prompts gives exactly one half."""
+@pytest.mark.parametrize("temperature", [1.0, 0.6])
+def test_sampled_accuracy_samples_the_full_distribution_at_the_datasets_temperature(
+    known, tmp_path, monkeypatch, temperature
+):
+    """With the teacher's data sampled at T, the student is sampled at T, seeded by eval.seed: a checker that
+    accepts the completions drawn by hand for half of the prompts gives exactly one half."""
     import shutil
 
     dataset = shutil.copytree(known["dataset"], tmp_path / "t1")
     manifest = json.loads((dataset / "manifest.json").read_text())
-    manifest["sampling"]["temperature"] = 1.0
+    manifest["sampling"]["temperature"] = temperature
     (dataset / "manifest.json").write_text(json.dumps(manifest))
     firsts = list({r["prompt_id"]: r for r in reversed(_rows(dataset, 2000))}.values())[::-1]
-    drawn = sampled_texts(
-        known["model"], known["tok"], [r["prompt_token_ids"] for r in firsts], temperature=1.0, seed=7, batch_size=3
+    hand = lambda t: sampled_texts(  # noqa: E731
+        known["model"], known["tok"], [r["prompt_token_ids"] for r in firsts], temperature=t, seed=7, batch_size=3
     )
+    drawn = hand(temperature)
     greedy = [greedy_text(known["model"], known["tok"], r["prompt_token_ids"]) for r in firsts]
     assert sum(d != g for d, g in zip(drawn, greedy)) >= len(firsts) // 2  # sampling is not greedy decoding here
+    if temperature != 1.0:
+        assert sum(d != o for d, o in zip(drawn, hand(1.0))) >= len(firsts) // 4  # and T matters
     accept = {r["prompt"]: text for i, (r, text) in enumerate(zip(firsts, drawn)) if i % 2 == 0}
     monkeypatch.setattr(
         demo_task, "check", lambda prompt, completion: prompt in accept and accept[prompt] == completion
