@@ -243,7 +243,7 @@ def test_a_run_reports_what_it_wrote_and_a_rerun_writes_nothing(teacher, tmp_pat
     m = read_manifest(cfg.dataset_dir)
     assert (res.dataset_dir, res.samples, res.tokens) == (str(cfg.dataset_dir), 25, m.total_tokens)
     assert res.teacher_loaded and not res.cached and (res.shards_written, res.shards_cached) == (3, 0)
-    assert res.endpoints == {"in-process": 3} and 0 < res.teacher_seconds <= res.seconds
+    assert res.endpoints == {"in-process": 3} and 0 < res.teacher_seconds <= res.seconds < 60
     assert [s.rows for s in m.shards] == [10, 10, 5] and m.total_samples == 25
     assert _shard_files(cfg.dataset_dir) == [s.file for s in m.shards]
     committed = [r.getMessage() for r in caplog.records if r.getMessage().startswith("committed")]
@@ -278,11 +278,12 @@ def test_a_repair_rewrites_the_manifest_before_the_first_shard_and_says_so(teach
             for event in super().__call__(cfg, work, endpoints):
                 yield event
                 on_disk = json.loads((work.dataset_dir / "manifest.json").read_text())
-                seen.append([s["index"] for s in on_disk["shards"]])
+                seen.append(([s["index"] for s in on_disk["shards"]], on_disk["complete"]))
 
     caplog.set_level(logging.INFO, logger="pipeline.generate")
     res = gen.generate_dataset(cfg, progress=False, executor=Watching())
-    assert seen == [[2], [0, 2], [0, 1, 2]]  # the missing shards left the manifest as soon as the teacher was up
+    # the missing shards left the manifest (marked incomplete) as soon as the teacher was up
+    assert seen == [([2], False), ([0, 2], False), ([0, 1, 2], True)]
     assert asked == [ShardWork(cfg.dataset_dir, gen.generate_key(cfg), [0, 1])]  # the key: the flow's task cache
     assert res.shards_written == 2 and res.samples == 25
     assert {p: (cfg.dataset_dir / p).read_bytes() for p in _shard_files(cfg.dataset_dir)} == good
@@ -294,19 +295,29 @@ def test_a_repair_rewrites_the_manifest_before_the_first_shard_and_says_so(teach
     assert "removed 1 uncommitted file(s) left by an interrupted run" in messages
 
 
-def test_cached_shards_are_counted_apart_from_the_teachers_work(teacher, tmp_path):
+def test_cached_shards_are_counted_apart_from_the_teachers_work(teacher, tmp_path, caplog):
     cfg = _config(teacher, tmp_path)
+    cfg.dataset_dir.mkdir(parents=True)  # an empty directory made beforehand is used as it is
+    ran = []
 
     class HalfCached(InSequence):
         def __call__(self, cfg, work, endpoints):
             for event in super().__call__(cfg, work, endpoints):
                 if isinstance(event, ShardDone) and event.index != 1:
                     event = event.model_copy(update={"cached": True, "seconds": 100.0})
+                elif isinstance(event, ShardDone):
+                    ran.append(event.seconds)
                 yield event
 
+    caplog.set_level(logging.INFO, logger="pipeline.generate")
     res = gen.generate_dataset(cfg, progress=False, executor=HalfCached())
     assert (res.shards_written, res.shards_cached, res.endpoints) == (1, 2, {"in-process": 1})
-    assert 0 < res.teacher_seconds < 100 and res.teacher_loaded and not res.cached
+    assert res.teacher_seconds == ran[0] and res.teacher_loaded and not res.cached
+    assert [r.getMessage() for r in caplog.records if r.getMessage().startswith("committed")] == [
+        "committed shard 1/3 (10 samples, cached)",
+        "committed shard 2/3 (10 samples, in-process)",
+        "committed shard 3/3 (5 samples, cached)",
+    ]
 
 
 def test_a_failed_shard_keeps_the_others_committed_and_raises_its_error(teacher, tmp_path, caplog):
