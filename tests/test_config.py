@@ -296,7 +296,7 @@ def test_yaml_errors_are_one_line_with_the_line_and_the_problem(tmp_path):
         load_config(unclosed)
     assert str(err.value) == f"{unclosed}: YAML syntax error at line 3: expected ',' or ']', but got '<stream end>'"
     control = tmp_path / "control.yaml"
-    control.write_text("\nname: run\noutput_dir: a\x07b\nrounds: 1\n")  # counted from the first line
+    control.write_text("\nname: run\noutput_dir: a\x07b\nrounds: 1\n\n\n\n")  # counted from the first line
     with pytest.raises(ConfigError) as err:
         load_config(control)
     assert str(err.value) == (
