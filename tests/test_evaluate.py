@@ -125,3 +125,30 @@ def test_head_chunk_size_changes_nothing_but_memory(tmp_path):
     batch, _ = next(TrainStream(ds, split="all", batch_size=8, pad_id=0).in_order())
     one, whole = (summarize_positions([position_metrics(_Student(), batch, chunk_size=c)]) for c in (1, 1024))
     assert one == pytest.approx(whole, rel=1e-6)
+
+
+def test_input_ids_beyond_a_smaller_student_are_read_as_its_pad_token():
+    """A sampled id from a larger teacher's padding rows has no row in the student: evaluation feeds the student's
+    pad id in its place (what training does), not id 0."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from pipeline.dataset.batch import Batch
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=10, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=2, head_dim=8, max_position_embeddings=16, pad_token_id=5,
+    )  # fmt: skip
+    model = LlamaForCausalLM(config).eval()
+
+    def batch(ids: list[int]) -> Batch:
+        n = len(ids) - 1
+        return Batch(
+            torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.long), torch.tensor([[True] * n + [False]]),
+            torch.tensor(ids[1:]), torch.tensor([[1, 2]] * n), torch.log(torch.tensor([[0.6, 0.3]] * n)),
+        )  # fmt: skip
+
+    got = position_metrics(model, batch([3, 12, 4, 7]), chunk_size=64)  # 12: beyond the student's 10 rows
+    as_pad = position_metrics(model, batch([3, 5, 4, 7]), chunk_size=64)
+    as_zero = position_metrics(model, batch([3, 0, 4, 7]), chunk_size=64)
+    assert torch.equal(got["kl"][1:], as_pad["kl"][1:]) and not torch.equal(got["kl"][1:], as_zero["kl"][1:])
