@@ -398,3 +398,19 @@ def test_a_dataset_without_held_out_prompts_is_refused(known, tmp_path):
         evaluate(_config(known, tmp_path), dataset_dir=dataset, student_dir=known["student"])
     assert str(err.value) == want
     assert not _config(known, tmp_path).metrics_path.exists()
+
+
+def test_prompts_of_different_lengths_in_one_batch_decode_as_they_would_alone(known):
+    """Batched generation pads prompts on the left: with the attention mask the pads change nothing, so a checker
+    that accepts each prompt's unbatched greedy completion accepts every one of them."""
+    from pipeline.evaluate import sample_accuracy
+
+    firsts = list({r["prompt_id"]: r for r in reversed(_rows(known["dataset"], 2000))}.values())[::-1]
+    tokens = [list(r["prompt_token_ids"])[i % 3 * 2 :] for i, r in enumerate(firsts)]  # 0, 2 or 4 tokens cut
+    assert len({len(t) for t in tokens[:3]}) == 3
+    names = [f"prompt {i}" for i in range(len(tokens))]
+    want = {n: greedy_text(known["model"], known["tok"], t) for n, t in zip(names, tokens)}
+    kw = {"temperature": 0.0, "max_new_tokens": MAX_NEW, "batch_size": 3, "seed": 0, "device": torch.device("cpu")}
+    check = lambda prompt, completion: want[prompt] == completion  # noqa: E731
+    assert sample_accuracy(known["model"], known["tok"], names, tokens, check, **kw) == 1.0
+    assert sample_accuracy(known["model"], known["tok"], names[:1], tokens[:1], check, **kw) == 1.0  # one prompt
