@@ -152,3 +152,28 @@ def test_input_ids_beyond_a_smaller_student_are_read_as_its_pad_token():
     as_pad = position_metrics(model, batch([3, 5, 4, 7]), chunk_size=64)
     as_zero = position_metrics(model, batch([3, 0, 4, 7]), chunk_size=64)
     assert torch.equal(got["kl"][1:], as_pad["kl"][1:]) and not torch.equal(got["kl"][1:], as_zero["kl"][1:])
+
+
+def test_a_completion_that_ends_is_scored_without_its_special_tokens(tmp_path):
+    """A student that stops at once (its head scores every id 0, so greedy picks id 0, its EOS) answers with an empty
+    text: EOS and the pads after it are not part of the completion the checker sees."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    from pipeline.evaluate import sample_accuracy
+
+    vocab = {t: i for i, t in enumerate(["<eos>", "<bos>", "<pad>", "a", "b", "c"])}
+    raw = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    raw.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok = PreTrainedTokenizerFast(tokenizer_object=raw, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>")
+    config = LlamaConfig(
+        vocab_size=6, hidden_size=8, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=2, head_dim=4, max_position_embeddings=16, eos_token_id=0, pad_token_id=2,
+    )  # fmt: skip
+    model = LlamaForCausalLM(config).eval()
+    with torch.no_grad():
+        model.lm_head.weight.zero_()
+    prompts = ["a b", "c"]
+    tokens = [tok(p, add_special_tokens=False).input_ids for p in prompts]
+    kw = {"temperature": 0.0, "max_new_tokens": 4, "batch_size": 2, "seed": 0, "device": torch.device("cpu")}
+    assert sample_accuracy(model, tok, prompts, tokens, lambda _p, completion: completion == "", **kw) == 1.0
